@@ -1,0 +1,223 @@
+"""Typed configs: YAML/JSON -> nested dataclasses, validated before any work starts.
+
+Every mistake a user can make in a config file (unknown field, missing field, wrong type,
+impossible value) becomes one `ConfigError` naming the file, the dotted field path and what was
+expected. Validation of values lives in each dataclass's `__post_init__` (raising ValueError);
+this module only adds the file and the path, so a config class stays a plain dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from kdlib.errors import ConfigError
+
+T = TypeVar("T")
+
+_MISSING = dataclasses.MISSING
+
+
+class _FieldError(Exception):
+    """Internal: a problem at a dotted path, turned into ConfigError once the file is known."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _join(path: str, name: str | int) -> str:
+    if isinstance(name, int):
+        return f"{path}[{name}]"
+    return f"{path}.{name}" if path else name
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against annotation `tp` and build nested dataclasses."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise _FieldError(path, f"expected {_type_name(tp)}, got null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except _FieldError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        names = " or ".join(_type_name(o) for o in options if o is not type(None))
+        raise _FieldError(path, f"expected {names}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise _FieldError(path, f"expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _FieldError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _FieldError(path, f"expected a list of {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, _join(path, i)) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _FieldError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        val_tp = args[1] if args else Any
+        return {str(k): _convert(v, val_tp, _join(path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _FieldError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _FieldError(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _FieldError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _FieldError(path, f"expected a string, got {value!r}")
+        return value
+    raise _FieldError(path, f"unsupported annotation {tp!r} (a bug in the config class)")
+
+
+def _build(cls: type[T], data: Any, path: str) -> T:
+    """Build dataclass `cls` from a mapping, reporting the first problem with its path."""
+    if not isinstance(data, dict):
+        raise _FieldError(path or "<top level>", f"expected a mapping ({cls.__name__}), got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise _FieldError(
+            _join(path, unknown[0]),
+            f"unknown field; {cls.__name__} accepts: {', '.join(sorted(fields))}",
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            raise _FieldError(_join(path, name), f"missing required field ({_type_name(hints[name])})")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise _FieldError(_field_path_from_message(path, str(err)), _strip_field(str(err))) from err
+
+
+def _field_path_from_message(path: str, message: str) -> str:
+    """`__post_init__` messages start with '<field>: ...'; prefix the field with our path."""
+    head, sep, _ = message.partition(":")
+    if sep and head and " " not in head.strip():
+        return _join(path, head.strip())
+    return path or "<top level>"
+
+
+def _strip_field(message: str) -> str:
+    head, sep, rest = message.partition(":")
+    if sep and head and " " not in head.strip():
+        return rest.strip()
+    return message
+
+
+def from_dict(cls: type[T], data: Any, source: str = "<dict>") -> T:
+    """Build and validate `cls` from plain data; `source` names where the data came from."""
+    try:
+        return _build(cls, data, "")
+    except _FieldError as err:
+        raise ConfigError(f"{source}: field '{err.path}': {err.message}") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Parse a YAML or JSON file into a mapping, with the file named in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike, cls: type[T], overrides: dict | None = None) -> T:
+    """Load `cls` from a YAML/JSON file; `overrides` (dotted keys) are applied before validation."""
+    data = read_config_file(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return from_dict(cls, data, str(path))
+
+
+def to_dict(config: Any) -> Any:
+    """Plain data (dicts, lists, scalars) for a config, in field order."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def config_hash(config: Any) -> str:
+    """Stable sha256 of a config's resolved values (key order and formatting do not matter)."""
+    canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def save_resolved(config: Any, directory: str | os.PathLike, name: str = "resolved_config") -> Path:
+    """Write the resolved config (YAML, plus its hash) next to an artifact, atomically."""
+    from kdlib.io import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(to_dict(config), sort_keys=False)
+    text = f"# config_hash: {config_hash(config)}\n{body}"
+    target = directory / f"{name}.yaml"
+    atomic_write_text(target, text)
+    return target

@@ -1,0 +1,25 @@
+"""Errors a user can cause: each names the file / field / line and what was expected."""
+
+
+class KDError(Exception):
+    """Base class for every error this project reports to a user."""
+
+
+class ConfigError(KDError):
+    """A config file is invalid: names the file, the dotted field path and what was expected."""
+
+
+class ModelLoadError(KDError):
+    """A model or tokenizer folder cannot be loaded safely."""
+
+
+class ReaderError(KDError):
+    """A corpus or task file cannot be read: names the file and line."""
+
+
+class FingerprintMismatch(KDError):
+    """A cache or checkpoint was built by another teacher/tokenizer/config."""
+
+
+class CacheError(KDError):
+    """A transfer-set directory is missing, incomplete or corrupted."""

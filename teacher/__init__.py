@@ -1,0 +1,1 @@
+"""Teacher preparation: turn a bare encoder into a masked-LM teacher (`python -m teacher`)."""

@@ -1,0 +1,218 @@
+"""Give a bare encoder a masked-LM head, so that it can serve as a vocabulary-distribution teacher.
+
+The demo teacher (all-MiniLM-L6-v2) ships without `cls.predictions.*`. We train the standard BERT
+prediction head (dense -> GELU -> LayerNorm -> decoder tied to the word embeddings + bias) over the
+frozen encoder. Because the encoder is frozen it runs under no_grad, and the head runs only at the
+masked positions (~15% of tokens), which keeps a CPU run to minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdlib.config import config_hash, save_resolved, to_dict
+from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.io import atomic_write_text
+from kdlib.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+from kdlib.readers import CorpusConfig, read_corpus
+from kdlib.readers.normalize import normalize_text
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+@dataclass
+class TeacherPrepConfig:
+    """Train a masked-LM head over a frozen encoder and save a BertForMaskedLM folder."""
+
+    encoder: str  # the bare encoder: a folder or package:<module>
+    output_dir: str  # where the complete masked-LM teacher folder is written
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(kind="wikipedia_xml"))  # training text
+    max_length: int = 128  # tokens per training sequence (documents are packed)
+    mask_prob: float = 0.15  # fraction of tokens selected for prediction (BERT: 80% [MASK], 10% random, 10% kept)
+    batch_size: int = 32  # sequences per step
+    steps: int = 300  # optimizer steps
+    learning_rate: float = 2e-3  # AdamW learning rate of the head
+    warmup_steps: int = 20  # linear warmup before cosine decay
+    eval_sequences: int = 64  # held-out sequences for accuracy / perplexity (never trained on)
+    max_sequences: int = 4000  # cap on packed sequences taken from the corpus
+    seed: int = 0  # masking and shuffling seed
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def __post_init__(self) -> None:
+        positive = {"max_length": self.max_length, "batch_size": self.batch_size, "steps": self.steps,
+                    "eval_sequences": self.eval_sequences, "max_sequences": self.max_sequences}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {value}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob: expected a probability in (0, 1), got {self.mask_prob}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
+        if self.eval_sequences >= self.max_sequences:
+            raise ValueError(f"eval_sequences: expected fewer than max_sequences ({self.max_sequences}), got {self.eval_sequences}")
+
+
+def pack_corpus(cfg: TeacherPrepConfig, tokenizer) -> torch.Tensor:
+    """Tokenize documents and pack them into [CLS] ... [SEP] ... [SEP] rows of max_length."""
+    body = cfg.max_length - 1  # room for [CLS]
+    rows, current = [], []
+    for doc in read_corpus(cfg.corpus):
+        ids = tokenizer(normalize_text(doc.text), add_special_tokens=False)["input_ids"]
+        current.extend(ids + [tokenizer.sep_token_id])
+        while len(current) >= body:
+            rows.append([tokenizer.cls_token_id] + current[:body])
+            current = current[body:]
+            if len(rows) >= cfg.max_sequences:
+                return torch.tensor(rows, dtype=torch.long)
+    if len(rows) <= cfg.eval_sequences:
+        raise ValueError(f"corpus gives only {len(rows)} sequences of {cfg.max_length} tokens; need more than eval_sequences")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def mask_tokens(input_ids: torch.Tensor, tokenizer, prob: float, generator: torch.Generator):
+    """BERT masking: returns (masked ids, labels with -100 where nothing is predicted)."""
+    special = torch.tensor(
+        tokenizer.get_special_tokens_mask(input_ids.flatten().tolist(), already_has_special_tokens=True),
+        dtype=torch.bool,
+    ).view_as(input_ids)
+    chosen = (torch.rand(input_ids.shape, generator=generator) < prob) & ~special
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    roll = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator)
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[swap] = random_ids[swap]
+    return masked, labels
+
+
+def head_loss_and_hits(model, masked_ids: torch.Tensor, labels: torch.Tensor):
+    """Cross-entropy and correct-prediction count at the selected positions only."""
+    with torch.no_grad():  # the encoder is frozen: no activations kept for backward
+        hidden = model.bert(input_ids=masked_ids, attention_mask=torch.ones_like(masked_ids)).last_hidden_state
+    where = labels != -100
+    logits = model.cls(hidden[where])  # (n_selected, V)
+    targets = labels[where]
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    hits = (logits.argmax(-1) == targets).sum().item()
+    return loss, hits, int(targets.numel())
+
+
+def evaluate(model, eval_ids: torch.Tensor, tokenizer, prob: float, seed: int, batch_size: int) -> dict:
+    """Held-out masked-token accuracy and perplexity with a fixed mask (same before and after)."""
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    total_loss, total_hits, total_n = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(eval_ids), batch_size):
+            masked, labels = mask_tokens(eval_ids[start:start + batch_size], tokenizer, prob, gen)
+            loss, hits, n = head_loss_and_hits(model, masked, labels)
+            total_loss += loss.item() * n
+            total_hits += hits
+            total_n += n
+    mean = total_loss / max(total_n, 1)
+    return {"masked_accuracy": total_hits / max(total_n, 1), "perplexity": math.exp(mean), "positions": total_n}
+
+
+def build_masked_lm(cfg: TeacherPrepConfig):
+    """BertForMaskedLM with the encoder's weights, a fresh tied head, and only the head trainable."""
+    model = load_model(ModelConfig(path=cfg.encoder, task="masked_lm"), allow_new_head=True)
+    model.tie_weights()
+    for p in model.bert.parameters():
+        p.requires_grad_(False)
+    head = [p for n, p in model.cls.named_parameters() if p.requires_grad and "decoder.weight" not in n]
+    return model, head
+
+
+def prepare_teacher(cfg: TeacherPrepConfig) -> dict:
+    """Train the head, report before/after quality, save a complete masked-LM folder."""
+    done = Path(cfg.output_dir) / "teacher_report.json"
+    if done.is_file() and json.loads(done.read_text()).get("config_hash") == config_hash(cfg):
+        print(f"{cfg.output_dir}: already prepared with this config (hash {config_hash(cfg)[:12]}); "
+              "delete the folder to train again")
+        return json.loads(done.read_text())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    source = resolve_model_path(cfg.encoder)
+    tokenizer = load_tokenizer(cfg.encoder)
+    model, head_params = build_masked_lm(cfg)
+
+    t0 = time.time()
+    rows = pack_corpus(cfg, tokenizer)
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
+    eval_ids, train_ids = rows[perm[: cfg.eval_sequences]], rows[perm[cfg.eval_sequences:]]
+    print(f"corpus: {len(rows)} sequences of {cfg.max_length} tokens ({len(train_ids)} train, "
+          f"{len(eval_ids)} held out) in {time.time() - t0:.1f}s")
+
+    before = evaluate(model, eval_ids, tokenizer, cfg.mask_prob, cfg.seed, cfg.batch_size)
+    print(f"before: held-out masked accuracy {before['masked_accuracy']:.2%}, perplexity {before['perplexity']:.1f}")
+
+    optimizer = torch.optim.AdamW(head_params, lr=cfg.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.cls.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="training MLM head", unit="step")
+    for step in bar:
+        idx = torch.randint(len(train_ids), (cfg.batch_size,), generator=gen)
+        masked, labels = mask_tokens(train_ids[idx], tokenizer, cfg.mask_prob, gen)
+        loss, hits, n = head_loss_and_hits(model, masked, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{hits / max(n, 1):.1%}")
+    model.eval()
+
+    after = evaluate(model, eval_ids, tokenizer, cfg.mask_prob, cfg.seed, cfg.batch_size)
+    print(f"after:  held-out masked accuracy {after['masked_accuracy']:.2%}, perplexity {after['perplexity']:.1f}")
+    report = {"before": before, "after": after, "steps": cfg.steps, "train_loss_last20": float(np.mean(losses[-20:])),
+              "encoder": cfg.encoder, "encoder_fingerprint": model_fingerprint(source),
+              "config_hash": config_hash(cfg), "seconds": round(time.time() - t0, 1)}
+    save_teacher(model, source, Path(cfg.output_dir), cfg, report)
+    return report
+
+
+def save_teacher(model, source: Path, out: Path, cfg: TeacherPrepConfig, report: dict) -> None:
+    """Write the folder next to a temporary name, then rename: a killed run leaves no half folder."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.config.architectures = ["BertForMaskedLM"]
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    report = dict(report, teacher_fingerprint=model_fingerprint(tmp), tokenizer_fingerprint=tokenizer_fingerprint(tmp))
+    atomic_write_text(tmp / "teacher_report.json", json.dumps(report, indent=2))
+    save_resolved(cfg, tmp)
+    atomic_write_text(tmp / "README.md", _model_card(cfg, report))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"saved masked-LM teacher to {out} (fingerprint {report['teacher_fingerprint'][:12]})")
+
+
+def _model_card(cfg: TeacherPrepConfig, report: dict) -> str:
+    return (
+        "# Masked-LM teacher\n\n"
+        f"Encoder `{cfg.encoder}` (fingerprint `{report['encoder_fingerprint'][:12]}`), frozen, with a BERT "
+        f"masked-LM head trained for {cfg.steps} steps on `{to_dict(cfg.corpus)}`.\n\n"
+        f"| | masked accuracy | perplexity |\n|---|---|---|\n"
+        f"| untrained head | {report['before']['masked_accuracy']:.2%} | {report['before']['perplexity']:.1f} |\n"
+        f"| trained head | {report['after']['masked_accuracy']:.2%} | {report['after']['perplexity']:.1f} |\n"
+    )
