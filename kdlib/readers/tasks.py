@@ -1,0 +1,111 @@
+"""Labelled task sets (CSV, TSV, JSONL, fastText `__label__` lines) for task-specific distillation."""
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+from kdlib.errors import ReaderError
+from kdlib.readers import records
+from kdlib.readers.documents import Example
+from kdlib.readers.lines import check_encoding, iter_lines
+from kdlib.readers.paths import resolve_path
+
+TASK_KINDS = ("csv", "tsv", "jsonl", "fasttext")
+FASTTEXT_PREFIX = "__label__"
+
+
+@dataclass
+class TaskConfig:
+    """Which labelled file to read and which columns hold text and label; see `read_task`."""
+
+    kind: Literal["csv", "tsv", "jsonl", "fasttext"]  # input format
+    path: str  # file path, or `gensim:<name>` for gensim test data (e.g. gensim:pang_lee_polarity.cor)
+    text_column: str = "text"  # column/key with the (first) text segment (csv, tsv, jsonl)
+    label_column: str = "label"  # column/key with the label, kept as written (csv, tsv, jsonl)
+    text_b_column: Optional[str] = None  # column/key with the second segment of pair tasks, or None
+    max_examples: Optional[int] = None  # stop after this many examples (None = all)
+    encoding: str = "utf-8"  # text encoding of the file; gensim:pang_lee_polarity.cor needs "cp1252"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind: expected one of {TASK_KINDS}, got {self.kind!r}")
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"path: expected a non-empty string, got {self.path!r}")
+        for name in ("text_column", "label_column"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+        if self.text_b_column is not None and (not isinstance(self.text_b_column, str) or not self.text_b_column):
+            raise ValueError(f"text_b_column: expected null or a non-empty string, got {self.text_b_column!r}")
+        if self.kind == "fasttext" and self.text_b_column is not None:
+            raise ValueError(f"text_b_column: expected null for kind 'fasttext' (one text per line), "
+                             f"got {self.text_b_column!r}")
+        cols = [self.text_column, self.label_column] + ([self.text_b_column] if self.text_b_column else [])
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"label_column: expected text, label and text_b columns to differ, got {cols}")
+        check_encoding(self.encoding)
+        if self.max_examples is not None and (
+            isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1
+        ):
+            raise ValueError(f"max_examples: expected null or an integer >= 1, got {self.max_examples!r}")
+
+
+def read_fasttext(path: Path, encoding: str = "utf-8") -> Iterator[Example]:
+    """fastText lines `__label__pos some text` (several labels: the first is used); id `<name>:<line>`."""
+    count = 0
+    for lineno, line in iter_lines(path, encoding):
+        if not line.strip():
+            continue
+        label_token, _, text = line.strip().partition(" ")
+        label = label_token[len(FASTTEXT_PREFIX):]
+        if not label_token.startswith(FASTTEXT_PREFIX) or not label:
+            raise ReaderError(f"{path}: line {lineno}: expected a line starting `__label__<label> `, "
+                              f"got {line[:40]!r}")
+        # Further `__label__x` tokens (multi-label lines) are not part of the text.
+        words = text.split(" ")
+        while words and words[0].startswith(FASTTEXT_PREFIX):
+            words.pop(0)
+        text = " ".join(words).strip()
+        if not text:
+            raise ReaderError(f"{path}: line {lineno}: label {label!r} has no text after it")
+        count += 1
+        yield Example(id=f"{path.name}:{lineno}", text=text, label=label)
+    if count == 0:
+        raise ReaderError(f"{path}: empty input: no `__label__` lines (expected at least one example)")
+
+
+def _column_examples(rows: Iterator[records.Row], path: Path, cfg: TaskConfig) -> Iterator[Example]:
+    count = 0
+    for rid, where, values in rows:
+        text = records.as_text(values[cfg.text_column], path, where, cfg.text_column)
+        label = records.as_text(values[cfg.label_column], path, where, cfg.label_column, numbers_ok=True)
+        if not label.strip():
+            raise ReaderError(f"{path}: {where}: column {cfg.label_column!r}: expected a label, got an empty value")
+        text_b = None
+        if cfg.text_b_column is not None:
+            text_b = records.as_text(values[cfg.text_b_column], path, where, cfg.text_b_column)
+        count += 1
+        yield Example(id=rid, text=text, label=label, text_b=text_b)
+    if count == 0:
+        raise ReaderError(f"{path}: empty input: no rows (expected at least one example)")
+
+
+def read_task(cfg: TaskConfig) -> Iterator[Example]:
+    """Stream the labelled Examples `cfg` describes; labels stay strings as written in the file.
+
+    Raises ReaderError naming the file and line/column for missing, empty or malformed input.
+    """
+    path = resolve_path(cfg.path)
+    if path.is_dir():
+        raise ReaderError(f"{path}: expected a {cfg.kind} file, got a directory")
+    if cfg.kind == "fasttext":
+        examples = read_fasttext(path, cfg.encoding)
+    else:
+        columns = [cfg.text_column, cfg.label_column] + ([cfg.text_b_column] if cfg.text_b_column else [])
+        if cfg.kind == "jsonl":
+            rows = records.jsonl_rows(path, columns, cfg.encoding)
+        else:
+            rows = records.delimited_rows(path, columns, "," if cfg.kind == "csv" else "\t", cfg.encoding)
+        examples = _column_examples(rows, path, cfg)
+    return itertools.islice(examples, cfg.max_examples) if cfg.max_examples is not None else examples
