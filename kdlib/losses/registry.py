@@ -1,0 +1,89 @@
+"""Name -> loss-function registry, so configs can name objectives and be validated early.
+
+Conventions every registered loss follows (checked here or by tests):
+  * runtime inputs (tensors, projections, step counters) are positional-or-keyword parameters with
+    shape-carrying names; configuration options are keyword-only parameters with defaults, so
+    ``ObjectiveConfig.params`` can be validated against ``inspect.signature``;
+  * the docstring's first line is "formula -- source paper";
+  * teacher-side tensors are treated as constants (detached);
+  * token-level losses take ``mask`` (1 = real token, 0 = padding) and padding never contributes.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+KINDS = ("output", "intermediate", "relational", "mutual")
+
+
+class UnknownLossError(ValueError, KeyError):
+    """An unregistered loss name; is both a ValueError (config validation) and a KeyError (lookup)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registry entry."""
+
+    name: str  # registry key used in configs
+    fn: Callable[..., Any]  # the pure loss function
+    kind: str  # one of KINDS
+    paper: str  # short citation of the source paper
+    formula: str  # first docstring line of fn
+
+    def options(self) -> dict[str, inspect.Parameter]:
+        """Keyword-only parameters of the loss: the keys ``ObjectiveConfig.params`` may set."""
+        sig = inspect.signature(self.fn)
+        return {n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def inputs(self) -> list[str]:
+        """Runtime (non-config) parameter names, in order."""
+        sig = inspect.signature(self.fn)
+        return [n for n, p in sig.parameters.items()
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)]
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, kind: str, paper: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding ``fn`` under ``name``; rejects duplicates, bad kinds and missing docstrings."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"loss {name!r} is already registered (by {_REGISTRY[name].fn.__module__})")
+        doc = (fn.__doc__ or "").strip()
+        if not doc:
+            raise ValueError(f"loss {name!r}: docstring with a 'formula -- source' first line is required")
+        for pname, p in inspect.signature(fn).parameters.items():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty:
+                raise ValueError(f"loss {name!r}: option {pname!r} needs a default")
+        _REGISTRY[name] = LossSpec(name=name, fn=fn, kind=kind, paper=paper, formula=doc.splitlines()[0])
+        fn.loss_name = name  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def known_losses() -> list[str]:
+    """Sorted registered names."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> LossSpec:
+    """Registry entry for ``name``; UnknownLossError (KeyError and ValueError) lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownLossError(
+            f"unknown loss {name!r}; known losses: {', '.join(known_losses())}") from None
+
+
+def get_loss(name: str) -> Callable[..., Any]:
+    """The registered function for ``name`` (see get_spec for errors)."""
+    return get_spec(name).fn
