@@ -1,0 +1,86 @@
+"""Run a frozen teacher on a batch and turn its outputs into cache rows (numpy, per row).
+
+Used by the pipeline's teacher DoFn and by anything else that needs the exact values the cache
+would hold. Vocabulary outputs are the top-k ids and logits plus the full log-sum-exp per position,
+so the kept probability mass is exact and the rest can be treated explicitly by the loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdlib.cache.schema import id_dtype
+from kdlib.schemas import TeacherOutputsConfig
+
+
+def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: TeacherOutputsConfig):
+    """One forward pass under inference_mode; returns the raw tensors the config asks for."""
+    want_hidden = bool(outputs.hidden_layers) or outputs.pooled is not None
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden)
+    result = {}
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        result["logits"] = logits.float()
+    if want_hidden:
+        hidden = out.hidden_states if getattr(out, "hidden_states", None) is not None else (out.last_hidden_state,)
+        result["hidden_states"] = hidden
+    return result
+
+
+def topk_with_lse(logits_btv: torch.Tensor, k: int):
+    """(B,T,V) logits -> top-k ids (B,T,k), top-k logits (B,T,k), full log-sum-exp (B,T)."""
+    top = torch.topk(logits_btv, k, dim=-1, sorted=True)
+    return top.indices, top.values, torch.logsumexp(logits_btv, dim=-1)
+
+
+def topk_fidelity(logits_nv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: kept mass sum_topk p, and KL(p || p_hat) where p_hat keeps the top-k exactly and
+    spreads the remaining mass evenly over the other V-k ids (the reconstruction the cache allows,
+    as the logits kept are stored in fp16)."""
+    logits_nv = logits_nv.double()
+    V = logits_nv.shape[-1]
+    log_p = torch.log_softmax(logits_nv, dim=-1)
+    top_ids, top_logits, lse = topk_with_lse(logits_nv, k)
+    stored = top_logits.half().double()  # what the cache holds
+    log_p_top = stored - lse.unsqueeze(-1)
+    kept = log_p_top.exp().sum(-1).clamp(max=1.0)
+    if k < V:
+        fill = torch.log((1 - kept).clamp(min=1e-12) / (V - k)).unsqueeze(-1).expand_as(log_p)
+    else:
+        fill = torch.full_like(log_p, -torch.inf)  # every id is overwritten below
+    log_hat = fill.scatter(-1, top_ids, log_p_top)
+    kl = (log_p.exp() * (log_p - log_hat)).sum(-1)
+    return kept.float(), kl.float()
+
+
+def rows_from_outputs(raw: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: TeacherOutputsConfig,
+                      vocab_size: int) -> list[dict]:
+    """Cut a batch's raw teacher tensors into per-row numpy values, dropping padding positions."""
+    lengths = attention_mask.sum(-1).tolist()
+    rows = [dict() for _ in lengths]
+    if outputs.top_k:
+        ids, vals, lse = topk_with_lse(raw["logits"], outputs.top_k)
+        ids_np = ids.numpy().astype(id_dtype(vocab_size))
+        vals_np, lse_np = vals.numpy().astype(np.float16), lse.numpy().astype(np.float32)
+        for i, n in enumerate(lengths):
+            rows[i].update(topk_ids=ids_np[i, :n].reshape(-1), topk_logits=vals_np[i, :n].reshape(-1), lse=lse_np[i, :n])
+    if outputs.dense_logits:
+        dense = raw["logits"].numpy().astype(np.float32)
+        for i in range(len(lengths)):
+            rows[i]["logits"] = dense[i]
+    for layer in outputs.hidden_layers:
+        h = raw["hidden_states"][layer].float().numpy().astype(np.float16)
+        for i, n in enumerate(lengths):
+            rows[i][f"hidden_{layer}"] = h[i, :n].reshape(-1)
+    if outputs.pooled is not None:
+        last = raw["hidden_states"][-1].float()
+        if outputs.pooled == "cls":
+            pooled = last[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).float()
+            pooled = (last * m).sum(1) / m.sum(1).clamp(min=1)
+        for i, row in enumerate(rows):
+            row["pooled"] = pooled[i].numpy().astype(np.float32)
+    return rows
