@@ -1,0 +1,32 @@
+"""`python -m data_pipeline --config X.yaml [--set key=value ...] [Beam pipeline options]`.
+
+Arguments this parser does not know are Beam pipeline options (`--runner`, `--project`,
+`--direct_num_workers`, ...), passed through unchanged to the runner.
+"""
+
+import logging
+import sys
+
+from data_pipeline.config import PipelineConfig
+from data_pipeline.pipeline import default_beam_args, run
+from kdlib.cli import config_parser, parse_overrides
+from kdlib.config import load_config
+from kdlib.errors import KDError
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    parser = config_parser(__doc__.splitlines()[0])
+    args, beam_args = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, PipelineConfig, parse_overrides(args.set))
+        run(cfg, default_beam_args(beam_args), source=args.config)
+    except KDError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

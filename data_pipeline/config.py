@@ -1,0 +1,82 @@
+"""The data pipeline's typed config: what to read, how to augment, which teacher outputs to cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kdlib.augment import AugmentConfig
+from kdlib.models import ModelConfig
+from kdlib.readers import CorpusConfig, TaskConfig
+from kdlib.schemas import TeacherOutputsConfig
+
+
+@dataclass
+class MaskingConfig:
+    """BERT-style masking of packed corpus rows, so the transfer set carries masked-LM targets."""
+
+    prob: float = 0.0  # fraction of tokens selected (0: no masking; BERT uses 0.15)
+    whole_word: bool = True  # select whole words (all their word pieces together)
+    mask_fraction: float = 0.8  # selected tokens replaced by [MASK]
+    random_fraction: float = 0.1  # selected tokens replaced by a random token (the rest stay unchanged)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob < 1.0:
+            raise ValueError(f"prob: expected a probability in [0, 1), got {self.prob}")
+        for name in ("mask_fraction", "random_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
+        if self.mask_fraction + self.random_fraction > 1.0:
+            raise ValueError(f"random_fraction: mask_fraction + random_fraction must be <= 1, got "
+                             f"{self.mask_fraction} + {self.random_fraction}")
+
+
+@dataclass
+class PipelineConfig:
+    """Build one transfer set: read -> normalise -> augment -> tokenize -> teacher -> Parquet shards + manifest."""
+
+    teacher: ModelConfig  # the frozen teacher whose outputs are cached (its tokenizer is used too)
+    output_dir: str  # the transfer-set directory (shards/ and manifest.json)
+    corpus: Optional[CorpusConfig] = None  # an unlabelled corpus (rows are packed to max_length)
+    task: Optional[TaskConfig] = None  # or a labelled task set (one row per example, truncated)
+    labels: list[str] = field(default_factory=list)  # task label names in index order (empty: sorted labels found)
+    max_length: int = 128  # tokens per row, special tokens included
+    min_length: int = 8  # packed tails shorter than this are dropped
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # Tang et al. / TinyBERT augmentation
+    augment_unit: str = "line"  # corpus documents are augmented per line (paragraph); tasks per example
+    masking: MaskingConfig = field(default_factory=MaskingConfig)  # MLM masking of corpus rows
+    teacher_outputs: TeacherOutputsConfig = field(default_factory=lambda: TeacherOutputsConfig(top_k=32))  # what to cache
+    batch_size: int = 32  # sequences per teacher forward (grouped by length within a shard)
+    num_shards: int = 8  # rows are spread over this many shards by a hash of their id
+    pack_groups: int = 16  # documents are packed within this many hash groups (parallelism of packing)
+    torch_threads: int = 0  # torch threads per worker (0: torch's default)
+    seed: int = 0  # masking seed (augmentation has its own in augment.seed)
+    overwrite: bool = False  # replace an output_dir that was built by another teacher, tokenizer or config
+
+    def __post_init__(self) -> None:
+        if (self.corpus is None) == (self.task is None):
+            raise ValueError("corpus: expected exactly one of 'corpus' or 'task'")
+        if self.max_length < 8:
+            raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
+        if not 1 <= self.min_length <= self.max_length:
+            raise ValueError(f"min_length: expected 1..max_length ({self.max_length}), got {self.min_length}")
+        for name in ("batch_size", "num_shards", "pack_groups"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads: expected >= 0, got {self.torch_threads}")
+        if self.augment_unit not in ("line", "document"):
+            raise ValueError(f"augment_unit: expected 'line' or 'document', got {self.augment_unit!r}")
+        if self.task is not None and self.masking.prob > 0:
+            raise ValueError("masking.prob: MLM masking applies to corpora; task sets use augment.mask_prob")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels: expected distinct names, got {self.labels}")
+        t, o = self.teacher.task, self.teacher_outputs
+        if o.top_k and t not in ("masked_lm", "causal_lm"):
+            raise ValueError(f"teacher_outputs.top_k: vocabulary outputs need a masked_lm or causal_lm teacher, got task {t!r}")
+        if o.dense_logits and t != "sequence_classification":
+            raise ValueError(f"teacher_outputs.dense_logits: needs a sequence_classification teacher, got task {t!r}")
+        if not (o.top_k or o.dense_logits or o.hidden_layers or o.pooled):
+            raise ValueError("teacher_outputs: nothing to cache (set top_k, dense_logits, hidden_layers or pooled)")
+        if self.augment.mlm_replace_prob > 0 and t != "masked_lm":
+            raise ValueError(f"augment.mlm_replace_prob: the TinyBERT MLM swap needs a masked_lm teacher, got task {t!r}")

@@ -1,0 +1,210 @@
+"""Build and run the transfer-set pipeline, then write the manifest last.
+
+Before any Beam work: the config is validated against the teacher's config.json, the fingerprints
+are computed, and an existing output directory is checked (a different teacher, tokenizer or config
+is refused unless `overwrite`). `build.json` records what a directory is being built with, so a
+killed build resumes only with the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from tqdm import tqdm
+
+from data_pipeline.config import PipelineConfig
+from data_pipeline.packing import shard_of, stable_hash
+from data_pipeline.transforms import (AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
+                                      build_vocabulary, pos_pairs, task_row)
+from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, remove_partial_files,
+                         row_schema, write_manifest)
+from kdlib.cache.shards import SHARD_DIR
+from kdlib.config import config_hash, save_resolved, to_dict
+from kdlib.errors import CacheError, FingerprintMismatch, KDError
+from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.io import atomic_write_text
+from kdlib.models import check_model_folder, resolve_model_path
+from kdlib.readers import read_corpus, read_task
+from kdlib.schemas import check_against_teacher
+
+BUILD = "build.json"
+
+
+def preflight(cfg: PipelineConfig, source: str) -> dict:
+    """Everything that can fail cheaply fails here, before a worker starts."""
+    folder = resolve_model_path(cfg.teacher.path)
+    teacher_config = check_model_folder(folder)
+    check_against_teacher(source, teacher_config, outputs=cfg.teacher_outputs)
+    records = read_task(cfg.task) if cfg.task is not None else read_corpus(cfg.corpus)
+    labels = list(cfg.labels)
+    if cfg.task is not None:
+        found = sorted({ex.label for ex in records})  # also proves the input is not empty
+        unknown = sorted(set(found) - set(labels)) if labels else []
+        if unknown:
+            raise KDError(f"{source}: field 'labels': the task has labels {unknown} that are not listed in {labels}")
+        labels = labels or found
+    else:
+        next(iter(records))  # an empty corpus raises a ReaderError naming the file
+    return {"folder": folder, "config": teacher_config, "labels": labels,
+            "fingerprint": model_fingerprint(folder), "tokenizer_fingerprint": tokenizer_fingerprint(folder),
+            "config_hash": config_hash(cfg)}
+
+
+def claim_directory(cfg: PipelineConfig, info: dict) -> Path:
+    """Create or resume output_dir; refuse one built with other inputs (naming both fingerprints)."""
+    out = Path(cfg.output_dir)
+    mine = {"teacher_fingerprint": info["fingerprint"], "tokenizer_fingerprint": info["tokenizer_fingerprint"],
+            "config_hash": info["config_hash"]}
+    existing = None
+    for name in (MANIFEST, BUILD):
+        if (out / name).is_file():
+            data = json.loads((out / name).read_text())
+            existing = {"teacher_fingerprint": data.get("teacher_fingerprint") or data["teacher"]["fingerprint"],
+                        "tokenizer_fingerprint": data["tokenizer_fingerprint"], "config_hash": data["config_hash"]}
+            break
+    if existing is not None and existing != mine:
+        if not cfg.overwrite:
+            diffs = "; ".join(f"{k}: directory has {existing[k]}, this run has {mine[k]}"
+                              for k in mine if existing[k] != mine[k])
+            raise FingerprintMismatch(f"{out}: was built with other inputs ({diffs}). Use a new output_dir, "
+                                      "or set overwrite: true to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a rerun re-verifies shards and writes a fresh manifest
+    atomic_write_text(out / BUILD, json.dumps(mine, indent=1))
+    removed = remove_partial_files(out)
+    if removed:
+        print(f"[data_pipeline] removed {removed} partial file(s) left by an interrupted run")
+    return out
+
+
+def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
+    o = cfg.teacher_outputs
+    return dict(vocab_size=info["config"]["vocab_size"], top_k=o.top_k, dense_logits=o.dense_logits,
+                hidden_layers=list(o.hidden_layers), pooled=o.pooled is not None,
+                has_labels=cfg.task is not None, has_mlm=cfg.corpus is not None and cfg.masking.prob > 0)
+
+
+def build_pipeline(p: beam.Pipeline, cfg: PipelineConfig, out: Path, info: dict) -> None:
+    """read -> augment -> tokenize -> pack/mask (corpus) or one row per example (task) -> teacher -> shards."""
+    units = (p | "Start" >> beam.Create([None]) | "Read" >> beam.ParDo(ReadSource(cfg))
+             | "Spread" >> beam.Reshuffle())
+    if cfg.augment.copies > 0:
+        vocab = (units | "BatchForPos" >> beam.BatchElements(min_batch_size=64, max_batch_size=512)
+                 | "TagWords" >> beam.FlatMap(pos_pairs, cfg.augment.mask_token)
+                 | "CountWords" >> beam.combiners.Count.PerElement()
+                 | "AllCounts" >> beam.combiners.ToList()
+                 | "Vocabulary" >> beam.Map(build_vocabulary))
+        units = (units | "BatchForAugment" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
+                 | "Augment" >> beam.ParDo(AugmentUnits(cfg), beam.pvalue.AsSingleton(vocab)))
+    tokens = (units | "BatchForTokenizer" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
+              | "Tokenize" >> beam.ParDo(TokenizeUnits(cfg)))
+    if cfg.task is not None:
+        rows = tokens | "Rows" >> beam.Map(task_row, info["labels"])
+    else:
+        groups = cfg.pack_groups
+        rows = (tokens | "KeyPackGroup" >> beam.Map(lambda t: ((t.copy_index, stable_hash(t.source_id) % groups), t))
+                | "GroupForPacking" >> beam.GroupByKey() | "PackAndMask" >> beam.ParDo(PackAndMask(cfg)))
+    shards = cfg.num_shards
+    _ = (rows | "KeyShard" >> beam.Map(lambda r: (shard_of(r["id"], shards), r))
+         | "GroupShards" >> beam.GroupByKey()
+         | "TeacherAndWrite" >> beam.ParDo(TeacherShard(cfg, str(out), schema_kwargs(cfg, info))))
+
+
+def watch_progress(out: Path, total_shards: int, stop: threading.Event) -> None:
+    """Runner-agnostic progress: completed shard sidecars, tokens, tokens/s and ETA."""
+    shard_dir, t0 = out / SHARD_DIR, time.time()
+    already = len(list(shard_dir.glob("*.json"))) if shard_dir.is_dir() else 0
+    seen = already
+    with tqdm(total=total_shards, desc="teacher shards", unit="shard", initial=already) as bar:
+        while not stop.wait(2.0):
+            done = list(shard_dir.glob("*.json")) if shard_dir.is_dir() else []
+            if len(done) == seen:
+                continue
+            seen = len(done)
+            tokens = sum(json.loads(p.read_text()).get("tokens", 0) for p in done)
+            bar.n = len(done)
+            bar.set_postfix(tokens=f"{tokens:,}", tok_s=f"{tokens / (time.time() - t0):,.0f}")
+            bar.refresh()
+
+
+def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float) -> Manifest:
+    shard_dir = out / SHARD_DIR
+    shards = [ShardInfo(**json.loads(p.read_text())) for p in sorted(shard_dir.glob("shard-*.json"))]
+    if not shards or sum(s.rows for s in shards) == 0:
+        raise CacheError(f"{out}: the pipeline produced no rows (is every text shorter than min_length={cfg.min_length}?)")
+    positions = sum(s.fidelity.get("positions", 0) for s in shards)
+    o = cfg.teacher_outputs
+    fidelity = {"positions": positions,
+                "mean_kept_mass": sum(s.fidelity.get("kept_mass", 0.0) for s in shards) / positions if positions else None,
+                "mean_kl": sum(s.fidelity.get("kl", 0.0) for s in shards) / positions if positions else None}
+    schema = row_schema(**schema_kwargs(cfg, info))
+    rows, tokens = sum(s.rows for s in shards), sum(s.tokens for s in shards)
+    size = sum(s.bytes for s in shards)
+    c = info["config"]
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        teacher={"ref": cfg.teacher.path, "fingerprint": info["fingerprint"], "task": cfg.teacher.task,
+                 "vocab_size": c.get("vocab_size"), "num_layers": c.get("num_hidden_layers"),
+                 "hidden_size": c.get("hidden_size"), "model_type": c.get("model_type")},
+        tokenizer_fingerprint=info["tokenizer_fingerprint"], config=to_dict(cfg), config_hash=info["config_hash"],
+        cached={"top_k": o.top_k, "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
+                "pooled": o.pooled, "labels": info["labels"] or None, "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
+                "topk_id_dtype": str(id_dtype(c["vocab_size"])) if o.top_k else None},
+        dtypes={f.name: str(f.type) for f in schema}, max_length=cfg.max_length, shards=shards,
+        totals={"rows": rows, "tokens": tokens, "bytes": size,
+                "bytes_per_position": size / tokens if tokens else None, "seconds": round(seconds, 1)},
+        fidelity=fidelity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> Manifest:
+    """Preflight, run the Beam pipeline, then verify and write manifest.json last."""
+    info = preflight(cfg, source)
+    out = claim_directory(cfg, info)
+    save_resolved(cfg, out)
+    print(f"[data_pipeline] teacher {info['fingerprint'][:12]}  tokenizer {info['tokenizer_fingerprint'][:12]}  "
+          f"config {info['config_hash'][:12]}  -> {out}")
+    options = PipelineOptions(beam_args)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_progress, args=(out, cfg.num_shards, stop), daemon=True)
+    t0 = time.time()
+    watcher.start()
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, cfg, out, info)
+    finally:
+        stop.set()
+        watcher.join()
+    manifest = collect_manifest(cfg, out, info, time.time() - t0)
+    write_manifest(out, manifest)
+    (out / BUILD).unlink(missing_ok=True)
+    t, f = manifest.totals, manifest.fidelity
+    print(f"[data_pipeline] {t['rows']} rows, {t['tokens']:,} tokens in {len(manifest.shards)} shards, "
+          f"{t['bytes'] / 1e6:.1f} MB ({t['bytes_per_position']:.1f} bytes/position), {t['seconds']}s"
+          + (f"; top-{cfg.teacher_outputs.top_k} kept mass {f['mean_kept_mass']:.4f}, KL {f['mean_kl']:.4f}"
+             if f["positions"] else ""))
+    return manifest
+
+
+def default_beam_args(beam_args: list[str]) -> list[str]:
+    """With no runner named, use DirectRunner with 2 worker processes (this machine's cores)."""
+    joined = " ".join(beam_args)
+    if "--runner" in joined and "DirectRunner" not in joined:
+        return beam_args
+    args = list(beam_args)
+    if "--direct_num_workers" not in joined:
+        args += ["--direct_num_workers", "2"]
+    if "--direct_running_mode" not in joined:
+        args += ["--direct_running_mode", "multi_processing"]
+    return args
+
+
+__all__ = ["run", "preflight", "claim_directory", "build_pipeline", "default_beam_args"]

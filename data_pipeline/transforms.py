@@ -1,0 +1,230 @@
+"""Beam DoFns of the pipeline. Each loads its heavy state (tagger, tokenizer, teacher) once per
+worker in `setup`, and none depends on a runner: they run unchanged on Direct, Dataflow, Flink, Spark."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.metrics import Metrics
+
+from data_pipeline.config import PipelineConfig
+from data_pipeline.packing import TokenizedText, mask_row, pack_group, row_id, stable_hash
+from kdlib.readers import normalize_text, read_corpus, read_task
+
+NS = "data_pipeline"
+
+
+class ReadSource(beam.DoFn):
+    """Corpus documents (split into lines when augmenting per line) or task examples, as unit dicts."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.documents = Metrics.counter(NS, "documents")
+
+    def process(self, _):
+        cfg = self.cfg
+        if cfg.task is not None:
+            for ex in read_task(cfg.task):
+                self.documents.inc()
+                yield {"unit_id": ex.id, "source_id": ex.id, "text": normalize_text(ex.text),
+                       "text_b": normalize_text(ex.text_b) if ex.text_b else None, "label": ex.label}
+            return
+        split = cfg.augment.copies > 0 and cfg.augment_unit == "line"
+        for doc in read_corpus(cfg.corpus):
+            self.documents.inc()
+            parts = [p for p in doc.text.split("\n") if p.strip()] if split else [doc.text]
+            for i, part in enumerate(parts):
+                yield {"unit_id": f"{doc.id}#{i:06d}", "source_id": doc.id, "text": normalize_text(part),
+                       "text_b": None, "label": None}
+
+
+def pos_pairs(batch: list[dict], mask_token: str):
+    """(tag, lowercased word) for every eligible word of a batch of units: input to the POS vocabulary."""
+    from kdlib.augment import default_tagger, is_eligible, tag_sentences, tokenize
+
+    words = [tokenize(u["text"], mask_token).words for u in batch]
+    for ws, tags in zip(words, tag_sentences(default_tagger(), words)):
+        for w, t in zip(ws, tags):
+            if is_eligible(w, mask_token):
+                yield f"{t}\t{w.lower()}"
+
+
+def build_vocabulary(counts: list[tuple[str, int]], min_count: int = 1) -> str:
+    """Counted (tag, word) pairs -> PosVocabulary JSON (a plain string travels to workers safely)."""
+    from kdlib.augment import PosVocabulary
+
+    entries: dict[str, list] = {}
+    for key, count in counts:
+        tag, word = key.split("\t", 1)
+        if count >= min_count:
+            entries.setdefault(tag, []).append((word, count))
+    return PosVocabulary(entries, min_count).to_json()
+
+
+class AugmentUnits(beam.DoFn):
+    """Tang et al. / TinyBERT augmentation of a batch of units; the original is always kept."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.copies = Metrics.counter(NS, "augmented_copies")
+
+    def setup(self):
+        from kdlib.augment import default_tagger
+
+        self.tagger = default_tagger()
+        self.vocab_json = None
+        self.mlm_fn = None
+        if self.cfg.augment.mlm_replace_prob > 0:
+            from kdlib.augment import make_mlm_candidates_fn
+            from kdlib.models import load_model, load_tokenizer
+
+            model = load_model(self.cfg.teacher)
+            self.mlm_fn = make_mlm_candidates_fn(model, load_tokenizer(self.cfg.teacher.path), self.cfg.augment.mlm_top_k)
+
+    def process(self, batch: list[dict], vocab_json: str):
+        from kdlib.augment import PosVocabulary, augment_batch
+
+        if vocab_json != self.vocab_json:
+            self.vocab, self.vocab_json = PosVocabulary.from_json(vocab_json), vocab_json
+        by_id = {u["unit_id"]: u for u in batch}
+        outputs = augment_batch([(u["unit_id"], u["text"]) for u in batch], self.cfg.augment, self.vocab,
+                                self.tagger, self.mlm_fn)
+        for out in outputs:
+            unit = by_id[out.example_id]
+            if out.copy_index:
+                self.copies.inc()
+            yield dict(unit, text=out.text, copy_index=out.copy_index, kind=out.kind)
+
+
+class TokenizeUnits(beam.DoFn):
+    """The teacher's fast tokenizer over a batch; corpus units without special tokens (packing adds them)."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+
+    def setup(self):
+        from kdlib.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.cfg.teacher.path)
+
+    def process(self, batch: list[dict]):
+        is_task = self.cfg.task is not None
+        texts = [u["text"] for u in batch]
+        pairs = [u["text_b"] for u in batch] if is_task and any(u["text_b"] for u in batch) else None
+        enc = self.tokenizer(texts, pairs, add_special_tokens=is_task, truncation=is_task,
+                             max_length=self.cfg.max_length if is_task else None, return_attention_mask=False)
+        for i, u in enumerate(batch):
+            word_ids = enc.word_ids(i)
+            starts = tuple(w is not None and (j == 0 or word_ids[j - 1] != w) for j, w in enumerate(word_ids))
+            yield TokenizedText(unit_id=u["unit_id"], source_id=u["source_id"], copy_index=u.get("copy_index", 0),
+                                kind=u.get("kind", "original"), ids=tuple(enc["input_ids"][i]), word_starts=starts,
+                                label=u["label"])
+
+
+class PackAndMask(beam.DoFn):
+    """Pack one hash group of corpus units into max_length rows, then apply seeded MLM masking."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+
+    def setup(self):
+        from kdlib.models import load_tokenizer
+
+        tok = load_tokenizer(self.cfg.teacher.path)
+        self.cls_id, self.sep_id, self.mask_id = tok.cls_token_id, tok.sep_token_id, tok.mask_token_id
+        self.vocab_size, self.special = len(tok), set(tok.all_special_ids)
+
+    def process(self, keyed):
+        _, items = keyed
+        m = self.cfg.masking
+        for row in pack_group(list(items), max_length=self.cfg.max_length, min_length=self.cfg.min_length,
+                              cls_id=self.cls_id, sep_id=self.sep_id):
+            starts = row.pop("word_starts")
+            if m.prob > 0:
+                masked, positions, labels = mask_row(
+                    row["input_ids"], starts, seed=self.cfg.seed, rid=row["id"], prob=m.prob, whole_word=m.whole_word,
+                    mask_fraction=m.mask_fraction, random_fraction=m.random_fraction, mask_id=self.mask_id,
+                    vocab_size=self.vocab_size, special_ids=self.special)
+                row.update(input_ids=masked, mlm_positions=positions, mlm_labels=labels)
+            yield row
+
+
+def task_row(item: TokenizedText, labels: list[str]) -> dict:
+    """One labelled example (original or augmented copy) as one row."""
+    return {"id": row_id(item.source_id, f"{item.copy_index}:{item.kind}", 0), "source_id": item.source_id,
+            "augmentation": item.kind, "input_ids": np.asarray(item.ids, dtype=np.int32),
+            "label": labels.index(item.label) if item.label is not None else None}
+
+
+class TeacherShard(beam.DoFn):
+    """Run the frozen teacher over one shard's rows (batched by length) and write the shard.
+
+    A shard that is already complete and verified is skipped before the teacher runs, which is
+    what makes a rerun after a kill cheap and exact.
+    """
+
+    def __init__(self, cfg: PipelineConfig, directory: str, schema_kwargs: dict):
+        self.cfg, self.directory, self.schema_kwargs = cfg, directory, schema_kwargs
+        self.sequences = Metrics.counter(NS, "sequences")
+        self.tokens = Metrics.counter(NS, "tokens")
+        self.skipped = Metrics.counter(NS, "shards_skipped")
+
+    def setup(self):
+        from kdlib.models import load_model, load_tokenizer
+
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        self.model = load_model(self.cfg.teacher)
+        self.pad_id = load_tokenizer(self.cfg.teacher.path).pad_token_id or 0
+        self.vocab_size = self.model.config.vocab_size
+
+    def process(self, keyed):
+        from kdlib.cache import complete_shard, row_schema, rows_to_table, shard_name, write_shard
+
+        shard, rows = keyed
+        name = shard_name(shard, self.cfg.num_shards)
+        done = complete_shard(self.directory, name)
+        if done is not None:
+            self.skipped.inc()
+            yield done.name
+            return
+        rows = sorted(rows, key=lambda r: (len(r["input_ids"]), r["id"]))
+        fidelity = {"positions": 0, "kept_mass": 0.0, "kl": 0.0}
+        quota = math.ceil(self.cfg.teacher_outputs.fidelity_positions / self.cfg.num_shards)
+        rng = np.random.default_rng(stable_hash(f"fidelity:{self.cfg.seed}:{name}"))
+        out_rows, t0 = [], time.time()
+        for start in range(0, len(rows), self.cfg.batch_size):
+            batch = rows[start:start + self.cfg.batch_size]
+            out_rows.extend(self._forward(batch, fidelity, rng, quota))
+        info = write_shard(self.directory, name, rows_to_table(out_rows, row_schema(**self.schema_kwargs)), fidelity)
+        self.sequences.inc(info.rows)
+        self.tokens.inc(info.tokens)
+        print(f"[data_pipeline] {name}: {info.rows} rows, {info.tokens} tokens, "
+              f"{info.tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s", flush=True)
+        yield info.name
+
+    def _forward(self, batch: list[dict], fidelity: dict, rng: np.random.Generator, quota: int) -> list[dict]:
+        from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, topk_fidelity
+
+        outputs = self.cfg.teacher_outputs
+        T = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, :len(r["input_ids"])] = torch.from_numpy(np.asarray(r["input_ids"], dtype=np.int64))
+            mask[i, :len(r["input_ids"])] = 1
+        raw = teacher_forward(self.model, ids, mask, outputs)
+        want = quota - fidelity["positions"]
+        if outputs.top_k and want > 0:
+            real = mask.flatten().nonzero().squeeze(-1).numpy()
+            pick = np.sort(rng.choice(real, size=min(want, len(real), max(1, quota // 4)), replace=False))
+            kept, kl = topk_fidelity(raw["logits"].reshape(-1, raw["logits"].shape[-1])[torch.from_numpy(pick)], outputs.top_k)
+            fidelity["positions"] += len(pick)
+            fidelity["kept_mass"] += float(kept.double().sum())
+            fidelity["kl"] += float(kl.double().sum())
+        values = rows_from_outputs(raw, ids, mask, outputs, self.vocab_size)
+        return [dict(r, **v) for r, v in zip(batch, values)]
