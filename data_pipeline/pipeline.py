@@ -35,6 +35,13 @@ from kdlib.readers import read_corpus, read_task
 from kdlib.schemas import check_against_teacher
 
 BUILD = "build.json"
+# Fields that change where or how fast a transfer set is built, never what it contains.
+NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads")
+
+
+def content_hash(cfg: PipelineConfig) -> str:
+    """Hash of the config fields that determine the rows (not the output path or thread count)."""
+    return config_hash({k: v for k, v in to_dict(cfg).items() if k not in NON_CONTENT_FIELDS})
 
 
 def preflight(cfg: PipelineConfig, source: str) -> dict:
@@ -54,7 +61,7 @@ def preflight(cfg: PipelineConfig, source: str) -> dict:
         next(iter(records))  # an empty corpus raises a ReaderError naming the file
     return {"folder": folder, "config": teacher_config, "labels": labels,
             "fingerprint": model_fingerprint(folder), "tokenizer_fingerprint": tokenizer_fingerprint(folder),
-            "config_hash": config_hash(cfg)}
+            "config_hash": content_hash(cfg)}
 
 
 def claim_directory(cfg: PipelineConfig, info: dict) -> Path:
@@ -158,7 +165,7 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
         cached={"top_k": o.top_k, "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
                 "pooled": o.pooled, "labels": info["labels"] or None, "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
                 "topk_id_dtype": str(id_dtype(c["vocab_size"])) if o.top_k else None},
-        dtypes={f.name: str(f.type) for f in schema}, max_length=cfg.max_length, shards=shards,
+        dtypes={f.name: f"{f.type.value_type}[]" if hasattr(f.type, "value_type") else str(f.type) for f in schema}, max_length=cfg.max_length, shards=shards,
         totals={"rows": rows, "tokens": tokens, "bytes": size,
                 "bytes_per_position": size / tokens if tokens else None, "seconds": round(seconds, 1)},
         fidelity=fidelity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

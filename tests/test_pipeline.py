@@ -1,0 +1,264 @@
+"""The Beam pipeline, run as a user runs it (`python -m data_pipeline`), with real multi-process workers.
+
+Values, not "it ran": cached top-k equals the teacher's own top-k on the stored ids, masking rates
+are within binomial tolerance, 1 and 2 workers give identical rows, a SIGKILL then rerun gives
+identical rows, and bad inputs are clear errors.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from kdlib.cache import TransferSet, read_manifest
+from kdlib.errors import CacheError
+from kdlib.fingerprints import model_fingerprint
+from kdlib.io import sha256_file
+from kdlib.models import ModelConfig, load_model
+from tests.tiny_models import make_tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_WORKERS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+
+
+def corpus_config(teacher: Path, out: Path, **over) -> dict:
+    cfg = {
+        "teacher": {"path": str(teacher), "task": "masked_lm"},
+        "output_dir": str(out),
+        "corpus": {"kind": "text", "path": "gensim:lee_background.cor", "text_mode": "line", "max_documents": 60},
+        "max_length": 64,
+        "augment": {"copies": 1, "mask_prob": 0.1, "pos_swap_prob": 0.1, "ngram_prob": 0.2, "seed": 3},
+        "masking": {"prob": 0.15},
+        "teacher_outputs": {"top_k": 8, "hidden_layers": [2], "pooled": "mean", "fidelity_positions": 256},
+        "num_shards": 3, "pack_groups": 4, "batch_size": 16, "torch_threads": 1,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def run_pipeline(tmp: Path, cfg: dict, beam_args=TWO_WORKERS, check=True, **popen) -> subprocess.CompletedProcess:
+    path = tmp / f"config-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline", "--config", str(path), *beam_args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def table(directory: Path):
+    m = read_manifest(directory)
+    return {s.name: pq.read_table(directory / s.file) for s in m.shards}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def teacher(work):
+    return make_tiny_bert(work / "teacher", task="masked_lm", layers=2, hidden=32, heads=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(work, teacher):
+    out = work / "reference"
+    run_pipeline(work, corpus_config(teacher, out))
+    return out
+
+
+def test_cached_topk_and_hidden_states_equal_the_teachers_own_outputs(reference, teacher):
+    ts = TransferSet(reference, teacher_fingerprint=model_fingerprint(teacher))
+    model = load_model(ModelConfig(path=str(teacher), task="masked_lm"))
+    checked = 0
+    for index in range(0, len(ts), max(1, len(ts) // 40)):
+        row = ts.row(index)
+        ids = torch.tensor(np.asarray(row["input_ids"], dtype=np.int64))[None]
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        logits = out.logits[0]
+        top = torch.topk(logits, 8, dim=-1)
+        stored_ids = torch.tensor(row["topk_ids"].astype(np.int64)).view(-1, 8)
+        stored_logits = torch.tensor(row["topk_logits"].astype(np.float32)).view(-1, 8)
+        assert torch.equal(stored_ids, top.indices)
+        assert torch.allclose(stored_logits, top.values, atol=2e-3, rtol=1e-3)  # fp16 storage
+        assert torch.allclose(torch.tensor(row["lse"]), torch.logsumexp(logits, -1), atol=1e-4)
+        hidden = torch.tensor(row["hidden_2"].astype(np.float32)).view(ids.shape[1], -1)
+        assert torch.allclose(hidden, out.hidden_states[2][0], atol=5e-3, rtol=1e-3)
+        assert torch.allclose(torch.tensor(row["pooled"]), out.hidden_states[-1][0].mean(0), atol=1e-5)
+        checked += 1
+    assert checked >= 20
+    assert row["topk_ids"].dtype == np.uint16  # the narrowest type that holds a 504-token vocabulary
+
+
+def test_manifest_records_fingerprints_counts_hashes_and_fidelity(reference, teacher):
+    m = read_manifest(reference)
+    assert m.teacher_fingerprint == model_fingerprint(teacher)
+    assert m.cached["top_k"] == 8 and m.cached["hidden_layers"] == [2] and m.cached["mlm"] is True
+    assert m.dtypes["topk_ids"] == "uint16[]" and m.dtypes["topk_logits"] == "halffloat[]" and m.dtypes["lse"] == "float[]"
+    assert m.max_length == 64 and len(m.shards) == 3
+    for shard in m.shards:
+        assert sha256_file(reference / shard.file) == shard.sha256
+        assert pq.read_metadata(reference / shard.file).num_rows == shard.rows
+    rows = sum(s.rows for s in m.shards)
+    assert m.totals["rows"] == rows > 500
+    tokens = sum(len(r) for t in table(reference).values() for r in t.column("input_ids").to_pylist())
+    assert m.totals["tokens"] == tokens
+    assert 0 < m.fidelity["mean_kept_mass"] < 1 and m.fidelity["mean_kl"] >= 0 and m.fidelity["positions"] > 100
+    augmentations = {a for t in table(reference).values() for a in t.column("augmentation").to_pylist()}
+    assert augmentations == {"original", "copy1"}
+    ids = [i for t in table(reference).values() for i in t.column("id").to_pylist()]
+    assert len(set(ids)) == len(ids)
+    for t in table(reference).values():
+        shard_ids = t.column("id").to_pylist()
+        assert shard_ids == sorted(shard_ids)  # rows sorted by id within a shard
+    assert (reference / "resolved_config.yaml").is_file() and not (reference / "build.json").exists()
+
+
+def test_mlm_masking_rates_are_within_binomial_tolerance(reference, teacher):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    selected = eligible = masked = kept = 0
+    for t in table(reference).values():
+        for ids, pos, labels in zip(t.column("input_ids").to_pylist(), t.column("mlm_positions").to_pylist(),
+                                    t.column("mlm_labels").to_pylist()):
+            ids = np.asarray(ids)
+            eligible += int((~np.isin(ids, tok.all_special_ids)).sum()) + int((ids[pos] == tok.mask_token_id).sum())
+            selected += len(pos)
+            masked += int((ids[pos] == tok.mask_token_id).sum())
+            kept += int((ids[pos] == np.asarray(labels)).sum())
+            assert not set(labels) & set(tok.all_special_ids)
+    rate = selected / eligible
+    sigma = np.sqrt(0.15 * 0.85 / eligible) * 3  # whole-word selection inflates variance ~3x per token
+    assert abs(rate - 0.15) < 4 * sigma, (rate, eligible)
+    assert abs(masked / selected - 0.8) < 4 * np.sqrt(0.8 * 0.2 / selected) * 2
+    assert abs(kept / selected - 0.1) < 4 * np.sqrt(0.1 * 0.9 / selected) * 2 + 0.01
+
+
+def test_one_worker_gives_the_same_rows_as_two(work, teacher, reference):
+    out = work / "one-worker"
+    run_pipeline(work, corpus_config(teacher, out), ["--direct_num_workers", "1", "--direct_running_mode", "in_memory"])
+    a, b = table(reference), table(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equals(b[name]), name
+
+
+def test_sigkill_mid_run_then_rerun_gives_identical_rows(work, teacher, reference):
+    out = work / "killed"
+    cfg = corpus_config(teacher, out)
+    path = work / "killed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline", "--config", str(path), *TWO_WORKERS], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+
+    def shards_done() -> int:
+        return len(list((out / "shards").glob("*.json"))) if (out / "shards").is_dir() else 0
+
+    while time.time() < deadline and proc.poll() is None and shards_done() == 0:
+        time.sleep(0.1)  # kill right after the first shard completes, while others are mid-flight
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the kill came too late to test an interrupted build"
+    with pytest.raises(CacheError, match="no manifest.json"):
+        TransferSet(out)
+    run_pipeline(work, cfg)
+    a, b = table(reference), table(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equals(b[name]), name
+
+
+def test_rerun_skips_complete_shards_and_rebuilds_a_missing_one(work, teacher, reference):
+    out = work / "resume"
+    shutil.copytree(reference, out)
+    cfg = corpus_config(teacher, out)
+    m = read_manifest(out)
+    (out / m.shards[1].file).unlink()
+    before = {s.name: (out / s.file).stat().st_mtime_ns for s in m.shards if s.name != m.shards[1].name}
+    run_pipeline(work, cfg)
+    after = read_manifest(out)
+    assert [s.sha256 for s in after.shards] == [s.sha256 for s in m.shards]
+    assert all((out / f"shards/{n}.parquet").stat().st_mtime_ns == t for n, t in before.items())
+
+
+def test_a_directory_built_by_another_teacher_is_refused_naming_both(work, teacher, reference):
+    other = make_tiny_bert(work / "other-teacher", task="masked_lm", layers=2, hidden=32, heads=4, seed=1)
+    out = work / "claimed"
+    out.mkdir()
+    shutil.copy2(reference / "manifest.json", out / "manifest.json")
+    proc = run_pipeline(work, corpus_config(other, out), check=False)
+    assert proc.returncode == 2
+    assert model_fingerprint(teacher) in proc.stderr and model_fingerprint(other) in proc.stderr
+    with pytest.raises(Exception, match=model_fingerprint(other)):
+        TransferSet(reference, teacher_fingerprint=model_fingerprint(other))
+
+
+def test_a_corrupted_shard_is_reported_by_name(work, reference):
+    copy = work / "corrupted"
+    shutil.copytree(reference, copy)
+    shard = read_manifest(copy).shards[2]
+    with open(copy / shard.file, "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CacheError, match=f"{shard.name}.parquet: shard is corrupted"):
+        TransferSet(copy)
+
+
+def test_empty_corpus_and_bad_configs_are_clear_errors(work, teacher):
+    empty = work / "empty.txt"
+    empty.write_text("\n\n")
+    cfg = corpus_config(teacher, work / "never", corpus={"kind": "text", "path": str(empty)})
+    proc = run_pipeline(work, cfg, check=False)
+    assert proc.returncode == 2 and "empty.txt" in proc.stderr and "empty" in proc.stderr
+    proc = run_pipeline(work, corpus_config(teacher, work / "never", teacher_outputs={"top_k": 9999}), check=False)
+    assert proc.returncode == 2 and "field 'teacher_outputs.top_k'" in proc.stderr and "504" in proc.stderr
+    proc = run_pipeline(work, corpus_config(teacher, work / "never", num_shardz=3), check=False)
+    assert proc.returncode == 2 and "field 'num_shardz': unknown field" in proc.stderr
+    assert not (work / "never").exists()
+
+
+def test_task_set_with_classifier_teacher_caches_dense_logits_and_labels(work):
+    clf = make_tiny_bert(work / "classifier", task="sequence_classification", layers=2, hidden=32, heads=4)
+    out = work / "task"
+    cfg = {
+        "teacher": {"path": str(clf), "task": "sequence_classification"},
+        "output_dir": str(out),
+        "task": {"kind": "fasttext", "path": "gensim:pang_lee_polarity.cor", "encoding": "cp1252"},
+        "max_length": 48,
+        "augment": {"copies": 2, "mask_prob": 0.1, "pos_swap_prob": 0.1, "ngram_prob": 0.25, "seed": 1},
+        "teacher_outputs": {"dense_logits": True},
+        "num_shards": 2, "batch_size": 16, "torch_threads": 1,
+    }
+    run_pipeline(work, cfg)
+    m = read_manifest(out)
+    assert m.cached["labels"] == ["neg", "pos"] and m.totals["rows"] == 200 * 3
+    model = load_model(ModelConfig(path=str(clf), task="sequence_classification"))
+    ts = TransferSet(out)
+    originals = 0
+    for i in range(len(ts)):
+        row = ts.row(i)
+        assert len(row["input_ids"]) <= 48 and row["label"] in (0, 1)
+        originals += row["augmentation"] == "original"
+        if i % 10 == 0:
+            ids = torch.tensor(np.asarray(row["input_ids"], dtype=np.int64))[None]
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            assert torch.allclose(torch.tensor(row["logits"]), logits, atol=1e-5)
+    assert originals == 200
+    assert json.loads((out / "manifest.json").read_text())["config"]["augment"]["copies"] == 2
