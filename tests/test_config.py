@@ -10,6 +10,7 @@ from kdlib.config import config_hash, from_dict, load_config, save_resolved
 from kdlib.errors import ConfigError
 from kdlib.objectives import ObjectiveConfig
 from kdlib.schemas import StudentConfig, TeacherOutputsConfig, check_against_teacher
+from data_pipeline.config import PipelineConfig
 from teacher.prepare_mlm import TeacherPrepConfig
 
 TEACHER_CONFIG = {"vocab_size": 30522, "num_hidden_layers": 6, "hidden_size": 384}
@@ -130,6 +131,8 @@ def test_hash_is_stable_and_resolved_config_is_saved(tmp_path):
 # Each shipped config and the class that reads it; a new file in configs/ must be added here.
 SHIPPED = {
     "demo_teacher.yaml": TeacherPrepConfig,
+    "demo_pipeline.yaml": PipelineConfig,
+    "example_task_pipeline.yaml": PipelineConfig,
 }
 
 
