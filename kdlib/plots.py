@@ -1,0 +1,38 @@
+"""Loss curves as PNG (matplotlib, Agg backend: no display needed on a cluster node)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def loss_curve(records: list[dict], keys: list[str], path: str | os.PathLike, title: str = "training loss") -> Path:
+    """One line per key over `step`, log-scaled when every value is positive; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    positive = True
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=key)
+            positive = positive and min(values) > 0
+    if positive and records:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,40 @@
+"""`python -m pretrain --config X.yaml [--set key=value ...]`, under `deepspeed`, `torchrun` or `srun`.
+
+Parse, validate (before any process group exists), train, exit: 0 done, 2 a user error (config,
+fingerprints, checkpoint mismatch), 75 preempted after a checkpoint (requeue to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdlib.cli import config_parser, parse_overrides
+    from kdlib.config import load_config
+    from kdlib.errors import KDError
+    from pretrain.config import PretrainConfig
+
+    parser = config_parser(__doc__)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # the deepspeed launcher passes it; we read LOCAL_RANK
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, PretrainConfig, parse_overrides(args.set))
+        from pretrain.validate import validate
+
+        setup = validate(cfg, args.config)
+        from pretrain.train import train
+
+        return train(cfg, setup)
+    except KDError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Held-out top-1 agreement with the teacher, and a logits probe for checking the export.
+
+Every rank evaluates the same held-out rows (under ZeRO-3 every rank must run each forward, since
+the parameters are gathered collectively); the rows are the last `eval_rows` of the transfer set,
+which the sampler never hands out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def batches(transfer_set, indices: list[int], size: int, pad_id: int, device):
+    for start in range(0, len(indices), size):
+        batch = transfer_set.collate(transfer_set.rows(indices[start:start + size]), pad_id=pad_id)
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def top1_agreement(student, transfer_set, indices: list[int], size: int, pad_id: int, device) -> float:
+    """Fraction of real positions where argmax of the student's logits equals the teacher's top-1 id."""
+    was_training = student.training
+    student.eval()
+    agree = total = 0
+    for batch in batches(transfer_set, indices, size, pad_id, device):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        real = batch["attention_mask"].bool()
+        agree += int(((logits.argmax(-1) == batch["topk_ids"][..., 0]) & real).sum())
+        total += int(real.sum())
+    student.train(was_training)
+    return agree / max(total, 1)
+
+
+@torch.no_grad()
+def probe_logits(student, transfer_set, indices: list[int], pad_id: int, device) -> dict:
+    """input_ids, attention_mask and the student's fp32 logits on a fixed held-out batch."""
+    was_training = student.training
+    student.eval()
+    batch = next(batches(transfer_set, indices, len(indices), pad_id, device))
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    student.train(was_training)
+    return {"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
+            "logits": logits.cpu().contiguous()}

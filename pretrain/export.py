@@ -1,0 +1,85 @@
+"""Export the trained student as a plain Hugging Face folder that loads with no project code.
+
+Weights come from the final checkpoint: for ZeRO 1-3 through DeepSpeed's own fp32 consolidation
+(zero_to_fp32), which gathers every rank's partition of the fp32 master weights; for ZeRO 0 from
+the module itself. Projection weights (training-only) are stripped; the tokenizer files are copied
+from the teacher folder; README.md is a model card naming the teacher, the transfer set, the
+objectives and the steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from kdlib.config import to_dict
+from kdlib.engine import consolidated_fp32_state_dict
+from kdlib.fingerprints import TOKENIZER_FILES
+from pretrain.student import student_config
+
+STUDENT_PREFIX = "student."
+
+
+def student_state_dict(full: dict) -> dict:
+    """Keys of the student (prefix removed); projections and anything else dropped."""
+    return {k[len(STUDENT_PREFIX):]: v.float().contiguous() for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
+
+
+def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | None, folder: Path, step: int) -> Path:
+    """Write config.json, model.safetensors, tokenizer files and README.md into `folder` (rank 0 only)."""
+    from transformers import AutoModelForMaskedLM
+
+    full = module_state if module_state is not None else consolidated_fp32_state_dict(checkpoint_folder)
+    state = student_state_dict(full)
+    model = AutoModelForMaskedLM.from_config(student_config(setup.teacher_config, cfg.student))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"export: weights do not fit the student (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (setup.teacher_folder / name).is_file():
+            shutil.copy2(setup.teacher_folder / name, tmp / name)
+    (tmp / "README.md").write_text(model_card(cfg, setup, step, model))
+    tmp.rename(folder)
+    return folder
+
+
+def model_card(cfg, setup, step: int, model: torch.nn.Module) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    objectives = "\n".join(f"| `{o.name}` | {o.weight} | `{json.dumps(o.params)}` |" for o in cfg.objectives)
+    return f"""# Distilled student ({model.config.model_type}, {cfg.student.num_layers} layers, {params:,} parameters)
+
+General-distillation student trained by `python -m pretrain` (knowledge distillation from a cached
+transfer set{' plus an online teacher' if cfg.online_teacher else ''}).
+
+| | |
+|---|---|
+| teacher | `{cfg.teacher.path}` |
+| teacher fingerprint (sha256 of weights + config.json) | `{setup.teacher_fingerprint}` |
+| tokenizer fingerprint | `{setup.tokenizer_fingerprint}` |
+| transfer set | `{cfg.transfer_set}` |
+| transfer-set manifest sha256 | `{setup.manifest_sha256}` |
+| optimizer steps | {step} |
+| global batch (sequences) | {cfg.global_batch_per_rank * setup.place.world_size} |
+| initialisation | {cfg.student.init} |
+| config hash | `{cfg.math_hash()}` |
+
+## Objectives
+
+| loss | weight | params |
+|---|---|---|
+{objectives}
+
+Layer map: `{json.dumps(to_dict(cfg.layer_map))}`
+
+Load with `transformers.AutoModelForMaskedLM.from_pretrained(folder)` (or `AutoModel` for the encoder).
+"""

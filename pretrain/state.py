@@ -1,0 +1,73 @@
+"""Our part of a checkpoint, as JSON side files (never pickles): trainer state and per-rank RNG states.
+
+`trainer_state.json` (rank 0): step, sampler state, config hash and the resolved config.
+`rng-rank-<r>.json` (each rank): torch (CPU and CUDA), numpy and python RNG states, so dropout
+after a resume draws exactly the masks the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdlib.config import to_dict
+from kdlib.errors import FingerprintMismatch, KDError
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank-{rank:05d}.json"
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def rng_state_json() -> str:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()),
+             "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+             "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "python": [version, list(py_state), py_gauss]}
+    return json.dumps(state)
+
+
+def restore_rng_state(text: str) -> None:
+    state = json.loads(text)
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def trainer_state_json(step: int, sampler_state: dict, config, math_hash: str, tokens_seen: int) -> str:
+    return json.dumps({"step": step, "sampler": sampler_state, "config_hash": math_hash, "tokens_seen": tokens_seen,
+                       "config": to_dict(config)}, indent=1)
+
+
+def read_trainer_state(folder: Path, math_hash: str) -> dict:
+    """The saved trainer state; refuses a checkpoint written under a config that computes differently."""
+    path = folder / TRAINER_STATE
+    if not path.is_file():
+        raise KDError(f"{folder}: no {TRAINER_STATE}; not a checkpoint written by pretrain")
+    state = json.loads(path.read_text())
+    if state["config_hash"] != math_hash:
+        raise FingerprintMismatch(
+            f"{folder}: the checkpoint was written under config hash {state['config_hash']} but this config "
+            f"hashes to {math_hash}; only output_dir/steps/checkpoint_every/keep_checkpoints/log_every/eval_every/"
+            f"progress_bar/threads/resume may change on resume (use a new output_dir to start over)")
+    return state

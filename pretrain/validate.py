@@ -1,0 +1,95 @@
+"""Everything that can be checked before a process group starts: teacher, student shape, layer map,
+transfer-set fingerprints and contents, batch shape against the data, the DeepSpeed JSON.
+
+Each rank runs this before `init_distributed`, so a bad config stops every process with one
+ConfigError line (exit status 2) instead of a hung rendezvous or a traceback per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdlib.cache import MANIFEST, TransferSet
+from kdlib.engine import DistEnv, deepspeed_config, dist_env
+from kdlib.errors import ConfigError
+from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.io import sha256_file
+from kdlib.models import check_model_folder, resolve_model_path
+from kdlib.schemas import check_against_teacher
+from pretrain.config import ATTENTION_LOSSES, PretrainConfig
+
+SAME_HEADS = ("attention_mse", "attention_kl", "value_relation_kl")  # compare maps head by head
+
+
+@dataclass
+class Setup:
+    """What validation found out, handed to the trainer."""
+
+    source: str  # the config file, for messages
+    teacher_folder: Path
+    teacher_config: object  # transformers PretrainedConfig of the teacher
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    transfer_set: TransferSet
+    manifest_sha256: str  # sha256 of manifest.json, named in the model card
+    pairs: list[tuple[int, int]]  # layer map (teacher layer, student layer); empty without intermediate losses
+    ds_config: dict
+    place: DistEnv
+
+
+def _fail(source: str, field: str, message: str) -> None:
+    raise ConfigError(f"{source}: field '{field}': {message}")
+
+
+def validate(cfg: PretrainConfig, source: str) -> Setup:
+    """All pre-flight checks; errors are ConfigError / FingerprintMismatch / CacheError naming what is wrong."""
+    from transformers import AutoConfig
+
+    folder = resolve_model_path(cfg.teacher.path)
+    teacher_dict = check_model_folder(folder)
+    check_against_teacher(source, teacher_dict, student=cfg.student)
+    teacher_config = AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                trust_remote_code=cfg.teacher.trust_remote_code)
+    names = {o.name for o in cfg.objectives}
+    teacher_heads = teacher_config.num_attention_heads
+    student_heads = cfg.student.num_attention_heads or teacher_heads
+    student_width = cfg.student.hidden_size or teacher_config.hidden_size
+    if student_width % student_heads:
+        _fail(source, "student.num_attention_heads", f"expected a divisor of the student width {student_width}, "
+              f"got {student_heads}")
+    for name in sorted(names & set(SAME_HEADS)):
+        if student_heads != teacher_heads:
+            _fail(source, "student.num_attention_heads", f"{name} compares attention heads one to one, so the "
+                  f"student needs the teacher's {teacher_heads} heads, got {student_heads}")
+    pairs: list[tuple[int, int]] = []
+    if cfg.layer_map is not None:
+        try:
+            pairs = cfg.layer_map.build(teacher_config.num_hidden_layers, cfg.student.num_layers)
+        except ValueError as err:
+            _fail(source, "layer_map", str(err))
+        if names & set(ATTENTION_LOSSES) and not any(t > 0 and s > 0 for t, s in pairs):
+            _fail(source, "layer_map", f"attention losses need a pair of transformer layers (>= 1), got {pairs}")
+
+    teacher_fp, tokenizer_fp = model_fingerprint(folder), tokenizer_fingerprint(folder)
+    transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tokenizer_fp)
+    manifest = transfer.manifest
+    vocab = manifest.teacher.get("vocab_size")
+    if vocab is not None and vocab != teacher_config.vocab_size:
+        _fail(source, "transfer_set", f"{cfg.transfer_set} was made with vocabulary size {vocab}, the teacher has "
+              f"{teacher_config.vocab_size}")
+    if "kd_topk" in names and not transfer.top_k:
+        _fail(source, "objectives", f"kd_topk needs cached top-k logits, but {cfg.transfer_set} has top_k=0")
+    columns = set(transfer.row(0))
+    if "mlm_ce" in names and "mlm_positions" not in columns:
+        _fail(source, "objectives", f"mlm_ce needs masked positions, but {cfg.transfer_set} has no mlm_positions column")
+    place = dist_env()
+    train_rows = len(transfer) - cfg.eval_rows
+    global_batch = cfg.global_batch_per_rank * place.world_size
+    if train_rows < global_batch:
+        _fail(source, "eval_rows", f"{len(transfer)} rows minus {cfg.eval_rows} held out leaves {train_rows}, "
+              f"fewer than one global batch of {global_batch} (micro_batch x grad_accum x {place.world_size} ranks)")
+    ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=source)
+    return Setup(source=source, teacher_folder=folder, teacher_config=teacher_config, teacher_fingerprint=teacher_fp,
+                 tokenizer_fingerprint=tokenizer_fp, transfer_set=transfer,
+                 manifest_sha256=sha256_file(Path(cfg.transfer_set) / MANIFEST), pairs=pairs, ds_config=ds, place=place)
