@@ -40,7 +40,8 @@ from kdlib.losses.registry import register_loss
 MISSING_MASS_MODES = ("renormalize", "rest_bucket")
 
 
-def _prepare(student_logits, topk_ids, topk_logits, teacher_lse, mask):
+def _check_shapes(student_logits, topk_ids, topk_logits, teacher_lse):
+    """(V, k, leading shape) after checking the four tensors belong together."""
     V, k = student_logits.shape[-1], topk_ids.shape[-1]
     lead = student_logits.shape[:-1]
     if topk_ids.shape[:-1] != lead or topk_logits.shape != topk_ids.shape or teacher_lse.shape != lead:
@@ -49,6 +50,11 @@ def _prepare(student_logits, topk_ids, topk_logits, teacher_lse, mask):
                          f"{tuple(teacher_lse.shape)}")
     if k > V:
         raise ValueError(f"topk_ids: expected k <= V={V}, got k={k}")
+    return V, k, lead
+
+
+def _prepare(student_logits, topk_ids, topk_logits, teacher_lse, mask):
+    V, k, lead = _check_shapes(student_logits, topk_ids, topk_logits, teacher_lse)
     valid = valid_mask(mask, lead, student_logits.device)
     ids = torch.where(valid.unsqueeze(-1), topk_ids.long(),
                       torch.arange(k, device=topk_ids.device).expand_as(topk_ids))
@@ -68,9 +74,22 @@ def _teacher_log_rest(z: Tensor, lse: Tensor, n: int) -> Tensor:
     return torch.log(-torch.expm1(log_in))
 
 
-def _student_log_rest(log_q: Tensor, ids: Tensor) -> Tensor:
-    """log r_s = logsumexp of log q over ids outside K, exact (no 1 - sum cancellation); needs n >= 1."""
-    return torch.logsumexp(log_q.scatter(-1, ids, -math.inf), dim=-1)
+def _student_log_rest(log_q: Tensor, ids: Tensor, log_q_k: Tensor | None = None) -> Tensor:
+    """log r_s = log of the student's probability outside K; needs n >= 1.
+
+    Cheap path: r_s = 1 - sum_K q_i from the k gathered values (no pass over V). Where that sum is
+    close to 1 the subtraction loses precision, so those rows (r_s < 1e-2) take the exact path, a
+    log-sum-exp over the other V - k ids.
+    """
+    if log_q_k is None:
+        log_q_k = log_q.gather(-1, ids)
+    log_in = torch.logsumexp(log_q_k, dim=-1).clamp(max=0.0)
+    close = log_in > math.log1p(-1e-2)
+    cheap = torch.log(-torch.expm1(torch.where(close, torch.full_like(log_in, -1.0), log_in)))
+    if not bool(close.any()):
+        return cheap
+    exact = torch.logsumexp(log_q[close].scatter(-1, ids[close], -math.inf), dim=-1)
+    return cheap.masked_scatter(close, exact)
 
 
 def _xlog_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -84,7 +103,7 @@ def topk_kd_per_position(s: Tensor, ids: Tensor, z: Tensor, lse: Tensor, n: int,
                          missing_mass: str) -> Tensor:
     """Per-position T^2 * KL of the module docstring (inputs already sanitised)."""
     tau = float(temperature)
-    log_q = F.log_softmax(s / tau, dim=-1)
+    log_q = F.log_softmax(s / tau if tau != 1.0 else s, dim=-1)  # one pass over V; no copy at T = 1
     log_q_k = log_q.gather(-1, ids)
     if missing_mass == "renormalize":
         log_p_k = F.log_softmax(z / tau, dim=-1)
@@ -101,7 +120,7 @@ def topk_kd_per_position(s: Tensor, ids: Tensor, z: Tensor, lse: Tensor, n: int,
     per = (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1)
     if n > 0:
         log_p_rest = log_rest_t - lse_t
-        per = per + _xlog_ratio(log_p_rest.exp(), log_p_rest, _student_log_rest(log_q, ids))
+        per = per + _xlog_ratio(log_p_rest.exp(), log_p_rest, _student_log_rest(log_q, ids, log_q_k))
     return per * tau ** 2
 
 
@@ -115,8 +134,17 @@ def kd_topk(student_logits: Tensor, topk_ids: Tensor, topk_logits: Tensor, teach
     Shapes: student_logits (B,T,V); topk_ids, topk_logits (B,T,k); teacher_lse (B,T) at T=1; mask (B,T).
     """
     check_temperature(temperature)
-    s, ids, z, lse, valid, n = _prepare(student_logits, topk_ids, topk_logits, teacher_lse, mask)
-    return masked_mean(topk_kd_per_position(s, ids, z, lse, n, temperature, missing_mass), valid)
+    V, k, lead = _check_shapes(student_logits, topk_ids, topk_logits, teacher_lse)
+    valid = valid_mask(mask, lead, student_logits.device)
+    # Index the real positions first: padding never enters any arithmetic, and no (B,T,V) copy is made
+    # beyond the (N,V) selection itself.
+    s, ids = student_logits[valid], topk_ids[valid].long()
+    z, lse = topk_logits.detach()[valid], teacher_lse.detach()[valid]
+    if s.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    if bool(((ids < 0) | (ids >= V)).any()):
+        raise ValueError(f"topk_ids: expected ids in [0, {V}) at real positions")
+    return topk_kd_per_position(s, ids, z, lse, V - k, temperature, missing_mass).mean()
 
 
 @torch.no_grad()
