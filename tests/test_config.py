@@ -11,6 +11,7 @@ from kdlib.errors import ConfigError
 from kdlib.objectives import ObjectiveConfig
 from kdlib.schemas import StudentConfig, TeacherOutputsConfig, check_against_teacher
 from data_pipeline.config import PipelineConfig
+from pretrain.config import PretrainConfig
 from teacher.prepare_mlm import TeacherPrepConfig
 
 TEACHER_CONFIG = {"vocab_size": 30522, "num_hidden_layers": 6, "hidden_size": 384}
@@ -133,6 +134,9 @@ SHIPPED = {
     "demo_teacher.yaml": TeacherPrepConfig,
     "demo_pipeline.yaml": PipelineConfig,
     "example_task_pipeline.yaml": PipelineConfig,
+    "pretrain_demo.yaml": PretrainConfig,
+    "pretrain_online_minilm.yaml": PretrainConfig,
+    "pretrain_zero3_bf16.yaml": PretrainConfig,
 }
 
 
