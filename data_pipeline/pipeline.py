@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.packing import shard_of, stable_hash
-from data_pipeline.transforms import (AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
+from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
                                       build_vocabulary, pos_pairs, task_row)
 from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, remove_partial_files,
                          row_schema, write_manifest)
@@ -136,10 +136,23 @@ def watch_progress(out: Path, total_shards: int, stop: threading.Event) -> None:
             if len(done) == seen:
                 continue
             seen = len(done)
-            tokens = sum(json.loads(p.read_text()).get("tokens", 0) for p in done)
+            infos = [json.loads(p.read_text()) for p in done]
+            tokens = sum(i.get("tokens", 0) for i in infos)
             bar.n = len(done)
-            bar.set_postfix(tokens=f"{tokens:,}", tok_s=f"{tokens / (time.time() - t0):,.0f}")
+            bar.set_postfix(sequences=f"{sum(i.get('rows', 0) for i in infos):,}", tokens=f"{tokens:,}",
+                            tok_s=f"{tokens / (time.time() - t0):,.0f}")
             bar.refresh()
+
+
+def beam_counters(result) -> dict:
+    """The pipeline's own counters (documents read, augmented copies, sequences, tokens, shards skipped)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NS))["counters"]
+    except (NotImplementedError, KeyError, AttributeError):  # a runner without metrics support
+        return {}
+    return {c.key.metric.name: c.committed or c.attempted or 0 for c in counters}
 
 
 def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float) -> Manifest:
@@ -185,11 +198,14 @@ def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> 
     t0 = time.time()
     watcher.start()
     try:
-        with beam.Pipeline(options=options) as p:
-            build_pipeline(p, cfg, out, info)
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, cfg, out, info)
+        result = p.run()
+        result.wait_until_finish()
     finally:
         stop.set()
         watcher.join()
+    print("[data_pipeline] " + ", ".join(f"{name} {value:,}" for name, value in beam_counters(result).items()))
     manifest = collect_manifest(cfg, out, info, time.time() - t0)
     write_manifest(out, manifest)
     (out / BUILD).unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Task-specific distillation from a fine-tuned teacher into a general student (next issue)."""

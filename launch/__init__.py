@@ -1,0 +1,1 @@
+"""SLURM (sbatch/srun, preemption -> checkpoint -> requeue) and local launchers (next issue)."""
