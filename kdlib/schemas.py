@@ -60,8 +60,7 @@ class StudentConfig:
                              f"({self.num_layers}), got {len(self.init_layers)}")
         if self.init != "explicit" and self.init_layers:
             raise ValueError(f"init_layers: only used with init=explicit, got init={self.init!r}")
-        if self.init != "random" and self.hidden_size is not None:
-            pass  # width is checked against the teacher in check_against_teacher
+        # Whether a width fits init from teacher layers needs the teacher: see check_against_teacher.
 
 
 def init_layer_map(student: StudentConfig, teacher_layers: int) -> list[int]:
