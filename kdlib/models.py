@@ -152,6 +152,17 @@ def load_tokenizer(ref: str, model_config: dict | None = None):
     return tokenizer
 
 
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """Copy every tokenizer file `source` has (the set the tokenizer fingerprint covers) into `target`."""
+    import shutil
+
+    from kdlib.fingerprints import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
 def check_tokenizer_matches(tokenizer, model_config: dict, where: Path | str) -> None:
     """A tokenizer whose ids exceed the embedding table would index out of range: refuse it."""
     vocab_size = model_config.get("vocab_size")

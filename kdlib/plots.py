@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kdlib.io import atomic_target
+
 
 def loss_curve(records: list[dict], keys: list[str], path: str | os.PathLike, title: str = "training loss") -> Path:
     """One line per key over `step`, log-scaled when every value is positive; written atomically."""
@@ -31,8 +33,7 @@ def loss_curve(records: list[dict], keys: list[str], path: str | os.PathLike, ti
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -10,14 +10,14 @@ objectives and the steps.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from kdlib.config import to_dict
 from kdlib.engine import consolidated_fp32_state_dict
-from kdlib.fingerprints import TOKENIZER_FILES
+from kdlib.io import atomic_directory
+from kdlib.models import copy_tokenizer_files
 from pretrain.student import student_config
 
 STUDENT_PREFIX = "student."
@@ -40,16 +40,10 @@ def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | Non
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"export: weights do not fit the student (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (setup.teacher_folder / name).is_file():
-            shutil.copy2(setup.teacher_folder / name, tmp / name)
-    (tmp / "README.md").write_text(model_card(cfg, setup, step, model))
-    tmp.rename(folder)
+    with atomic_directory(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer_files(setup.teacher_folder, tmp)
+        (tmp / "README.md").write_text(model_card(cfg, setup, step, model))
     return folder
 
 

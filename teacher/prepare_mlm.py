@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,11 @@ from tqdm import tqdm
 
 from kdlib.config import config_hash, save_resolved, to_dict
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.io import atomic_write_text
-from kdlib.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+from kdlib.io import atomic_directory, atomic_write_text
+from kdlib.models import ModelConfig, copy_tokenizer_files, load_model, load_tokenizer, resolve_model_path
 from kdlib.readers import CorpusConfig, read_corpus
 from kdlib.readers.normalize import normalize_text
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 @dataclass
@@ -199,23 +197,15 @@ def prepare_teacher(cfg: TeacherPrepConfig) -> dict:
 
 
 def save_teacher(model, source: Path, out: Path, cfg: TeacherPrepConfig, report: dict) -> None:
-    """Write the folder next to a temporary name, then rename: a killed run leaves no half folder."""
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """Write the folder under a temporary name, then rename: a killed run leaves no half folder."""
     model.config.architectures = ["BertForMaskedLM"]
-    model.save_pretrained(tmp, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
-    report = dict(report, teacher_fingerprint=model_fingerprint(tmp), tokenizer_fingerprint=tokenizer_fingerprint(tmp))
-    atomic_write_text(tmp / "teacher_report.json", json.dumps(report, indent=2))
-    save_resolved(cfg, tmp)
-    atomic_write_text(tmp / "README.md", _model_card(cfg, report))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer_files(source, tmp)
+        report = dict(report, teacher_fingerprint=model_fingerprint(tmp), tokenizer_fingerprint=tokenizer_fingerprint(tmp))
+        atomic_write_text(tmp / "teacher_report.json", json.dumps(report, indent=2))
+        save_resolved(cfg, tmp)
+        atomic_write_text(tmp / "README.md", _model_card(cfg, report))
     print(f"saved masked-LM teacher to {out} (fingerprint {report['teacher_fingerprint'][:12]})")
 
 

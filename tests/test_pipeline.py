@@ -61,6 +61,14 @@ def table(directory: Path):
     return {s.name: pq.read_table(directory / s.file) for s in m.shards}
 
 
+def assert_same_shards(expected: Path, actual: Path) -> None:
+    """Same shard names, and every shard's rows and values identical."""
+    a, b = table(expected), table(actual)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equals(b[name]), name
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("pipeline")
@@ -150,10 +158,7 @@ def test_mlm_masking_rates_are_within_binomial_tolerance(reference, teacher):
 def test_one_worker_gives_the_same_rows_as_two(work, teacher, reference):
     out = work / "one-worker"
     run_pipeline(work, corpus_config(teacher, out), ["--direct_num_workers", "1", "--direct_running_mode", "in_memory"])
-    a, b = table(reference), table(out)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].equals(b[name]), name
+    assert_same_shards(reference, out)
 
 
 def test_sigkill_mid_run_then_rerun_gives_identical_rows(work, teacher, reference):
@@ -176,10 +181,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_rows(work, teacher, referenc
     with pytest.raises(CacheError, match="no manifest.json"):
         TransferSet(out)
     run_pipeline(work, cfg)
-    a, b = table(reference), table(out)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].equals(b[name]), name
+    assert_same_shards(reference, out)
 
 
 def test_rerun_skips_complete_shards_and_rebuilds_a_missing_one(work, teacher, reference):
