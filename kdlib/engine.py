@@ -230,6 +230,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum(tensor) -> None:
+    """In-place sum over ranks (a no-op in a single process without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+
+
 def initialize(module, ds_config: dict, optim: OptimConfig):
     """deepspeed.initialize with our optimizer choice; returns the engine (optimizer and scheduler inside)."""
     import deepspeed

@@ -36,7 +36,7 @@ class ObjectiveConfig:
     name: str  # registered loss name (see kdlib.losses.known_losses())
     weight: float = 1.0  # multiplier on this loss in the total
     params: dict[str, Any] = field(default_factory=dict)  # keyword options passed to the loss (e.g. temperature)
-    weight_schedule: Optional[ScheduleConfig] = None  # if set, replaces weight by weight_schedule.value(step, total)
+    weight_schedule: Optional[ScheduleConfig] = None  # if set, the weight at a step is weight * weight_schedule.value(step, total)
     temperature_schedule: Optional[ScheduleConfig] = None  # if set, overrides params["temperature"] per step
 
     def __post_init__(self) -> None:
@@ -75,10 +75,16 @@ class ObjectiveConfig:
                                  f"{self.temperature_schedule.range()}")
 
     def weight_at(self, step: int, total_steps: int) -> float:
-        """Loss weight at ``step`` (the schedule if given, else the constant weight)."""
+        """Loss weight at ``step``: ``weight``, times the schedule's value when one is given (they multiply,
+        so ``weight: 0.5`` with a 1 -> 0 schedule goes 0.5 -> 0; neither is ever ignored)."""
         if self.weight_schedule is None:
             return self.weight
-        return self.weight_schedule.value(step, total_steps)
+        return self.weight * self.weight_schedule.value(step, total_steps)
+
+    def reads_total_steps(self) -> bool:
+        """True when this term's value depends on the run's length (a schedule, or a loss taking total_steps)."""
+        return (self.weight_schedule is not None or self.temperature_schedule is not None
+                or "total_steps" in get_spec(self.name).inputs())
 
     def params_at(self, step: int, total_steps: int) -> dict[str, Any]:
         """Loss options at ``step`` (temperature taken from temperature_schedule if given)."""

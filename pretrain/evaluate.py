@@ -2,7 +2,7 @@
 
 Every rank evaluates the same held-out rows (under ZeRO-3 every rank must run each forward, since
 the parameters are gathered collectively); the rows are the last `eval_rows` of the transfer set,
-which the sampler never hands out.
+which the sampler never hands out. `load(indices)` is the stage's batch loader (collated CPU tensors).
 """
 
 from __future__ import annotations
@@ -10,19 +10,19 @@ from __future__ import annotations
 import torch
 
 
-def batches(transfer_set, indices: list[int], size: int, pad_id: int, device):
+def batches(load, indices: list[int], size: int, device):
     for start in range(0, len(indices), size):
-        batch = transfer_set.collate(transfer_set.rows(indices[start:start + size]), pad_id=pad_id)
+        batch = load(indices[start:start + size])
         yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
-def top1_agreement(student, transfer_set, indices: list[int], size: int, pad_id: int, device) -> float:
+def top1_agreement(student, load, indices: list[int], size: int, device) -> float:
     """Fraction of real positions where argmax of the student's logits equals the teacher's top-1 id."""
     was_training = student.training
     student.eval()
     agree = total = 0
-    for batch in batches(transfer_set, indices, size, pad_id, device):
+    for batch in batches(load, indices, size, device):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         real = batch["attention_mask"].bool()
         agree += int(((logits.argmax(-1) == batch["topk_ids"][..., 0]) & real).sum())
@@ -32,11 +32,11 @@ def top1_agreement(student, transfer_set, indices: list[int], size: int, pad_id:
 
 
 @torch.no_grad()
-def probe_logits(student, transfer_set, indices: list[int], pad_id: int, device) -> dict:
+def probe_logits(student, load, indices: list[int], device) -> dict:
     """input_ids, attention_mask and the student's fp32 logits on a fixed held-out batch."""
     was_training = student.training
     student.eval()
-    batch = next(batches(transfer_set, indices, len(indices), pad_id, device))
+    batch = next(batches(load, indices, len(indices), device))
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     student.train(was_training)
     return {"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),

@@ -18,14 +18,8 @@ from kdlib.config import to_dict
 from kdlib.engine import consolidated_fp32_state_dict
 from kdlib.io import atomic_directory
 from kdlib.models import copy_tokenizer_files
+from kdlib.training.export import student_state_dict
 from pretrain.student import student_config
-
-STUDENT_PREFIX = "student."
-
-
-def student_state_dict(full: dict) -> dict:
-    """Keys of the student (prefix removed); projections and anything else dropped."""
-    return {k[len(STUDENT_PREFIX):]: v.float().contiguous() for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
 
 
 def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | None, folder: Path, step: int) -> Path:

@@ -60,13 +60,3 @@ def copy_teacher_layers(student: nn.Module, teacher: nn.Module, teacher_layers: 
             if key not in source or source[key].shape != tensor.shape:
                 raise ValueError(f"cannot initialise student weight {name} from teacher weight {key}")
             tensor.copy_(source[key])
-
-
-def make_projections(student_width: int, teacher_width: int, names: list[str], seed: int) -> nn.ModuleDict:
-    """Learned student->teacher width projections (TinyBERT's W_h, W_e), one per name; empty when widths match."""
-    from kdlib.losses import make_projection
-
-    if student_width == teacher_width or not names:
-        return nn.ModuleDict()
-    torch.manual_seed(seed + 1)
-    return nn.ModuleDict({name: make_projection(student_width, teacher_width) for name in names})

@@ -1,5 +1,6 @@
 """Everything that can be checked before a process group starts: teacher, student shape, layer map,
-transfer-set fingerprints and contents, batch shape against the data, the DeepSpeed JSON.
+transfer-set fingerprints and contents, every objective's inputs (kdlib.training.inputs), batch shape
+against the data, the DeepSpeed JSON.
 
 Each rank runs this before `init_distributed`, so a bad config stops every process with one
 ConfigError line (exit status 2) instead of a hung rendezvous or a traceback per rank.
@@ -17,7 +18,9 @@ from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import sha256_file
 from kdlib.models import check_model_folder, resolve_model_path
 from kdlib.schemas import check_against_teacher
-from pretrain.config import ATTENTION_LOSSES, PretrainConfig
+from kdlib.training.inputs import Offer
+from kdlib.training.module import plan_objectives
+from pretrain.config import PretrainConfig
 
 SAME_HEADS = ("attention_mse", "attention_kl", "value_relation_kl")  # compare maps head by head
 
@@ -34,6 +37,7 @@ class Setup:
     transfer_set: TransferSet
     manifest_sha256: str  # sha256 of manifest.json, named in the model card
     pairs: list[tuple[int, int]]  # layer map (teacher layer, student layer); empty without intermediate losses
+    offer: Offer  # what the objectives can read (checked: every objective gets its inputs)
     ds_config: dict
     place: DistEnv
 
@@ -63,26 +67,30 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
             _fail(source, "student.num_attention_heads", f"{name} compares attention heads one to one, so the "
                   f"student needs the teacher's {teacher_heads} heads, got {student_heads}")
     pairs: list[tuple[int, int]] = []
-    if cfg.layer_map is not None:
+    if cfg.layer_map is not None and cfg.layer_map.name != "emd":
         try:
             pairs = cfg.layer_map.build(teacher_config.num_hidden_layers, cfg.student.num_layers)
         except ValueError as err:
             _fail(source, "layer_map", str(err))
-        if names & set(ATTENTION_LOSSES) and not any(t > 0 and s > 0 for t, s in pairs):
-            _fail(source, "layer_map", f"attention losses need a pair of transformer layers (>= 1), got {pairs}")
 
     teacher_fp, tokenizer_fp = model_fingerprint(folder), tokenizer_fingerprint(folder)
-    transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tokenizer_fp)
+    # shard hashes are checked lazily, each the first time a process reads it: start-up reads no shard
+    transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tokenizer_fp,
+                           verify="lazy")
     manifest = transfer.manifest
     vocab = manifest.teacher.get("vocab_size")
     if vocab is not None and vocab != teacher_config.vocab_size:
         _fail(source, "transfer_set", f"{cfg.transfer_set} was made with vocabulary size {vocab}, the teacher has "
               f"{teacher_config.vocab_size}")
-    if "kd_topk" in names and not transfer.top_k:
-        _fail(source, "objectives", f"kd_topk needs cached top-k logits, but {cfg.transfer_set} has top_k=0")
-    columns = set(transfer.row(0))
-    if "mlm_ce" in names and "mlm_positions" not in columns:
-        _fail(source, "objectives", f"mlm_ce needs masked positions, but {cfg.transfer_set} has no mlm_positions column")
+    offer = Offer(online_teacher=cfg.online_teacher, cached=frozenset(cached_batch_keys(manifest)), pairs=tuple(pairs),
+                  emd=cfg.layer_map is not None and cfg.layer_map.name == "emd",
+                  teacher_layers=teacher_config.num_hidden_layers, student_layers=cfg.student.num_layers, peer=True,
+                  pooling=manifest.cached.get("pooled") or "mean")
+    try:
+        plan_objectives(cfg.objectives, offer)
+    except ValueError as err:
+        field, _, message = str(err).partition(": ")
+        _fail(source, field, message)
     place = dist_env()
     train_rows = len(transfer) - cfg.eval_rows
     global_batch = cfg.global_batch_per_rank * place.world_size
@@ -92,4 +100,23 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=source)
     return Setup(source=source, teacher_folder=folder, teacher_config=teacher_config, teacher_fingerprint=teacher_fp,
                  tokenizer_fingerprint=tokenizer_fp, transfer_set=transfer,
-                 manifest_sha256=sha256_file(Path(cfg.transfer_set) / MANIFEST), pairs=pairs, ds_config=ds, place=place)
+                 manifest_sha256=sha256_file(Path(cfg.transfer_set) / MANIFEST), pairs=pairs, offer=offer, ds_config=ds,
+                 place=place)
+
+
+def cached_batch_keys(manifest) -> list[str]:
+    """The batch keys `TransferSet.collate` fills for this transfer set (what cached providers can read)."""
+    cached = manifest.cached
+    keys = []
+    if cached.get("top_k"):
+        keys += ["topk_ids", "topk_logits", "teacher_lse"]
+    if cached.get("dense_logits"):
+        keys.append("teacher_logits")
+    keys += [f"teacher_hidden_{layer}" for layer in cached.get("hidden_layers") or []]
+    if cached.get("pooled"):
+        keys.append("teacher_pooled")
+    if cached.get("mlm"):
+        keys.append("mlm_labels")
+    if cached.get("labels"):
+        keys.append("labels")
+    return keys

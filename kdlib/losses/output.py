@@ -71,13 +71,14 @@ def kd_ce(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor]
 
 
 def _label_ce(student_logits: Tensor, labels: Tensor, mask: Optional[Tensor], ignore_index: int) -> Tensor:
-    s, _, valid = _prep(student_logits, None, mask)
-    if labels.shape != s.shape[:-1]:
-        raise ValueError(f"labels: expected shape {tuple(s.shape[:-1])}, got {tuple(labels.shape)}")
-    keep = valid & (labels != ignore_index)
-    safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
-    nll = -F.log_softmax(s, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return masked_mean(nll, keep)
+    """Only the labelled rows reach the log-softmax: a masked-LM step labels ~15% of positions, and the
+    full (B, T, V) log-softmax is the largest tensor of the step."""
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels: expected shape {tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}")
+    keep = valid_mask(mask, student_logits.shape[:-1], student_logits.device) & (labels != ignore_index)
+    picked = student_logits[keep]  # (M, V), row-major order of the kept positions
+    nll = -F.log_softmax(picked, dim=-1).gather(-1, labels[keep].long().unsqueeze(-1)).squeeze(-1)
+    return masked_mean(nll, torch.ones_like(nll, dtype=torch.bool))
 
 
 @register_loss("hard_ce", kind="output", paper="standard supervised cross-entropy (Hinton et al. 2015 'hard targets')")

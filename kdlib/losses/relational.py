@@ -45,21 +45,21 @@ def triplet_angles(x: Tensor) -> Tensor:
 
 
 @register_loss("rkd_distance", kind="relational", paper="Park et al. 2019, Relational Knowledge Distillation (distance-wise)")
-def rkd_distance(student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
+def rkd_distance(student_pooled: Tensor, teacher_pooled: Tensor) -> Tensor:
     """mean_{i!=j} Huber(|s_i-s_j|/mu_s, |t_i-t_j|/mu_t), mu = mean pairwise distance, Huber delta=1 -- Park et al. 2019 (RKD-D)."""
-    _check_batch(student_embeddings, teacher_embeddings, "rkd_distance")
+    _check_batch(student_pooled, teacher_pooled, "rkd_distance")
     with torch.no_grad():
-        t = normalized_distances(teacher_embeddings.detach())
-    return F.smooth_l1_loss(normalized_distances(student_embeddings), t, beta=1.0)
+        t = normalized_distances(teacher_pooled.detach())
+    return F.smooth_l1_loss(normalized_distances(student_pooled), t, beta=1.0)
 
 
 @register_loss("rkd_angle", kind="relational", paper="Park et al. 2019, Relational Knowledge Distillation (angle-wise)")
-def rkd_angle(student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
+def rkd_angle(student_pooled: Tensor, teacher_pooled: Tensor) -> Tensor:
     """mean_{distinct i,j,k} Huber(cos angle s_i s_j s_k, cos angle t_i t_j t_k), Huber delta=1 -- Park et al. 2019 (RKD-A)."""
-    _check_batch(student_embeddings, teacher_embeddings, "rkd_angle")
+    _check_batch(student_pooled, teacher_pooled, "rkd_angle")
     with torch.no_grad():
-        t = triplet_angles(teacher_embeddings.detach())
-    return F.smooth_l1_loss(triplet_angles(student_embeddings), t, beta=1.0)
+        t = triplet_angles(teacher_pooled.detach())
+    return F.smooth_l1_loss(triplet_angles(student_pooled), t, beta=1.0)
 
 
 @register_loss("dml", kind="mutual", paper="Zhang et al. 2018, Deep Mutual Learning")

@@ -1,6 +1,6 @@
 """Our part of a checkpoint, as JSON side files (never pickles): trainer state and per-rank RNG states.
 
-`trainer_state.json` (rank 0): step, sampler state, config hash and the resolved config.
+`trainer_state.json` (rank 0): step, sampler state, loss-side state, config hash and the resolved config.
 `rng-rank-<r>.json` (each rank): torch (CPU and CUDA), numpy and python RNG states, so dropout
 after a resume draws exactly the masks the uninterrupted run drew.
 """
@@ -54,20 +54,25 @@ def restore_rng_state(text: str) -> None:
     random.setstate((version, tuple(py_state), py_gauss))
 
 
-def trainer_state_json(step: int, sampler_state: dict, config, math_hash: str, tokens_seen: int) -> str:
-    return json.dumps({"step": step, "sampler": sampler_state, "config_hash": math_hash, "tokens_seen": tokens_seen,
-                       "config": to_dict(config)}, indent=1)
+def write_trainer_state(state: dict, config) -> str:
+    """The trainer's state_dict plus the resolved config, as the checkpoint's trainer_state.json."""
+    return json.dumps({**state, "config": to_dict(config)}, indent=1)
 
 
-def read_trainer_state(folder: Path, math_hash: str) -> dict:
+def read_trainer_state(folder: Path, math_hash: str, steps: int) -> dict:
     """The saved trainer state; refuses a checkpoint written under a config that computes differently."""
     path = folder / TRAINER_STATE
     if not path.is_file():
-        raise KDError(f"{folder}: no {TRAINER_STATE}; not a checkpoint written by pretrain")
+        raise KDError(f"{folder}: no {TRAINER_STATE}; not a checkpoint written by this trainer")
     state = json.loads(path.read_text())
     if state["config_hash"] != math_hash:
+        why = ""
+        if state.get("steps") not in (None, steps) and state.get("reads_total_steps"):
+            why = (f" steps changed from {state['steps']} to {steps}, and {', '.join(state['reads_total_steps'])} "
+                   "read the run's total steps (their schedules would change mid-run);")
         raise FingerprintMismatch(
             f"{folder}: the checkpoint was written under config hash {state['config_hash']} but this config "
-            f"hashes to {math_hash}; only output_dir/steps/checkpoint_every/keep_checkpoints/log_every/eval_every/"
-            f"progress_bar/threads/resume may change on resume (use a new output_dir to start over)")
+            f"hashes to {math_hash};{why} only bookkeeping fields (output_dir, steps when no objective reads it, "
+            f"checkpoint_every, keep_checkpoints, log_every, eval_every, progress_bar, threads, resume, prefetch) may "
+            f"change on resume (use a new output_dir to start over)")
     return state

@@ -1,4 +1,4 @@
-"""What intermediate losses read from a model: hidden states, and per-layer query/key/value projections.
+"""What losses read from a model: logits, hidden states, pooled embeddings, per-layer query/key/value.
 
 Q/K/V are captured by forward hooks on each self-attention block's `query`/`key`/`value` linear
 layers (BERT-family naming), so the attention implementation (eager or sdpa) does not matter and no
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -81,3 +82,42 @@ class AttentionViews:
         keys = self.mask[:, None, None, :].bool()
         scores = self.scores(layer)
         return torch.softmax(scores.masked_fill(~keys, torch.finfo(scores.dtype).min), dim=-1)
+
+
+def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """(B, T, D) -> (B, D): the mean over real tokens, or the first ([CLS]) token; as the cache pools."""
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ModelView:
+    """One model's outputs for one batch, for the input providers: computed on demand, kept for the batch."""
+
+    def __init__(self, output, qkv: Optional[dict], heads: int, mask: Tensor):
+        self.output, self.mask = output, mask
+        self.views = AttentionViews(qkv, heads, mask) if qkv is not None else None
+        self._logits: Optional[Tensor] = None
+
+    @property
+    def logits(self) -> Tensor:
+        """fp32 logits whatever the engine's precision (losses are computed in fp32)."""
+        if self._logits is None:
+            self._logits = self.output.logits.float()
+        return self._logits
+
+    def hidden(self, layer: int) -> Tensor:
+        """(B, T, D) output of layer `layer` (0 = embeddings), as Hugging Face's hidden_states."""
+        return self.output.hidden_states[layer]
+
+    def pooled(self, mode: str) -> Tensor:
+        return pool(self.output.hidden_states[-1], self.mask, mode)
+
+
+def run_model(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, hidden: bool, qkv: bool,
+              heads: int) -> ModelView:
+    """Forward pass with what the objectives need captured; used for student, peer and online teacher alike."""
+    with capture_qkv(model, enabled=qkv) as store:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+    return ModelView(out, store if qkv else None, heads, attention_mask)

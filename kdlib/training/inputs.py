@@ -1,0 +1,366 @@
+"""Loss inputs by declaration: one table maps every input name a registered loss can ask for to the
+provider that computes it.
+
+A loss's signature is its request (`LossSpec.inputs()`): `hidden_mse(student_hidden, teacher_hidden,
+mask, projection=None)` needs hidden states, so the student runs with `output_hidden_states`, and the
+teacher's come from the online teacher or from the transfer set's `hidden_<l>` columns. Each provider
+says
+  * its scope: computed once per batch, or per mapped (teacher, student) layer pair, or over all pairs;
+  * what it reads from the student (`student_reads`), so the forward pass captures only that;
+  * where its value can come from (`available`): None when the stage offers it, else a sentence
+    saying what to change, which validation puts into the error.
+Adding a loss is one function and one registry line; no stage dispatches on loss names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from torch import Tensor
+
+# Scopes, from the narrowest: how often a loss is evaluated per batch and which layers it sees.
+BATCH = "batch"  # once per batch
+PAIR = "pair"  # once per mapped (teacher, student) layer pair; the mean is the objective
+ATTENTION_PAIR = "attention_pair"  # per mapped pair of transformer layers (>= 1): attention has no layer 0
+EMBEDDING = "embedding"  # the embedding outputs (layer 0 of both models)
+STACKED = "stacked"  # once, with the mapped layers stacked (B, L, D) (BERT-PKD)
+CHAIN = "chain"  # per consecutive two mapped pairs: a flow between two layers (FSP)
+ALL_LAYERS = "all_layers"  # every teacher layer against every student layer (BERT-EMD)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a stage can give its losses, known before any process group starts."""
+
+    online_teacher: bool  # the frozen teacher runs on every batch
+    cached: frozenset  # batch keys the transfer set fills: topk_ids, teacher_lse, mlm_labels, teacher_hidden_<l>, ...
+    pairs: tuple = ()  # the fixed layer map, (teacher layer, student layer); () without one
+    emd: bool = False  # layer_map emd: every layer against every layer, weights learned (BERT-EMD)
+    teacher_layers: int = 0
+    student_layers: int = 0
+    peer: bool = False  # the stage can build a second student (deep mutual learning)
+    token_level: bool = True  # outputs per position (masked LM); False: one per sequence (classifier)
+    pooling: str = "mean"  # how sentence embeddings are pooled (the cache's setting when it has them)
+
+
+@dataclass
+class Site:
+    """Where one evaluation of a loss looks: a layer pair, the pairs in order, or nothing in particular."""
+
+    teacher_layer: int = 0
+    student_layer: int = 0
+    pairs: tuple = ()
+    projection_group: str = "hidden"  # which learned projection bridges widths here: hidden or embeddings
+
+
+class StepInputs:
+    """What providers read during one micro-batch: the batch, the models' views, the trainer's state."""
+
+    def __init__(self, batch: dict, offer: Offer, *, student, teacher=None, peer=None, projections=None, emd=None,
+                 step: int = 0, total_steps: int = 1):
+        self.batch, self.offer = batch, offer
+        self.student, self.teacher, self.peer = student, teacher, peer
+        self.projections, self.emd = projections if projections is not None else {}, emd
+        self.step, self.total_steps = step, total_steps
+        self.memo: dict[str, Any] = {}  # values shared by several providers within this micro-batch
+
+
+@dataclass(frozen=True)
+class Provider:
+    scope: str
+    get: Callable[[StepInputs, Site], Any]
+    available: Callable[[Offer, list[int]], Optional[str]] = lambda offer, layers: None
+    student_reads: frozenset = frozenset()  # "hidden", "qkv", "logits", "peer"
+    teacher_reads: frozenset = frozenset()  # what the ONLINE teacher must return: "hidden", "qkv", "logits"
+    what: str = ""  # words for error messages
+
+
+# ---------------------------------------------------------------- availability checks
+
+def _online(cache_hint: str = "the transfer set does not cache them") -> Callable:
+    def check(offer: Offer, layers: list[int]) -> Optional[str]:
+        return None if offer.online_teacher else f"set online_teacher: true; {cache_hint}"
+    return check
+
+
+def _cached(*keys: str, how: str) -> Callable:
+    def check(offer: Offer, layers: list[int]) -> Optional[str]:
+        return None if set(keys) <= offer.cached else f"the transfer set lacks it: {how}"
+    return check
+
+
+def _teacher_hidden_check(offer: Offer, layers: list[int]) -> Optional[str]:
+    missing = [t for t in layers if f"teacher_hidden_{t}" not in offer.cached]
+    if offer.online_teacher or not missing:
+        return None
+    return (f"set online_teacher: true, or make the transfer set with teacher_outputs.hidden_layers "
+            f"including {missing}")
+
+
+def _either(online_or_cache_key: str, how: str) -> Callable:
+    def check(offer: Offer, layers: list[int]) -> Optional[str]:
+        if offer.online_teacher or online_or_cache_key in offer.cached:
+            return None
+        return f"set online_teacher: true, or {how}"
+    return check
+
+
+def _labels_check(offer: Offer, layers: list[int]) -> Optional[str]:
+    if "labels" in offer.cached or "mlm_labels" in offer.cached:
+        return None
+    return "the transfer set has neither task labels nor masked-LM positions (mlm_positions)"
+
+
+def _peer_check(offer: Offer, layers: list[int]) -> Optional[str]:
+    return None if offer.peer else "this stage cannot train a second student"
+
+
+def _emd_check(offer: Offer, layers: list[int]) -> Optional[str]:
+    if not offer.emd:
+        return "set layer_map: {name: emd}"
+    return _teacher_hidden_check(offer, layers)
+
+
+# ---------------------------------------------------------------- getters
+
+def _teacher_hidden(x: StepInputs, layer: int) -> Tensor:
+    """The online teacher's hidden state when it runs (fp32, exact), else the cached one."""
+    if x.teacher is not None:
+        return x.teacher.hidden(layer)
+    return x.batch[f"teacher_hidden_{layer}"]
+
+
+def _teacher_logits(x: StepInputs, site: Site) -> Tensor:
+    return x.teacher.logits if x.teacher is not None else x.batch["teacher_logits"]
+
+
+def _teacher_pooled(x: StepInputs, site: Site) -> Tensor:
+    if "teacher_pooled" in x.batch:
+        return x.batch["teacher_pooled"]
+    return x.teacher.pooled(x.offer.pooling)
+
+
+def _labels(x: StepInputs, site: Site) -> Tensor:
+    return x.batch["labels"] if "labels" in x.batch else x.batch["mlm_labels"]
+
+
+def _mask(x: StepInputs, site: Site) -> Optional[Tensor]:
+    return x.batch["attention_mask"] if x.offer.token_level else None
+
+
+def _projection(x: StepInputs, site: Site):
+    return x.projections[site.projection_group] if site.projection_group in x.projections else None
+
+
+def _stack_cls(view_hidden: Callable[[int], Tensor], layers: list[int]) -> Tensor:
+    import torch
+
+    return torch.stack([view_hidden(layer)[:, 0] for layer in layers], dim=1)  # (B, L, D)
+
+
+def _layer_cost(x: StepInputs, site: Site) -> Tensor:
+    """(M, N) hidden-state MSE of every teacher layer 1..M against every student layer 1..N (BERT-EMD's
+    hidden cost), through the hidden projection when widths differ. Computed once per micro-batch."""
+    if "layer_cost" not in x.memo:
+        from kdlib.layer_maps import pairwise_layer_cost
+        from kdlib.losses import hidden_mse
+
+        mask, proj = x.batch["attention_mask"], _projection(x, site)
+        m, n = x.emd.shape
+        x.memo["layer_cost"] = pairwise_layer_cost(
+            [_teacher_hidden(x, j) for j in range(1, m + 1)], [x.student.hidden(i) for i in range(1, n + 1)],
+            lambda s, t: hidden_mse(s, t, mask, proj))
+    return x.memo["layer_cost"]
+
+
+def _transport_plan(x: StepInputs, site: Site):
+    cost = _layer_cost(x, site)
+    x.emd.record(cost)
+    return x.emd.plan(cost.detach())
+
+
+_TOPK_HOW = "make it with teacher_outputs.top_k > 0"
+_STUDENT_QKV = dict(student_reads=frozenset({"qkv"}))
+_TEACHER_QKV = dict(available=_online(), teacher_reads=frozenset({"qkv"}))
+
+PROVIDERS: dict[str, Provider] = {
+    # outputs
+    "student_logits": Provider(BATCH, lambda x, s: x.student.logits, student_reads=frozenset({"logits"}),
+                               what="student logits"),
+    "teacher_logits": Provider(BATCH, _teacher_logits,
+                               available=_either("teacher_logits", "make the transfer set with "
+                                                 "teacher_outputs.dense_logits: true"),
+                               teacher_reads=frozenset({"logits"}), what="dense teacher logits"),
+    "topk_ids": Provider(BATCH, lambda x, s: x.batch["topk_ids"], _cached("topk_ids", how=_TOPK_HOW),
+                         what="cached top-k ids"),
+    "topk_logits": Provider(BATCH, lambda x, s: x.batch["topk_logits"], _cached("topk_logits", how=_TOPK_HOW),
+                            what="cached top-k logits"),
+    "teacher_lse": Provider(BATCH, lambda x, s: x.batch["teacher_lse"], _cached("teacher_lse", how=_TOPK_HOW),
+                            what="cached teacher log-sum-exp"),
+    "labels": Provider(BATCH, _labels, _labels_check, what="labels"),
+    "mask": Provider(BATCH, _mask, what="attention mask"),
+    "logits_a": Provider(BATCH, lambda x, s: x.student.logits, student_reads=frozenset({"logits"}),
+                         what="student logits"),
+    "logits_b": Provider(BATCH, lambda x, s: x.peer.logits, _peer_check, student_reads=frozenset({"peer"}),
+                         what="a peer student's logits"),
+    # sentence embeddings
+    "student_pooled": Provider(BATCH, lambda x, s: x.student.pooled(x.offer.pooling),
+                               student_reads=frozenset({"hidden"}), what="student sentence embeddings"),
+    "teacher_pooled": Provider(BATCH, _teacher_pooled,
+                               available=_either("teacher_pooled", "make the transfer set with "
+                                                 "teacher_outputs.pooled: mean"),
+                               teacher_reads=frozenset({"hidden"}), what="teacher sentence embeddings"),
+    # hidden states per mapped layer pair
+    "student_hidden": Provider(PAIR, lambda x, s: x.student.hidden(s.student_layer),
+                               student_reads=frozenset({"hidden"}), what="student hidden states"),
+    "teacher_hidden": Provider(PAIR, lambda x, s: _teacher_hidden(x, s.teacher_layer), _teacher_hidden_check,
+                               teacher_reads=frozenset({"hidden"}), what="teacher hidden states"),
+    "student_embeddings": Provider(EMBEDDING, lambda x, s: x.student.hidden(0), student_reads=frozenset({"hidden"}),
+                                   what="student embedding outputs"),
+    "teacher_embeddings": Provider(EMBEDDING, lambda x, s: _teacher_hidden(x, 0), _teacher_hidden_check,
+                                   teacher_reads=frozenset({"hidden"}), what="teacher embedding outputs"),
+    "student_cls": Provider(STACKED, lambda x, s: _stack_cls(x.student.hidden, [p[1] for p in s.pairs]),
+                            student_reads=frozenset({"hidden"}), what="student [CLS] states"),
+    "teacher_cls": Provider(STACKED, lambda x, s: _stack_cls(lambda t: _teacher_hidden(x, t), [p[0] for p in s.pairs]),
+                            _teacher_hidden_check, teacher_reads=frozenset({"hidden"}), what="teacher [CLS] states"),
+    "student_first": Provider(CHAIN, lambda x, s: x.student.hidden(s.pairs[0][1]), student_reads=frozenset({"hidden"}),
+                              what="student hidden states"),
+    "student_second": Provider(CHAIN, lambda x, s: x.student.hidden(s.pairs[1][1]), student_reads=frozenset({"hidden"}),
+                               what="student hidden states"),
+    "teacher_first": Provider(CHAIN, lambda x, s: _teacher_hidden(x, s.pairs[0][0]), _teacher_hidden_check,
+                              teacher_reads=frozenset({"hidden"}), what="teacher hidden states"),
+    "teacher_second": Provider(CHAIN, lambda x, s: _teacher_hidden(x, s.pairs[1][0]), _teacher_hidden_check,
+                               teacher_reads=frozenset({"hidden"}), what="teacher hidden states"),
+    "projection": Provider(BATCH, _projection, what="learned width projection"),
+    # attention, per mapped pair of transformer layers
+    "student_attention_scores": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.scores(s.student_layer),
+                                         **_STUDENT_QKV, what="student attention scores"),
+    "teacher_attention_scores": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.scores(s.teacher_layer),
+                                         **_TEACHER_QKV, what="teacher attention scores"),
+    "student_attention_probs": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.probs(s.student_layer),
+                                        **_STUDENT_QKV, what="student attention probabilities"),
+    "teacher_attention_probs": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.probs(s.teacher_layer),
+                                        **_TEACHER_QKV, what="teacher attention probabilities"),
+    "student_values": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.values(s.student_layer), **_STUDENT_QKV,
+                               what="student per-head values"),
+    "teacher_values": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.values(s.teacher_layer), **_TEACHER_QKV,
+                               what="teacher per-head values"),
+    "student_query": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.query(s.student_layer), **_STUDENT_QKV,
+                              what="student queries"),
+    "teacher_query": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.query(s.teacher_layer), **_TEACHER_QKV,
+                              what="teacher queries"),
+    "student_key": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.key(s.student_layer), **_STUDENT_QKV,
+                            what="student keys"),
+    "teacher_key": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.key(s.teacher_layer), **_TEACHER_QKV,
+                            what="teacher keys"),
+    "student_value": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.value(s.student_layer), **_STUDENT_QKV,
+                              what="student values"),
+    "teacher_value": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.value(s.teacher_layer), **_TEACHER_QKV,
+                              what="teacher values"),
+    # BERT-EMD: every layer against every layer, the transport plan from the learned layer weights
+    "layer_cost": Provider(ALL_LAYERS, _layer_cost, _emd_check, student_reads=frozenset({"hidden"}),
+                           teacher_reads=frozenset({"hidden"}), what="the layer-to-layer cost matrix"),
+    "transport_plan": Provider(ALL_LAYERS, _transport_plan, _emd_check, what="the EMD transport plan"),
+    # the trainer's clock
+    "step": Provider(BATCH, lambda x, s: x.step, what="the step"),
+    "total_steps": Provider(BATCH, lambda x, s: x.total_steps, what="the run's steps"),
+}
+
+_SCOPE_ORDER = (BATCH, PAIR, ATTENTION_PAIR, EMBEDDING, STACKED, CHAIN, ALL_LAYERS)
+
+
+def _widest(scopes: set[str], loss: str) -> str:
+    layered = scopes - {BATCH}
+    if len(layered) > 1:
+        raise ValueError(f"loss {loss!r} mixes input scopes {sorted(layered)}; one loss reads one kind of layer site")
+    return layered.pop() if layered else BATCH
+
+
+@dataclass
+class ObjectivePlan:
+    """How one objective gets its inputs: names, scope, and the sites it is evaluated at."""
+
+    name: str
+    inputs: list[str]  # the loss's runtime parameters that a provider fills
+    scope: str
+    sites: list[Site] = field(default_factory=list)
+
+    def teacher_layers(self) -> list[int]:
+        layers = {s.teacher_layer for s in self.sites} | {t for s in self.sites for t, _ in s.pairs}
+        return sorted(layers)
+
+
+def _sites(scope: str, offer: Offer, group: str) -> list[Site]:
+    pairs = tuple(offer.pairs)
+    if scope == BATCH:
+        return [Site(projection_group=group)]
+    if scope == PAIR:
+        return [Site(t, s, projection_group=group) for t, s in pairs]
+    if scope == ATTENTION_PAIR:
+        return [Site(t, s) for t, s in pairs if t > 0 and s > 0]
+    if scope == EMBEDDING:
+        return [Site(0, 0, projection_group="embeddings")]
+    if scope == STACKED:
+        return [Site(pairs=pairs, projection_group=group)] if pairs else []
+    if scope == CHAIN:
+        return [Site(pairs=(a, b), projection_group=group) for a, b in zip(pairs, pairs[1:])]
+    # ALL_LAYERS: the provider reads every layer; the teacher layers listed here are for availability checks
+    return [Site(pairs=tuple((t, 0) for t in range(1, offer.teacher_layers + 1)), projection_group=group)]
+
+
+_SITE_HINT = {PAIR: "a layer map with at least one pair (e.g. layer_map: {name: uniform})",
+              ATTENTION_PAIR: "a layer map with a pair of transformer layers (>= 1)",
+              STACKED: "a layer map with at least one pair", CHAIN: "a layer map with at least two pairs",
+              ALL_LAYERS: "layer_map: {name: emd}"}
+
+
+def plan_objective(name: str, offer: Offer) -> ObjectivePlan:
+    """The plan for loss `name` under what the stage offers; ValueError saying what is missing and where
+    it could come from."""
+    import inspect
+
+    from kdlib.losses import get_spec
+
+    spec = get_spec(name)
+    params = inspect.signature(spec.fn).parameters
+    inputs = spec.inputs()
+    unknown = [i for i in inputs if i not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"loss {name!r} asks for {unknown}, which no provider in kdlib.training.inputs makes")
+    scope = _widest({PROVIDERS[i].scope for i in inputs}, name)
+    group = "embeddings" if "student_embeddings" in inputs else "hidden"
+    if scope in (PAIR, ATTENTION_PAIR, STACKED, CHAIN) and offer.emd:
+        raise ValueError(f"{name} reads fixed layer pairs, but layer_map emd has none; with emd use bert_emd")
+    sites = _sites(scope, offer, group)
+    if not sites:
+        raise ValueError(f"{name} needs {_SITE_HINT[scope]}; got pairs {list(offer.pairs)}")
+    plan = ObjectivePlan(name, inputs, scope, sites)
+    layers = plan.teacher_layers()
+    for input_name in inputs:
+        if params[input_name].default is not inspect.Parameter.empty and input_name != "projection":
+            continue  # optional inputs are left to the loss's default
+        problem = PROVIDERS[input_name].available(offer, layers)
+        if problem:
+            raise ValueError(f"{name} needs {PROVIDERS[input_name].what} ({input_name}): {problem}")
+    return plan
+
+
+def reads(plans: list[ObjectivePlan], side: str) -> frozenset:
+    """Union of what the plans read from the student (side="student") or the online teacher ("teacher")."""
+    out: set[str] = set()
+    for plan in plans:
+        for i in plan.inputs:
+            out |= getattr(PROVIDERS[i], f"{side}_reads")
+    return frozenset(out)
+
+
+def projection_groups(plans: list[ObjectivePlan]) -> list[str]:
+    """Projections the objectives can use ("hidden", "embeddings"); built only when widths differ."""
+    return sorted({site.projection_group for p in plans if "projection" in p.inputs or p.scope == ALL_LAYERS
+                   for site in p.sites})
+
+
+def gather(plan: ObjectivePlan, site: Site, x: StepInputs) -> dict:
+    """The loss's keyword inputs at one site."""
+    return {name: PROVIDERS[name].get(x, site) for name in plan.inputs}

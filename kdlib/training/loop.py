@@ -1,0 +1,213 @@
+"""The training loop every stage runs, top to bottom: start, resume, step, log, evaluate, checkpoint,
+stop on a preemption signal, finish.
+
+A stage supplies a `Job`: its config (inheriting `LoopConfig`), the DeepSpeed JSON, the module to
+train (`DistillModule`), its batches (`BatchStream`), an optional online teacher, its evaluation and
+its finish (export). One optimizer step = `grad_accum` micro-batches per rank. After each step the
+loss parts, the token count, the preemption flag of every rank and any loss-side statistics (BERT-EMD
+costs) are combined in ONE all-reduce: the step's only host sync (on GPU it also waits for the step
+to finish, which is what tokens/s should measure anyway).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdlib import engine as ds
+from kdlib.config import save_resolved
+from kdlib.metrics import MetricsWriter, read_metrics
+from kdlib.plots import loss_curve
+from kdlib.training import state as ckpt
+from kdlib.training.config import math_hash, reads_total_steps
+from kdlib.training.preempt import REQUEUE_EXIT_CODE, StopFlag, requeue_message
+
+
+@dataclass
+class Session:
+    """This process's place in the job, started before any slow work so that an early SIGTERM is kept."""
+
+    place: ds.DistEnv
+    flag: StopFlag
+    device: torch.device
+
+
+def start(config) -> Session:
+    """Threads, the preemption flag, the process group; call first, then build the stage's modules."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    flag = StopFlag().install()
+    place = ds.init_distributed(config.engine.dist_backend)
+    device = torch.device("cuda", place.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return Session(place, flag, device)
+
+
+@dataclass
+class Job:
+    """What a stage hands the loop."""
+
+    config: Any  # the stage config: LoopConfig fields, `objectives`, `engine`
+    ds_config: dict  # DeepSpeed JSON (kdlib.engine.deepspeed_config)
+    module: torch.nn.Module  # DistillModule: student (+ projections, peer) and the objectives
+    batches: Any  # BatchStream over this rank's share of the training rows
+    evaluate: Callable[[torch.nn.Module], dict]  # held-out metrics of the student; every rank calls it (ZeRO-3)
+    finish: Callable[..., str]  # every rank, after the last step: (student, final checkpoint, ZeRO-0 state, step,
+    #                              final eval metrics) -> a summary line (rank 0)
+    teacher: Optional[Callable[[dict], Any]] = None  # the online teacher on a batch -> ModelView (no grad)
+    name: str = "train"  # progress-bar label
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Dropout and any other randomness differ per rank but are fixed by (seed, rank)."""
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Owns the engine, the step counter and the data position; state_dict() is what a checkpoint restores."""
+
+    def __init__(self, session: Session, job: Job):
+        self.session, self.job, self.cfg = session, job, job.config
+        self.rank0 = session.place.rank == 0
+        self.out = Path(self.cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.engine = ds.initialize(job.module, job.ds_config, self.cfg.engine.optim)
+        self.module = self.engine.module
+        self.names = [o.name for o in self.cfg.objectives]
+        self.hash = math_hash(self.cfg)
+        self.step, self.tokens_seen = 0, 0
+        seed_rank(self.cfg.seed, session.place.rank)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.job.batches.sampler.state_dict(),
+                "loss_state": self.module.loss_state_dict(), "config_hash": self.hash, "steps": self.cfg.steps,
+                "reads_total_steps": reads_total_steps(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.job.batches.sampler.load_state_dict(state["sampler"])
+        self.module.load_loss_state_dict(state.get("loss_state", {}))
+
+    def resume(self) -> Optional[Path]:
+        """Restore from `latest` (refusing a checkpoint of a config that computes differently)."""
+        latest = ds.latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
+        if latest is None:
+            return None
+        saved = ckpt.read_trainer_state(latest, self.hash, self.cfg.steps)
+        ds.load_checkpoint(self.engine, latest)
+        self.load_state_dict(saved)
+        ckpt.restore_rng_state((latest / ckpt.rng_file(self.session.place.rank)).read_text())
+        return latest
+
+    def save(self) -> Path:
+        side = {ckpt.TRAINER_STATE: ckpt.write_trainer_state(self.state_dict(), self.cfg)}
+        rank_files = {ckpt.rng_file(self.session.place.rank): ckpt.rng_state_json()}
+        return ds.save_checkpoint(self.engine, self.ckpt_dir, self.step, side, rank_files, self.cfg.keep_checkpoints)
+
+    # ---------------------------------------------------------------- one optimizer step
+    def train_step(self) -> tuple[list[float], int, bool]:
+        """grad_accum micro-batches, one all-reduce; returns (mean losses [total, parts...], global tokens, stop)."""
+        device, n = self.session.device, len(self.names)
+        sums = torch.zeros(n + 1, dtype=torch.float64, device=device)  # total, parts...
+        tokens = 0
+        for batch in self.job.batches.next_step():
+            tokens += batch.pop("num_tokens")
+            batch = to_device(batch, device)
+            teacher = self.job.teacher(batch) if self.job.teacher is not None else None
+            total, parts = self.engine(batch, teacher, self.step, self.cfg.steps)
+            self.engine.backward(total)
+            self.engine.step()
+            sums += torch.stack([total.detach()] + [parts[name].detach() for name in self.names]).double()
+            del batch, teacher, total, parts  # free the step's activations before the next micro-batch
+        extra = torch.tensor([tokens, float(self.session.flag.requested)], dtype=torch.float64)
+        combined = torch.cat([sums, extra.to(device), self.module.statistics().to(device)])
+        ds.all_reduce_sum(combined)  # the step's one collective and host sync
+        combined = combined.cpu()
+        self.module.finish_step(combined[n + 3:])
+        self.step += 1
+        world_micro = self.session.place.world_size * self.cfg.engine.grad_accum
+        return (combined[:n + 1] / world_micro).tolist(), int(combined[n + 1]), bool(combined[n + 2] > 0)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> int:
+        """Train to `steps` (or until a preemption signal); returns 0, or REQUEUE_EXIT_CODE after a checkpoint."""
+        cfg, job = self.cfg, self.job
+        resumed = self.resume()
+        if self.rank0:
+            save_resolved(cfg, self.out)  # after the resume check: a refused resume leaves the record as it was
+            if resumed is not None:
+                print(f"resumed from {resumed} (step {self.step})", flush=True)
+        metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank0)
+        student = self.module.student
+        if self.step == 0:
+            metrics.write({"kind": "eval", "step": 0, **job.evaluate(student)})
+        job.batches.start()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=job.name, dynamic_ncols=True,
+                   disable=not (self.rank0 and cfg.progress_bar) or None)  # None: quiet when not a terminal
+        run_start, run_tokens, last_ckpt = time.perf_counter(), 0, None
+        self.engine.train()
+        try:
+            while self.step < cfg.steps:
+                started = time.perf_counter()
+                lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                losses, tokens, stop = self.train_step()
+                seconds = time.perf_counter() - started
+                self.tokens_seen += tokens
+                run_tokens += tokens
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics.write({"kind": "train", "step": self.step, "loss": losses[0],
+                                   **dict(zip(self.names, losses[1:])), "lr": lr, "tokens": tokens,
+                                   "tokens_per_s": tokens / seconds, "epoch": job.batches.sampler.state.epoch})
+                    bar.set_postfix(loss=f"{losses[0]:.4f}", tok_s=f"{tokens / seconds:,.0f}")
+                bar.update(1)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    metrics.write({"kind": "eval", "step": self.step, **job.evaluate(student)})
+                if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    last_ckpt = self.save()
+                if stop:
+                    if self.rank0:
+                        print(requeue_message(self.step, last_ckpt), flush=True)
+                    metrics.close()
+                    return REQUEUE_EXIT_CODE
+        finally:
+            job.batches.close()
+            bar.close()
+        elapsed = time.perf_counter() - run_start
+
+        final_metrics = job.evaluate(student)
+        metrics.write({"kind": "eval", "step": self.step, **final_metrics})
+        module_state = None
+        if cfg.engine.zero_stage == 0:
+            module_state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        summary = job.finish(student, ds.latest_checkpoint(self.ckpt_dir), module_state, self.step, final_metrics)
+        if self.rank0:
+            loss_curve(read_metrics(self.out / "metrics.jsonl"), ["loss"] + self.names, self.out / "loss_curve.png")
+            rate = f"{run_tokens / elapsed:,.0f} tokens/s (global)" if run_tokens else "no steps run"
+            print(f"done: {self.step} steps; {summary}; {rate}", flush=True)
+        metrics.close()
+        ds.barrier()
+        return 0
+
+
+def train(session: Session, job: Job) -> int:
+    """Run a job and close the process group whatever happens; returns the exit code."""
+    import torch.distributed as dist
+
+    try:
+        return Trainer(session, job).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
