@@ -230,6 +230,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Close the process group and forget the groups DeepSpeed cached on it (module globals in
+    deepspeed.utils.groups), so a later job in the same process (a stage with sub-steps, a test) can start
+    again; without this, its engine broadcasts over a destroyed group."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name, {}).clear()
+
+
 def all_reduce_sum(tensor) -> None:
     """In-place sum over ranks (a no-op in a single process without a process group)."""
     import torch.distributed as dist

@@ -22,8 +22,6 @@ from kdlib.training.inputs import Offer
 from kdlib.training.module import plan_objectives
 from pretrain.config import PretrainConfig
 
-SAME_HEADS = ("attention_mse", "attention_kl", "value_relation_kl")  # compare maps head by head
-
 
 @dataclass
 class Setup:
@@ -55,17 +53,12 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     check_against_teacher(source, teacher_dict, student=cfg.student)
     teacher_config = AutoConfig.from_pretrained(str(folder), local_files_only=True,
                                                 trust_remote_code=cfg.teacher.trust_remote_code)
-    names = {o.name for o in cfg.objectives}
     teacher_heads = teacher_config.num_attention_heads
     student_heads = cfg.student.num_attention_heads or teacher_heads
     student_width = cfg.student.hidden_size or teacher_config.hidden_size
     if student_width % student_heads:
         _fail(source, "student.num_attention_heads", f"expected a divisor of the student width {student_width}, "
               f"got {student_heads}")
-    for name in sorted(names & set(SAME_HEADS)):
-        if student_heads != teacher_heads:
-            _fail(source, "student.num_attention_heads", f"{name} compares attention heads one to one, so the "
-                  f"student needs the teacher's {teacher_heads} heads, got {student_heads}")
     pairs: list[tuple[int, int]] = []
     if cfg.layer_map is not None and cfg.layer_map.name != "emd":
         try:
@@ -85,7 +78,8 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     offer = Offer(online_teacher=cfg.online_teacher, cached=frozenset(cached_batch_keys(manifest)), pairs=tuple(pairs),
                   emd=cfg.layer_map is not None and cfg.layer_map.name == "emd",
                   teacher_layers=teacher_config.num_hidden_layers, student_layers=cfg.student.num_layers, peer=True,
-                  pooling=manifest.cached.get("pooled") or "mean")
+                  pooling=manifest.cached.get("pooled") or "mean", student_heads=student_heads,
+                  teacher_heads=teacher_heads)
     try:
         plan_objectives(cfg.objectives, offer)
     except ValueError as err:

@@ -78,5 +78,5 @@ def test_attention_losses_need_matching_heads(fixture_paths, tmp_path):
     cfg = from_dict(PretrainConfig, base_config(
         fixture_paths, tmp_path / "out", online_teacher=True, layer_map={"name": "uniform"},
         objectives=[{"name": "attention_kl"}], **{"student.num_attention_heads": 2}))
-    with pytest.raises(ConfigError, match="field 'student.num_attention_heads'.*4 heads, got 2"):
+    with pytest.raises(ConfigError, match=r"field 'objectives\[0\]'.*teacher's 4 heads, got 2 \(student.num_attention_heads\)"):
         validate(cfg, "run.yaml")

@@ -91,19 +91,23 @@ def train_teacher(model, sequences: list[list[int]], mask_id: int, steps: int, s
 
 
 def build_transfer_set(root: Path, *, rows: int = 320, top_k: int = 8, seed: int = 0, teacher_steps: int = 60,
-                       shards: int = 2, teacher_seed: int = 0) -> dict:
-    """Teacher folder + transfer set under `root`; returns their paths."""
+                       shards: int = 2, teacher_seed: int = 0, hidden_layers: tuple = (), pooled: str | None = None,
+                       dropout: float | None = None) -> dict:
+    """Teacher folder + transfer set under `root`; returns their paths. `hidden_layers` / `pooled` cache those
+    teacher outputs too; `dropout` (e.g. 0.0) is written into the teacher's config, which students copy."""
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CI has 2 cores; more threads than cores makes a tiny model 10x slower
     try:
-        return _build(root, rows, top_k, seed, teacher_steps, shards, teacher_seed)
+        return _build(root, rows, top_k, seed, teacher_steps, shards, teacher_seed, tuple(hidden_layers), pooled,
+                      dropout)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, shards: int, teacher_seed: int) -> dict:
+def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, shards: int, teacher_seed: int,
+           hidden_layers: tuple, pooled: str | None, dropout: float | None) -> dict:
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     torch.manual_seed(seed)
@@ -113,11 +117,14 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
     sequences = chunked_sequences(tokenizer)
     if teacher_steps:
         train_teacher(model, [s for _, s in sequences], tokenizer.mask_token_id, teacher_steps, seed)
+    if dropout is not None:
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = dropout
+    if teacher_steps or dropout is not None:
         model.save_pretrained(teacher_dir, safe_serialization=True)
     model.eval()
     rng = np.random.default_rng(seed + 1)
     picked = rng.choice(len(sequences), size=rows, replace=False)
-    outputs = TeacherOutputsConfig(top_k=top_k)
+    outputs = TeacherOutputsConfig(top_k=top_k, hidden_layers=list(hidden_layers), pooled=pooled)
     vocab = model.config.vocab_size
     all_rows = []
     for start in range(0, rows, 64):
@@ -132,7 +139,8 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
                        input_ids=np.asarray(masked[j][0], dtype=np.int32), mlm_positions=masked[j][1],
                        mlm_labels=masked[j][2])
             all_rows.append(row)
-    schema = row_schema(vocab_size=vocab, top_k=top_k, has_mlm=True)
+    schema = row_schema(vocab_size=vocab, top_k=top_k, hidden_layers=list(hidden_layers), pooled=pooled is not None,
+                        has_mlm=True)
     out = root / "transfer"
     infos = []
     per = -(-rows // shards)
@@ -144,7 +152,8 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
         teacher={"ref": str(teacher_dir), "fingerprint": model_fingerprint(teacher_dir), "task": "masked_lm",
                  "vocab_size": vocab, "num_layers": 4, "hidden_size": 32},
         tokenizer_fingerprint=tokenizer_fingerprint(teacher_dir), config={"fixture": True}, config_hash="fixture",
-        cached={"top_k": top_k, "dense_logits": False, "hidden_layers": [], "pooled": None, "labels": False, "mlm": True},
+        cached={"top_k": top_k, "dense_logits": False, "hidden_layers": list(hidden_layers), "pooled": pooled,
+                "labels": False, "mlm": True},
         dtypes={"topk_ids": "uint16", "topk_logits": "float16", "lse": "float32"}, max_length=SEQ_LEN, shards=infos,
         totals={"rows": rows, "tokens": sum(i.tokens for i in infos), "bytes": sum(i.bytes for i in infos)},
         fidelity={}, created="fixture")

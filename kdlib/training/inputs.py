@@ -42,6 +42,8 @@ class Offer:
     peer: bool = False  # the stage can build a second student (deep mutual learning)
     token_level: bool = True  # outputs per position (masked LM); False: one per sequence (classifier)
     pooling: str = "mean"  # how sentence embeddings are pooled (the cache's setting when it has them)
+    student_heads: int = 0  # attention heads (0: not checked)
+    teacher_heads: int = 0
 
 
 @dataclass
@@ -81,6 +83,19 @@ class Provider:
 def _online(cache_hint: str = "the transfer set does not cache them") -> Callable:
     def check(offer: Offer, layers: list[int]) -> Optional[str]:
         return None if offer.online_teacher else f"set online_teacher: true; {cache_hint}"
+    return check
+
+
+def _same_heads(offer: Offer, layers: list[int]) -> Optional[str]:
+    if offer.student_heads == offer.teacher_heads or not (offer.student_heads and offer.teacher_heads):
+        return None
+    return (f"it compares attention heads one to one, so the student needs the teacher's {offer.teacher_heads} "
+            f"heads, got {offer.student_heads} (student.num_attention_heads)")
+
+
+def _all(*checks: Callable) -> Callable:
+    def check(offer: Offer, layers: list[int]) -> Optional[str]:
+        return next((problem for c in checks if (problem := c(offer, layers))), None)
     return check
 
 
@@ -183,6 +198,9 @@ def _transport_plan(x: StepInputs, site: Site):
 _TOPK_HOW = "make it with teacher_outputs.top_k > 0"
 _STUDENT_QKV = dict(student_reads=frozenset({"qkv"}))
 _TEACHER_QKV = dict(available=_online(), teacher_reads=frozenset({"qkv"}))
+# per-head maps (scores, probabilities, values) compare head h of the student with head h of the teacher
+_STUDENT_HEADS = dict(available=_same_heads, student_reads=frozenset({"qkv"}))
+_TEACHER_HEADS = dict(available=_all(_online(), _same_heads), teacher_reads=frozenset({"qkv"}))
 
 PROVIDERS: dict[str, Provider] = {
     # outputs
@@ -235,16 +253,16 @@ PROVIDERS: dict[str, Provider] = {
     "projection": Provider(BATCH, _projection, what="learned width projection"),
     # attention, per mapped pair of transformer layers
     "student_attention_scores": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.scores(s.student_layer),
-                                         **_STUDENT_QKV, what="student attention scores"),
+                                         **_STUDENT_HEADS, what="student attention scores"),
     "teacher_attention_scores": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.scores(s.teacher_layer),
-                                         **_TEACHER_QKV, what="teacher attention scores"),
+                                         **_TEACHER_HEADS, what="teacher attention scores"),
     "student_attention_probs": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.probs(s.student_layer),
-                                        **_STUDENT_QKV, what="student attention probabilities"),
+                                        **_STUDENT_HEADS, what="student attention probabilities"),
     "teacher_attention_probs": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.probs(s.teacher_layer),
-                                        **_TEACHER_QKV, what="teacher attention probabilities"),
-    "student_values": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.values(s.student_layer), **_STUDENT_QKV,
+                                        **_TEACHER_HEADS, what="teacher attention probabilities"),
+    "student_values": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.values(s.student_layer), **_STUDENT_HEADS,
                                what="student per-head values"),
-    "teacher_values": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.values(s.teacher_layer), **_TEACHER_QKV,
+    "teacher_values": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.values(s.teacher_layer), **_TEACHER_HEADS,
                                what="teacher per-head values"),
     "student_query": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.query(s.student_layer), **_STUDENT_QKV,
                               what="student queries"),

@@ -204,10 +204,7 @@ class Trainer:
 
 def train(session: Session, job: Job) -> int:
     """Run a job and close the process group whatever happens; returns the exit code."""
-    import torch.distributed as dist
-
     try:
         return Trainer(session, job).run()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        ds.shutdown()
