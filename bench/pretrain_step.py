@@ -24,7 +24,9 @@ from kdlib.cache import collate_rows
 from kdlib.objectives import ObjectiveConfig
 from kdlib.schemas import TeacherOutputsConfig
 from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
-from pretrain.distill import DistillModule, run_with_internals
+from kdlib.training.inputs import Offer
+from kdlib.training.internals import run_model
+from kdlib.training.module import DistillModule
 
 VOCAB, HIDDEN, HEADS, FFN = 30522, 384, 12, 1536
 
@@ -72,8 +74,11 @@ def main(argv=None) -> None:
     batch = make_batch(teacher, args.batch, args.length, args.top_k, 0)
     tokens = int(batch["attention_mask"].sum())
     cached = [ObjectiveConfig("kd_topk"), ObjectiveConfig("mlm_ce", weight=0.5)]
-    kd = DistillModule(student, torch.nn.ModuleDict(), cached, [])
-    online = DistillModule(student, torch.nn.ModuleDict(), cached + [ObjectiveConfig("hidden_mse")], [(2, 1), (4, 2), (6, 3)])
+    topk = frozenset({"topk_ids", "topk_logits", "teacher_lse", "mlm_labels"})
+    kd = DistillModule(student, cached, Offer(online_teacher=False, cached=topk), teacher_width=HIDDEN, seed=0)
+    online = DistillModule(student, cached + [ObjectiveConfig("hidden_mse")],
+                           Offer(online_teacher=True, cached=topk, pairs=((2, 1), (4, 2), (6, 3))),
+                           teacher_width=HIDDEN, seed=0)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     def update(loss):
@@ -87,8 +92,8 @@ def main(argv=None) -> None:
 
     def teacher_step():
         with torch.no_grad():
-            return run_with_internals(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False,
-                                      heads=HEADS)[1]
+            return run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False,
+                             heads=HEADS)
 
     def kd_step():
         update(kd(batch)[0])
