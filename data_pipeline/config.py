@@ -6,29 +6,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from kdlib.augment import AugmentConfig
+from kdlib.masking import MaskingConfig
 from kdlib.models import ModelConfig
 from kdlib.readers import CorpusConfig, TaskConfig
 from kdlib.schemas import TeacherOutputsConfig
-
-
-@dataclass
-class MaskingConfig:
-    """BERT-style masking of packed corpus rows, so the transfer set carries masked-LM targets."""
-
-    prob: float = 0.0  # fraction of tokens selected (0: no masking; BERT uses 0.15)
-    whole_word: bool = True  # select whole words (all their word pieces together)
-    mask_fraction: float = 0.8  # selected tokens replaced by [MASK]
-    random_fraction: float = 0.1  # selected tokens replaced by a random token (the rest stay unchanged)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.prob < 1.0:
-            raise ValueError(f"prob: expected a probability in [0, 1), got {self.prob}")
-        for name in ("mask_fraction", "random_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
-        if self.mask_fraction + self.random_fraction > 1.0:
-            raise ValueError(f"random_fraction: mask_fraction + random_fraction must be <= 1, got "
-                             f"{self.mask_fraction} + {self.random_fraction}")
 
 
 @dataclass

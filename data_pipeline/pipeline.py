@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm import tqdm
 
 from data_pipeline.config import PipelineConfig
-from data_pipeline.packing import shard_of, stable_hash
+from data_pipeline.rows import shard_of, stable_hash
 from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
                                       build_vocabulary, pos_pairs, task_row)
 from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, remove_partial_files,
@@ -130,7 +130,7 @@ def watch_progress(out: Path, total_shards: int, stop: threading.Event) -> None:
     shard_dir, t0 = out / SHARD_DIR, time.time()
     already = len(list(shard_dir.glob("*.json"))) if shard_dir.is_dir() else 0
     seen = already
-    with tqdm(total=total_shards, desc="teacher shards", unit="shard", initial=already) as bar:
+    with tqdm(total=total_shards, desc="teacher shards", unit="shard", initial=already, disable=None) as bar:
         while not stop.wait(2.0):
             done = list(shard_dir.glob("*.json")) if shard_dir.is_dir() else []
             if len(done) == seen:

@@ -12,7 +12,9 @@ import torch
 from apache_beam.metrics import Metrics
 
 from data_pipeline.config import PipelineConfig
-from data_pipeline.packing import TokenizedText, mask_row, pack_group, row_id, stable_hash
+from data_pipeline.rows import TokenizedText, pack_group, row_id, stable_hash
+from kdlib.masking import MaskTokens, mask_tokens, word_starts
+from kdlib.padding import pad_sequences
 from kdlib.readers import normalize_text, read_corpus, read_task
 
 NS = "data_pipeline"
@@ -118,11 +120,9 @@ class TokenizeUnits(beam.DoFn):
         enc = self.tokenizer(texts, pairs, add_special_tokens=is_task, truncation=is_task,
                              max_length=self.cfg.max_length if is_task else None, return_attention_mask=False)
         for i, u in enumerate(batch):
-            word_ids = enc.word_ids(i)
-            starts = tuple(w is not None and (j == 0 or word_ids[j - 1] != w) for j, w in enumerate(word_ids))
             yield TokenizedText(unit_id=u["unit_id"], source_id=u["source_id"], copy_index=u.get("copy_index", 0),
-                                kind=u.get("kind", "original"), ids=tuple(enc["input_ids"][i]), word_starts=starts,
-                                label=u["label"])
+                                kind=u.get("kind", "original"), ids=tuple(enc["input_ids"][i]),
+                                word_starts=word_starts(enc.word_ids(i)), label=u["label"])
 
 
 class PackAndMask(beam.DoFn):
@@ -135,8 +135,7 @@ class PackAndMask(beam.DoFn):
         from kdlib.models import load_tokenizer
 
         tok = load_tokenizer(self.cfg.teacher.path)
-        self.cls_id, self.sep_id, self.mask_id = tok.cls_token_id, tok.sep_token_id, tok.mask_token_id
-        self.vocab_size, self.special = len(tok), set(tok.all_special_ids)
+        self.cls_id, self.sep_id, self.tokens = tok.cls_token_id, tok.sep_token_id, MaskTokens.from_tokenizer(tok)
 
     def process(self, keyed):
         _, items = keyed
@@ -145,10 +144,8 @@ class PackAndMask(beam.DoFn):
                               cls_id=self.cls_id, sep_id=self.sep_id):
             starts = row.pop("word_starts")
             if m.prob > 0:
-                masked, positions, labels = mask_row(
-                    row["input_ids"], starts, seed=self.cfg.seed, rid=row["id"], prob=m.prob, whole_word=m.whole_word,
-                    mask_fraction=m.mask_fraction, random_fraction=m.random_fraction, mask_id=self.mask_id,
-                    vocab_size=self.vocab_size, special_ids=self.special)
+                rng = np.random.default_rng(stable_hash(f"{self.cfg.seed}:{row['id']}"))  # per row: order-free
+                masked, positions, labels = mask_tokens(row["input_ids"], rng, m, self.tokens, starts)
                 row.update(input_ids=masked, mlm_positions=positions, mlm_labels=labels)
             yield row
 
@@ -211,12 +208,7 @@ class TeacherShard(beam.DoFn):
         from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, topk_fidelity
 
         outputs = self.cfg.teacher_outputs
-        T = max(len(r["input_ids"]) for r in batch)
-        ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids[i, :len(r["input_ids"])] = torch.from_numpy(np.asarray(r["input_ids"], dtype=np.int64))
-            mask[i, :len(r["input_ids"])] = 1
+        ids, mask = pad_sequences([r["input_ids"] for r in batch], self.pad_id)
         raw = teacher_forward(self.model, ids, mask, outputs)
         want = quota - fidelity["positions"]
         if outputs.top_k and want > 0:

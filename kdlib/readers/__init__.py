@@ -14,12 +14,3 @@ __all__ = [
     "read_corpus", "read_task", "read_text", "read_fasttext", "read_wikipedia_xml",
     "clean_wiki_text", "normalize_text", "gensim_test_data", "resolve_path",
 ]
-
-
-def __getattr__(attr: str):
-    # DEFAULT_WIKI_DUMP (a Path inside the installed gensim) is looked up on first use.
-    if attr == "DEFAULT_WIKI_DUMP":
-        from kdlib.readers import paths
-
-        return paths.DEFAULT_WIKI_DUMP
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

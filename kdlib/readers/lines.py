@@ -70,8 +70,3 @@ def decode_whole(data: bytes, path: Path, encoding: str = "utf-8") -> str:
     except UnicodeDecodeError as exc:
         raise _bad_bytes(path, data.count(b"\n", 0, exc.start) + 1, data, exc, encoding) from None
     return text[1:] if text.startswith("\ufeff") else text
-
-
-def display_name(path: Path) -> str:
-    """The id prefix for records from `path`: its base name (stable across machines)."""
-    return path.name
