@@ -7,7 +7,6 @@ kdlib/training/; this file says only what general distillation is made of.
 
 from __future__ import annotations
 
-import threading
 from functools import partial
 from pathlib import Path
 
@@ -66,11 +65,9 @@ def train(cfg: PretrainConfig, setup: Setup) -> int:
     train_rows = len(ts) - cfg.eval_rows
     eval_indices = list(range(train_rows, len(ts)))
     pad_id = setup.teacher_config.pad_token_id or 0
-    reading = threading.Lock()  # the prefetch thread and evaluation share the reader's open-shard cache
 
-    def load(indices: list[int]) -> dict:
-        with reading:
-            return ts.collate(ts.rows(indices), pad_id=pad_id)
+    def load(indices: list[int]) -> dict:  # the reader is thread-safe: prefetch and evaluation share it
+        return ts.batch(indices, pad_id=pad_id)
 
     sampler = DistributedBatchSampler(train_rows, micro_batch=cfg.engine.micro_batch, grad_accum=cfg.engine.grad_accum,
                                       rank=session.place.rank, world_size=session.place.world_size, seed=cfg.seed)

@@ -1,7 +1,7 @@
 """The transfer-set cache: the contract between the data pipeline and the training stages.
 
 A transfer set is one directory: `shards/*.parquet` (each with a `.json` sidecar) and
-`manifest.json`, written last. See DESIGN.md and README "Transfer-set format".
+`manifest.json`, written last. See README "Transfer-set format".
 """
 
 from kdlib.cache.manifest import MANIFEST, Manifest, check_fingerprints, read_manifest, verify_shards, write_manifest

@@ -2,7 +2,7 @@
 
 A directory without a manifest is not a transfer set (it may be a killed build). Consumers check the
 teacher and tokenizer fingerprints against what they were told to use and stop, naming both, when
-they differ; `verify` re-hashes every shard and names a corrupted one.
+they differ; `verify_shards` re-hashes every shard and names a corrupted one.
 """
 
 from __future__ import annotations
@@ -83,11 +83,20 @@ def check_fingerprints(manifest: Manifest, where: str, *, teacher: Optional[str]
                                   f"but this run uses tokenizer {tokenizer}")
 
 
+def missing_shard(path: Path) -> CacheError:
+    return CacheError(f"{path}: shard listed in the manifest is missing")
+
+
+def check_shard_digest(path: Path, actual: str, expected: str) -> None:
+    """A shard whose bytes hash to something other than the manifest's record is named, with both hashes."""
+    if actual != expected:
+        raise CacheError(f"{path}: shard is corrupted (sha256 {actual} differs from the manifest's {expected})")
+
+
 def verify_shards(directory: str | os.PathLike, manifest: Manifest) -> None:
     """Re-hash every shard; a missing or changed one is named."""
     for shard in manifest.shards:
         path = Path(directory) / shard.file
         if not path.is_file():
-            raise CacheError(f"{path}: shard listed in the manifest is missing")
-        if sha256_file(path) != shard.sha256:
-            raise CacheError(f"{path}: shard is corrupted (sha256 differs from the manifest)")
+            raise missing_shard(path)
+        check_shard_digest(path, sha256_file(path), shard.sha256)

@@ -3,37 +3,112 @@
 Rows are addressed by a global index (shards in manifest order, rows in file order), so a sampler
 that owns the order can hand any rank any rows and resume at an exact position. Only the shards a
 batch touches are opened; at most `max_open_shards` stay decoded in memory.
+
+Verification costs no start-up time in the mode the trainer uses ("lazy"): opening checks the
+manifest, the fingerprints and each shard file's size; a shard's sha256 is checked the first time
+this process reads it, over the same bytes that are then parsed, so the check adds no second read.
+A decoded shard is flat numpy arrays plus row offsets per column, so a row is a few slices and a
+batch a few vectorised copies. The reader is safe to use from a prefetching thread and the
+training thread at once; decoding (Parquet, sha256, numpy) runs outside its lock.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kdlib.cache.manifest import Manifest, check_fingerprints, read_manifest, verify_shards
+from kdlib.cache.manifest import (Manifest, check_fingerprints, check_shard_digest, missing_shard, read_manifest,
+                                  verify_shards)
+from kdlib.errors import CacheError
+from kdlib.padding import pad_flat, pad_sequences, row_lengths
 
 IGNORE_INDEX = -100
+VERIFY_MODES = ("eager", "lazy", "off")
+_NUMPY = {t: np.dtype(n) for t, n in [(pa.int8(), "int8"), (pa.int16(), "int16"), (pa.int32(), "int32"),
+                                       (pa.int64(), "int64"), (pa.uint8(), "uint8"), (pa.uint16(), "uint16"),
+                                       (pa.uint32(), "uint32"), (pa.uint64(), "uint64"), (pa.float16(), "float16"),
+                                       (pa.float32(), "float32"), (pa.float64(), "float64")]}
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    """A read-only numpy view of a primitive Arrow array (to_numpy would import pandas: ~0.5 s at start-up)."""
+    dtype = _NUMPY.get(array.type)
+    if dtype is None or array.null_count or not len(array):
+        return array.to_numpy(zero_copy_only=False)
+    out = np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+    out.flags.writeable = False  # rows are views into the cached shard: nobody may change it
+    return out
+
+
+def verify_mode(verify: Union[bool, str]) -> str:
+    """True -> "eager" (every shard hashed at open, the historical behaviour), False -> "off"."""
+    if verify is True or verify is False:
+        return "eager" if verify else "off"
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify: expected one of {', '.join(VERIFY_MODES)} (or True/False), got {verify!r}")
+    return verify
+
+
+class _Shard:
+    """One decoded shard: per list column its flat values and row offsets, other columns as Python lists."""
+
+    def __init__(self, table: pa.Table):
+        self.names = list(table.column_names)
+        self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.scalars: dict[str, list] = {}
+        self.valid: dict[str, list] = {}  # list columns holding nulls (none in pipeline output): row validity
+        for name in self.names:
+            column = table.column(name)
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                array = column.combine_chunks()
+                # .offsets index into .values (both ignore the array's own slice offset consistently)
+                self.lists[name] = (_numpy(array.values), _numpy(array.offsets))
+                if array.null_count:
+                    self.valid[name] = array.is_valid().to_pylist()
+            else:
+                self.scalars[name] = column.to_pylist()
+
+    def value(self, name: str, local: int):
+        if name in self.lists:
+            if name in self.valid and not self.valid[name][local]:
+                return None
+            values, offsets = self.lists[name]
+            return values[offsets[local]:offsets[local + 1]]
+        return self.scalars[name][local]
+
+    def row(self, local: int) -> dict:
+        return {name: self.value(name, local) for name in self.names}
 
 
 class TransferSet:
-    """A verified transfer-set directory."""
+    """A transfer-set directory whose manifest and fingerprints are checked, and whose shard bytes are checked
+    according to `verify`: "eager" (or True) hashes every shard at open, "lazy" each shard on its first read
+    in this process, "off" (or False) never."""
 
     def __init__(self, path: str | Path, *, teacher_fingerprint: Optional[str] = None,
-                 tokenizer_fingerprint: Optional[str] = None, verify: bool = True, max_open_shards: int = 4,
-                 columns: Optional[list[str]] = None):
+                 tokenizer_fingerprint: Optional[str] = None, verify: Union[bool, str] = True,
+                 max_open_shards: int = 4, columns: Optional[list[str]] = None):
         self.path = Path(path)
+        self.verify = verify_mode(verify)
         self.manifest: Manifest = read_manifest(self.path)
         check_fingerprints(self.manifest, str(self.path), teacher=teacher_fingerprint, tokenizer=tokenizer_fingerprint)
-        if verify:
+        if self.verify == "eager":
             verify_shards(self.path, self.manifest)
+        elif self.verify == "lazy":
+            self._check_sizes()
         self._starts = np.cumsum([0] + [s.rows for s in self.manifest.shards]).tolist()
-        self._open: OrderedDict[int, dict] = OrderedDict()
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._verified: set[int] = set()  # shards hashed by this process (lazy mode)
+        self._lock = threading.Lock()  # guards _open and _verified only, never held while decoding
         self._max_open = max_open_shards
         self._columns = columns
         self.top_k = int(self.manifest.cached.get("top_k") or 0)
@@ -42,33 +117,65 @@ class TransferSet:
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _shard(self, index: int) -> dict:
-        if index in self._open:
-            self._open.move_to_end(index)
-            return self._open[index]
-        table = pq.read_table(self.path / self.manifest.shards[index].file, columns=self._columns)
-        decoded = {name: table.column(name).to_pylist() if table.schema.field(name).type == "string"
-                   else table.column(name).combine_chunks() for name in table.column_names}
-        self._open[index] = decoded
-        while len(self._open) > self._max_open:
-            self._open.popitem(last=False)
-        return decoded
+    def _check_sizes(self) -> None:
+        """Each shard exists with the recorded size: a stat per shard, no read."""
+        for shard in self.manifest.shards:
+            path = self.path / shard.file
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise missing_shard(path) from None
+            if size != shard.bytes:
+                raise CacheError(f"{path}: shard is corrupted (size {size} bytes differs from the manifest's "
+                                 f"{shard.bytes})")
 
-    def row(self, global_index: int) -> dict:
-        """One row as numpy arrays (lists) and scalars."""
+    def _read(self, index: int, check: bool) -> _Shard:
+        info = self.manifest.shards[index]
+        path = self.path / info.file
+        try:
+            source = path.read_bytes() if check else path  # read once: hashed, then parsed from memory
+        except FileNotFoundError:
+            raise missing_shard(path) from None
+        if check:
+            check_shard_digest(path, hashlib.sha256(source).hexdigest(), info.sha256)
+            source = pa.BufferReader(source)
+        try:
+            # ParquetFile, not pq.read_table: the latter's first call imports pyarrow.dataset (~0.4 s)
+            with pq.ParquetFile(source) as handle:
+                table = handle.read(columns=self._columns)
+        except FileNotFoundError:
+            raise missing_shard(path) from None
+        if table.num_rows != info.rows:  # global indices would point at the wrong rows
+            raise CacheError(f"{path}: shard holds {table.num_rows} rows, the manifest says {info.rows}")
+        return _Shard(table)
+
+    def _shard(self, index: int) -> _Shard:
+        with self._lock:
+            shard = self._open.get(index)
+            if shard is not None:
+                self._open.move_to_end(index)
+                return shard
+            check = self.verify == "lazy" and index not in self._verified
+        shard = self._read(index, check)  # two threads may decode the same shard at once: harmless
+        with self._lock:
+            if check:
+                self._verified.add(index)
+            self._open[index] = shard
+            self._open.move_to_end(index)
+            while len(self._open) > self._max_open:
+                self._open.popitem(last=False)
+        return shard
+
+    def _locate(self, global_index: int) -> tuple[int, int]:
         if not 0 <= global_index < len(self):
             raise IndexError(f"row {global_index} out of range [0, {len(self)})")
         shard = bisect.bisect_right(self._starts, global_index) - 1
-        local = global_index - self._starts[shard]
-        data = self._shard(shard)
-        out = {}
-        for name, column in data.items():
-            if isinstance(column, list):
-                out[name] = column[local]
-            else:
-                value = column[local]
-                out[name] = value.values.to_numpy(zero_copy_only=False) if hasattr(value, "values") else value.as_py()
-        return out
+        return shard, global_index - self._starts[shard]
+
+    def row(self, global_index: int) -> dict:
+        """One row: list columns as (read-only) numpy arrays in their stored dtype, others as Python values."""
+        shard, local = self._locate(global_index)
+        return self._shard(shard).row(local)
 
     def rows(self, indices: Iterable[int]) -> list[dict]:
         return [self.row(i) for i in indices]
@@ -77,42 +184,64 @@ class TransferSet:
         """Pad a list of rows to the longest one: (B, T) ids and mask, (B, T, k) top-k, (B, T, H) hidden."""
         return collate_rows(rows, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id)
 
+    def batch(self, indices: Iterable[int], pad_id: int = 0) -> dict:
+        """Exactly collate(rows(indices)), without building row dicts: columns are sliced from the shards' arrays."""
+        indices = [int(i) for i in indices]
+        located = [self._locate(i) for i in indices]
+        shards = [self._shard(s) for s, _ in located]
+        if not shards or any(s.valid for s in shards):  # nulls: the row path's behaviour
+            return self.collate([s.row(local) for s, (_, local) in zip(shards, located)], pad_id=pad_id)
+        columns = {name: [s.value(name, local) for s, (_, local) in zip(shards, located)] for name in shards[0].names}
+        return _collate_columns(columns, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id)
+
 
 def collate_rows(rows: list[dict], *, top_k: int, hidden_size: int, pad_id: int = 0) -> dict:
     """Dynamic padding: every per-position tensor is cut to the longest row of this batch."""
-    lengths = [len(r["input_ids"]) for r in rows]
-    B, T = len(rows), max(lengths)
-    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((B, T), dtype=torch.long),
-             "ids": [r["id"] for r in rows]}
-    for i, (r, n) in enumerate(zip(rows, lengths)):
-        batch["input_ids"][i, :n] = torch.from_numpy(np.array(r["input_ids"], dtype=np.int64))
-        batch["attention_mask"][i, :n] = 1
-    first = rows[0]
-    if "mlm_positions" in first:
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        for i, r in enumerate(rows):
-            pos = np.asarray(r["mlm_positions"], dtype=np.int64)
-            labels[i, pos] = torch.from_numpy(np.array(r["mlm_labels"], dtype=np.int64))
-        batch["mlm_labels"] = labels
-    if "label" in first:
-        batch["labels"] = torch.tensor([IGNORE_INDEX if r["label"] is None else r["label"] for r in rows])
+    return _collate_columns({name: [r[name] for r in rows] for name in rows[0]}, top_k=top_k,
+                            hidden_size=hidden_size, pad_id=pad_id)
+
+
+def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, pad_id: int) -> dict:
+    """The batch from per-row values by column (keys in the rows' column order)."""
+    input_ids, attention_mask = pad_sequences(columns["input_ids"], pad_id)
+    lengths = row_lengths(columns["input_ids"])
+    B, T = input_ids.shape
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "ids": list(columns["id"])}
+    if "mlm_positions" in columns:
+        batch["mlm_labels"] = torch.from_numpy(_scatter_labels(columns["mlm_positions"], columns["mlm_labels"], B, T))
+    if "label" in columns:
+        batch["labels"] = torch.tensor([IGNORE_INDEX if v is None else v for v in columns["label"]])
     if top_k:
-        ids = torch.zeros((B, T, top_k), dtype=torch.long)
-        logits = torch.zeros((B, T, top_k), dtype=torch.float32)
-        lse = torch.zeros((B, T), dtype=torch.float32)
-        for i, (r, n) in enumerate(zip(rows, lengths)):
-            ids[i, :n] = torch.from_numpy(np.array(r["topk_ids"], dtype=np.int64).reshape(n, top_k))
-            logits[i, :n] = torch.from_numpy(np.array(r["topk_logits"], dtype=np.float32).reshape(n, top_k))
-            lse[i, :n] = torch.from_numpy(np.array(r["lse"], dtype=np.float32))
-        batch.update(topk_ids=ids, topk_logits=logits, teacher_lse=lse)
-    if "logits" in first:
-        batch["teacher_logits"] = torch.from_numpy(np.stack([np.asarray(r["logits"], dtype=np.float32) for r in rows]))
-    for name in [k for k in first if k.startswith("hidden_")]:
-        hidden = torch.zeros((B, T, hidden_size), dtype=torch.float32)
-        for i, (r, n) in enumerate(zip(rows, lengths)):
-            hidden[i, :n] = torch.from_numpy(np.array(r[name], dtype=np.float32).reshape(n, hidden_size))
-        batch[f"teacher_{name}"] = hidden
-    if "pooled" in first:
-        batch["teacher_pooled"] = torch.from_numpy(np.stack([np.asarray(r["pooled"], dtype=np.float32) for r in rows]))
+        batch.update(
+            topk_ids=torch.from_numpy(pad_flat(columns["topk_ids"], lengths, T, dtype=np.int64, width=top_k,
+                                               name="topk_ids")),
+            topk_logits=torch.from_numpy(pad_flat(columns["topk_logits"], lengths, T, dtype=np.float32, width=top_k,
+                                                  name="topk_logits")),
+            teacher_lse=torch.from_numpy(pad_flat(columns["lse"], lengths, T, dtype=np.float32, name="lse")))
+    if "logits" in columns:
+        batch["teacher_logits"] = _stack(columns["logits"])
+    for name in [k for k in columns if k.startswith("hidden_")]:
+        batch[f"teacher_{name}"] = torch.from_numpy(pad_flat(columns[name], lengths, T, dtype=np.float32,
+                                                             width=hidden_size, name=name))
+    if "pooled" in columns:
+        batch["teacher_pooled"] = _stack(columns["pooled"])
     return batch
+
+
+def _stack(values: list) -> torch.Tensor:
+    """(B, C) float32 from per-row vectors of one size (dense logits, pooled embeddings)."""
+    return torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in values]))
+
+
+def _scatter_labels(positions: list, labels: list, B: int, T: int) -> np.ndarray:
+    """(B, T) int64 masked-LM targets: mlm_labels at mlm_positions, IGNORE_INDEX elsewhere."""
+    counts = row_lengths(positions)
+    if not np.array_equal(counts, row_lengths(labels)):
+        i = int(np.flatnonzero(counts != row_lengths(labels))[0])
+        raise ValueError(f"mlm_labels: row {i} has {len(labels[i])} labels for {counts[i]} mlm_positions")
+    out = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    if counts.sum():
+        pos = np.concatenate([np.asarray(p).reshape(-1) for p in positions], dtype=np.int64, casting="unsafe")
+        val = np.concatenate([np.asarray(v).reshape(-1) for v in labels], dtype=np.int64, casting="unsafe")
+        out[np.repeat(np.arange(B), counts), pos] = val
+    return out
