@@ -87,8 +87,10 @@ def test_evaluate_objective_with_schedules():
                          temperature_schedule=ScheduleConfig("linear", start=4.0, end=1.0),
                          weight_schedule=ScheduleConfig("linear", start=0.0, end=1.0))
     got = evaluate_objective(kd, inputs, step=50, total_steps=100)
-    expected = 0.5 * get_loss("kd_kl")(s, t, mask, temperature=2.5)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    # weight and weight schedule multiply (0.3 * 0.5); the temperature schedule replaces the fixed 2.0.
+    raw = get_loss("kd_kl")(s, t, mask, temperature=2.5)
+    expected = 0.3 * 0.5 * raw
+    assert got.item() == pytest.approx(expected.item(), abs=1e-12 * (1.0 + abs(raw.item())))
     ce = ObjectiveConfig("hard_ce", weight=2.0)
     tot = total_loss([kd, ce], inputs, step=50, total_steps=100)
     assert tot.item() == pytest.approx(expected.item() + 2.0 * get_loss("hard_ce")(s, labels, mask).item())

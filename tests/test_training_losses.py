@@ -166,7 +166,7 @@ def test_each_loss_trains_one_step_and_logs_its_direct_value(paths, tmp_path, mo
     overrides = {"layer_map": {"name": "emd"}} if name == "bert_emd" else {}
     cfg, setup, first = one_step(paths, tmp_path / name, monkeypatch, [{"name": name, "params": PARAMS.get(name, {})}],
                                  **overrides)
-    want = float(expected(name, raw_tensors(cfg, setup), cfg))
+    want = float(expected(name, raw_tensors(cfg, setup), cfg).detach())
     # both sides are float32 sums of O(1)-sized terms: 1e-5 absolute (plus relative for large values)
     assert abs(first[name] - want) <= 1e-5 * (1 + abs(want)), (name, first[name], want)
     assert first["loss"] == first[name]
