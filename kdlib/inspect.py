@@ -32,7 +32,7 @@ def describe_model(ref: str) -> dict:
 
 def describe_corpus(cfg: CorpusConfig, tokenizer) -> dict:
     docs = chars = tokens = 0
-    for doc in tqdm(read_corpus(cfg), desc="reading corpus", unit="doc"):
+    for doc in tqdm(read_corpus(cfg), desc="reading corpus", unit="doc", disable=None):
         docs += 1
         chars += len(doc.text)
         tokens += len(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
