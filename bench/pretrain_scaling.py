@@ -16,23 +16,41 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(config: str, processes: int, threads: int, steps: int) -> float:
-    out = ROOT / "bench" / "out" / f"pretrain_{processes}proc"
+def run(config: str, processes: int, threads: int, steps: int, *, tree: Path = ROOT, tag: str = "",
+        sets: tuple[str, ...] = ()) -> dict:
+    """One `torchrun -m pretrain` into bench/out/: median tokens/s of steps 3.., wall seconds, first and last
+    loss, final held-out top-1 agreement.
+
+    The command runs inside `tree` with PYTHONPATH=tree: `-m` puts the working directory first on
+    sys.path, so it trains with that tree's code (the base-vs-new benchmarks rely on this).
+    """
+    out = ROOT / "bench" / "out" / f"pretrain_{tag or f'{processes}proc'}"
     if out.exists():
         shutil.rmtree(out)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--nproc_per_node", str(processes), "-m", "pretrain", "--config", config,
+    cmd = [torchrun, "--nproc_per_node", str(processes), "-m", "pretrain", "--config", str(ROOT / config),
            "--set", f"output_dir={out}", "--set", f"steps={steps}", "--set", f"threads={threads}",
            "--set", "eval_every=0", "--set", f"checkpoint_every={steps}", "--set", "progress_bar=false"]
-    subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads)))
+    for item in sets:
+        cmd += ["--set", item]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONPATH=str(tree))
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} (in {tree}): exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    wall = time.perf_counter() - started
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if r.get("kind") == "train"][2:]
-    return statistics.median(rates)
+    train = [r for r in records if r.get("kind") == "train"]
+    final_eval = [r for r in records if r.get("kind") == "eval"][-1]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[2:]), "wall_s": wall,
+            "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
+            "top1_agreement": final_eval.get("top1_agreement")}
 
 
 def main() -> None:
@@ -40,8 +58,10 @@ def main() -> None:
     parser.add_argument("--config", default="configs/pretrain_demo.yaml")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
-    one = run(args.config, 1, 2, args.steps)
-    two = run(args.config, 2, 1, args.steps)
+    demo = ROOT / "runs" / "demo"  # absolute: the command runs from the tree's root
+    sets = (f"teacher.path={demo / 'teacher_mlm'}", f"transfer_set={demo / 'transfer_set'}")
+    one = run(args.config, 1, 2, args.steps, sets=sets)["tokens_per_s"]
+    two = run(args.config, 2, 1, args.steps, sets=sets)["tokens_per_s"]
     print(f"\n1 process x 2 threads : {one:8,.0f} tokens/s (median over steps 3..{args.steps})")
     print(f"2 processes x 1 thread: {two:8,.0f} tokens/s (global)")
     print(f"ratio 2 processes / 1 : {two / one:.2f}")

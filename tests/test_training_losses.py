@@ -179,9 +179,10 @@ def test_cached_teacher_outputs_serve_losses_without_an_online_teacher(paths, tm
     cfg, setup, first = one_step(paths, tmp_path / "cached", monkeypatch, objectives, online_teacher=False)
     r = raw_tensors(cfg, setup)
     b = r.batch
-    cached_hidden = mean_over_pairs(lambda t, s: get_loss("hidden_mse")(r.s_h[s], b[f"teacher_hidden_{t}"], r.mask, r.proj))
+    cached_hidden = float(mean_over_pairs(
+        lambda t, s: get_loss("hidden_mse")(r.s_h[s], b[f"teacher_hidden_{t}"], r.mask, r.proj)).detach())
     assert abs(first["hidden_mse"] - float(cached_hidden)) <= 1e-5 * (1 + float(cached_hidden))
-    online_hidden = float(expected("hidden_mse", r, cfg))
+    online_hidden = float(expected("hidden_mse", r, cfg).detach())
     assert first["hidden_mse"] != online_hidden  # it really read the fp16 cache, not a teacher forward
     assert abs(first["hidden_mse"] - online_hidden) < 1e-2 * (1 + online_hidden)  # fp16 rounding of the targets
     cached_pooled = float(get_loss("rkd_distance")(r.s_pooled, b["teacher_pooled"]))
