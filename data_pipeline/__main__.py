@@ -16,6 +16,10 @@ from kdlib.config import load_config
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    # The job service logs each worker failure with its whole traceback; the pipeline reports the error in
+    # one line and keeps Beam's detail in <output_dir>/logs/ instead.
+    for name in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     parser = config_parser(__doc__.splitlines()[0])
     args, beam_args = parser.parse_known_args(argv)
     return exit_code_of(lambda: run(load_config(args.config, PipelineConfig, parse_overrides(args.set)),

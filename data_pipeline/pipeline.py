@@ -1,19 +1,24 @@
 """Build and run the transfer-set pipeline, then write the manifest last.
 
 Before any Beam work: the config is validated against the teacher's config.json, the fingerprints
-are computed, and an existing output directory is checked (a different teacher, tokenizer or config
-is refused unless `overwrite`). `build.json` records what a directory is being built with, so a
-killed build resumes only with the same inputs.
+are computed, the output folder is locked against a second writer, and an existing output folder is
+checked (anything but a transfer set is refused; a different teacher, tokenizer or config is refused
+unless `overwrite`; a complete set from the same inputs is verified and left as it is).
+`build.json` records what a folder is being built with, so a killed build resumes only with the
+same inputs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -23,14 +28,15 @@ from data_pipeline.config import PipelineConfig
 from data_pipeline.rows import shard_of, stable_hash
 from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
                                       build_vocabulary, pos_pairs, task_row)
-from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, remove_partial_files,
-                         row_schema, write_manifest)
+from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, read_manifest,
+                         remove_partial_files, row_schema, verify_shards, write_manifest)
 from kdlib.cache.shards import SHARD_DIR
-from kdlib.config import config_hash, save_resolved, to_dict
-from kdlib.errors import CacheError, FingerprintMismatch, KDError
+from kdlib.config import content_hash as kd_content_hash, save_resolved, to_dict
+from kdlib.errors import CacheError, KDError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import atomic_write_text
 from kdlib.models import check_model_folder, resolve_model_path
+from kdlib.outputs import check_output_folder, output_lock
 from kdlib.readers import read_corpus, read_task
 from kdlib.schemas import check_against_teacher
 
@@ -41,14 +47,14 @@ NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads")
 
 def content_hash(cfg: PipelineConfig) -> str:
     """Hash of the config fields that determine the rows (not the output path or thread count)."""
-    return config_hash({k: v for k, v in to_dict(cfg).items() if k not in NON_CONTENT_FIELDS})
+    return kd_content_hash(cfg, NON_CONTENT_FIELDS)
 
 
 def preflight(cfg: PipelineConfig, source: str) -> dict:
     """Everything that can fail cheaply fails here, before a worker starts."""
     folder = resolve_model_path(cfg.teacher.path)
     teacher_config = check_model_folder(folder)
-    check_against_teacher(source, teacher_config, outputs=cfg.teacher_outputs)
+    check_against_teacher(source, teacher_config, outputs=cfg.teacher_outputs, max_length=cfg.max_length)
     records = read_task(cfg.task) if cfg.task is not None else read_corpus(cfg.corpus)
     labels = list(cfg.labels)
     if cfg.task is not None:
@@ -64,32 +70,55 @@ def preflight(cfg: PipelineConfig, source: str) -> dict:
             "config_hash": content_hash(cfg)}
 
 
-def claim_directory(cfg: PipelineConfig, info: dict) -> Path:
-    """Create or resume output_dir; refuse one built with other inputs (naming both fingerprints)."""
+STAGE = "python -m data_pipeline"
+
+
+def _found_claim(out: Path) -> Optional[dict]:
+    """The inputs a transfer set (manifest.json) or an interrupted build (build.json) in `out` was made from."""
+    for name in (MANIFEST, BUILD):
+        if (out / name).is_file():
+            try:
+                data = json.loads((out / name).read_text())
+                return {"teacher_fingerprint": data.get("teacher_fingerprint") or data["teacher"]["fingerprint"],
+                        "tokenizer_fingerprint": data["tokenizer_fingerprint"], "config_hash": data["config_hash"]}
+            except (ValueError, KeyError, TypeError):
+                raise CacheError(f"{out / name}: not a readable {name}; nothing was changed. Move the folder "
+                                 "away, or choose another output_dir") from None
+    return None
+
+
+def claim_directory(cfg: PipelineConfig, info: dict) -> tuple[Path, Optional[Manifest]]:
+    """Create, resume or recognise output_dir; returns (folder, its manifest when the set is already complete).
+
+    A folder holding anything but a transfer set (or its interrupted build) is refused; one built with
+    other inputs is refused naming both, and replaced only with overwrite: true. A complete set from the
+    same inputs is verified and left as it is: a rerun never makes a readable transfer set unreadable.
+    """
     out = Path(cfg.output_dir)
     mine = {"teacher_fingerprint": info["fingerprint"], "tokenizer_fingerprint": info["tokenizer_fingerprint"],
             "config_hash": info["config_hash"]}
-    existing = None
-    for name in (MANIFEST, BUILD):
-        if (out / name).is_file():
-            data = json.loads((out / name).read_text())
-            existing = {"teacher_fingerprint": data.get("teacher_fingerprint") or data["teacher"]["fingerprint"],
-                        "tokenizer_fingerprint": data["tokenizer_fingerprint"], "config_hash": data["config_hash"]}
-            break
-    if existing is not None and existing != mine:
-        if not cfg.overwrite:
-            diffs = "; ".join(f"{k}: directory has {existing[k]}, this run has {mine[k]}"
-                              for k in mine if existing[k] != mine[k])
-            raise FingerprintMismatch(f"{out}: was built with other inputs ({diffs}). Use a new output_dir, "
-                                      "or set overwrite: true to replace it")
+    found = _found_claim(out) if out.is_dir() else None
+    diffs = "; ".join(f"{k}: directory has {found[k]}, this run has {mine[k]}" for k in mine
+                      if found is not None and found[k] != mine[k])
+    state = check_output_folder(out, stage=STAGE, found_claim=None if found is None else json.dumps(found, sort_keys=True),
+                                claim=json.dumps(mine, sort_keys=True), overwrite=cfg.overwrite, difference=diffs)
+    if state == "replace":
+        print(f"[data_pipeline] overwrite: true: replacing {out} ({diffs})")
         shutil.rmtree(out)
+    if state == "same" and (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        try:
+            verify_shards(out, manifest)
+            return out, manifest
+        except CacheError as err:  # unreadable already: rebuild what is missing, then a fresh manifest
+            print(f"[data_pipeline] {err}; rebuilding the missing shards")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a rerun re-verifies shards and writes a fresh manifest
-    atomic_write_text(out / BUILD, json.dumps(mine, indent=1))
+    atomic_write_text(out / BUILD, json.dumps(mine, indent=1))  # claims the folder before the manifest goes
+    (out / MANIFEST).unlink(missing_ok=True)  # only reached when the set is incomplete or corrupted
     removed = remove_partial_files(out)
     if removed:
         print(f"[data_pipeline] removed {removed} partial file(s) left by an interrupted run")
-    return out
+    return out, None
 
 
 def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
@@ -188,7 +217,16 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
 def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> Manifest:
     """Preflight, run the Beam pipeline, then verify and write manifest.json last."""
     info = preflight(cfg, source)
-    out = claim_directory(cfg, info)
+    with output_lock(cfg.output_dir, STAGE):
+        out, complete = claim_directory(cfg, info)
+        if complete is not None:
+            print(f"[data_pipeline] {out}: already complete with this config (hash {info['config_hash'][:12]}, "
+                  f"{len(complete.shards)} shards verified); nothing to do")
+            return complete
+        return _build(cfg, beam_args, out, info)
+
+
+def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> Manifest:
     save_resolved(cfg, out)
     print(f"[data_pipeline] teacher {info['fingerprint'][:12]}  tokenizer {info['tokenizer_fingerprint'][:12]}  "
           f"config {info['config_hash'][:12]}  -> {out}")
@@ -202,6 +240,10 @@ def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> 
         build_pipeline(p, cfg, out, info)
         result = p.run()
         result.wait_until_finish()
+    except KDError:
+        raise
+    except Exception as err:  # a worker's error arrives wrapped in Beam's own exception and traceback
+        raise worker_error(err, out) from None
     finally:
         stop.set()
         watcher.join()
@@ -217,12 +259,30 @@ def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> 
     return manifest
 
 
+# The last user error (kdlib.errors) named in a worker's traceback, and Beam's "[while running 'Step']" suffix.
+_WORKER_ERROR = re.compile(r"kdlib\.errors\.(\w+): (.+?)(?: \[while running '([^']+)'\])?$", re.MULTILINE)
+
+
+def worker_error(err: BaseException, out: Path) -> BaseException:
+    """A user error raised inside a Beam worker (a bad line in the middle of a corpus) as one readable KDError,
+    with Beam's whole traceback kept in `out/logs/`; any other error (a bug) is returned as it is."""
+    text = "".join(traceback.format_exception(err))
+    found = _WORKER_ERROR.findall(text)
+    if not found:
+        return err
+    _, message, step = found[-1]
+    log = out / "logs" / f"worker-error-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.log"
+    atomic_write_text(log, text)
+    where = f" in Beam step '{step}'" if step else " in a Beam worker"
+    return KDError(f"{message} (raised{where}; Beam's detail: {log})")
+
+
 def default_beam_args(beam_args: list[str]) -> list[str]:
     """With no runner named, use DirectRunner with 2 worker processes (this machine's cores)."""
     joined = " ".join(beam_args)
     args = list(beam_args)
     if "--default_sdk_harness_log_level" not in joined:
-        args += ["--default_sdk_harness_log_level", "ERROR"]  # worker processes log start-up noise otherwise
+        args += ["--default_sdk_harness_log_level", "CRITICAL"]  # workers log noise, and each error in full: the main process reports errors (details in output_dir/logs/)
     if "--runner" in joined and "DirectRunner" not in joined:
         return args
     if "--direct_num_workers" not in joined:

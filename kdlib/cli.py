@@ -47,7 +47,8 @@ def exit_code_of(work: Callable[[], object]) -> int:
     return 0
 
 
-def run_stage(description: str, config_cls: type[T], main: Callable[[T], object], argv: list[str] | None = None) -> int:
-    """Parse, load and validate the config, then run `main(config)`; user errors exit 2."""
+def run_stage(description: str, config_cls: type[T], main: Callable[[T, str], object],
+              argv: list[str] | None = None) -> int:
+    """Parse, load and validate the config, then run `main(config, config_path)`; user errors exit 2."""
     args = config_parser(description).parse_args(argv)
-    return exit_code_of(lambda: main(load_config(args.config, config_cls, parse_overrides(args.set))))
+    return exit_code_of(lambda: main(load_config(args.config, config_cls, parse_overrides(args.set)), args.config))

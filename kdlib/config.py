@@ -167,9 +167,17 @@ def from_dict(cls: type[T], data: Any, source: str = "<dict>") -> T:
 def read_config_file(path: str | os.PathLike) -> dict:
     """Parse a YAML or JSON file into a mapping, with the file named in any error."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML or JSON config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start}); save the config as UTF-8") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
@@ -187,8 +195,16 @@ def load_config(path: str | os.PathLike, cls: type[T], overrides: dict | None = 
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
+        for depth, key in enumerate(parents):
+            if node.get(key) is None:  # absent, or an optional section left null: start it
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                prefix = ".".join(parents[:depth + 1])
+                raise ConfigError(f"{path}: --set {dotted}: field '{prefix}' is not a section (it holds "
+                                  f"{type(node).__name__}), so it has no field '{dotted[len(prefix) + 1:]}'")
+        if not leaf:
+            raise ConfigError(f"{path}: --set {dotted}: expected a dotted field path such as engine.zero_stage")
         node[leaf] = value
     return from_dict(cls, data, str(path))
 
@@ -208,6 +224,11 @@ def config_hash(config: Any) -> str:
     """Stable sha256 of a config's resolved values (key order and formatting do not matter)."""
     canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def content_hash(config: Any, leave_out: tuple[str, ...]) -> str:
+    """Hash of a config less the top-level fields that change where or how fast it runs, never its result."""
+    return config_hash({k: v for k, v in to_dict(config).items() if k not in leave_out})
 
 
 def save_resolved(config: Any, directory: str | os.PathLike, name: str = "resolved_config") -> Path:

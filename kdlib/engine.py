@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from kdlib.digests import verify_digests, write_digests
 from kdlib.errors import ConfigError, KDError
 from kdlib.io import atomic_write_text
 
@@ -306,6 +307,7 @@ def save_checkpoint(engine, directory: str | os.PathLike, step: int, side_files:
             atomic_write_text(tmp / name, text)
     barrier()  # every rank's shards are on disk before the folder is declared complete
     if rank == 0:
+        write_digests(tmp)  # checked before anything unpickles these files (kdlib/digests.py)
         if final.exists():  # a resumed run re-saving the same step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -343,9 +345,12 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def load_checkpoint(engine, folder: str | os.PathLike) -> None:
-    """Collective: restore module, optimizer, scheduler (and ZeRO partitions) from a step folder."""
+def load_checkpoint(engine, folder: str | os.PathLike, *, verified: bool = False) -> None:
+    """Collective: restore module, optimizer, scheduler (and ZeRO partitions) from a step folder, whose files
+    are first checked against its digests (unless the caller just did)."""
     folder = Path(folder)
+    if not verified:
+        verify_digests(folder)
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
@@ -357,4 +362,5 @@ def consolidated_fp32_state_dict(folder: str | os.PathLike) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = Path(folder)
+    verify_digests(folder)
     return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

@@ -23,3 +23,8 @@ class FingerprintMismatch(KDError):
 
 class CacheError(KDError):
     """A transfer-set directory is missing, incomplete or corrupted."""
+
+
+class OutputError(KDError):
+    """An output folder may not be written: it holds someone else's files, other inputs' results, or a
+    live writer's lock."""

@@ -15,13 +15,13 @@ from tqdm import tqdm
 from kdlib.config import from_dict
 from kdlib.cli import exit_code_of
 from kdlib.fingerprints import model_fingerprint, short, tokenizer_fingerprint
-from kdlib.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+from kdlib.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
 from kdlib.readers import CorpusConfig, read_corpus
 
 
 def describe_model(ref: str) -> dict:
     folder = resolve_model_path(ref)
-    model = load_model(ModelConfig(path=ref))
+    model = load_model(ModelConfig(path=ref, task=task_of(check_model_folder(folder))))  # with the head it was saved with
     tokenizer = load_tokenizer(ref)
     c = model.config
     return {"folder": str(folder), "fingerprint": model_fingerprint(folder), "tokenizer_fingerprint": tokenizer_fingerprint(folder),

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from kdlib.errors import OutputError
+
 
 @contextmanager
 def atomic_target(path: str | os.PathLike) -> Iterator[str]:
@@ -37,12 +39,18 @@ def atomic_target(path: str | os.PathLike) -> Iterator[str]:
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; when the block succeeds it takes `path`'s place.
 
     A killed writer leaves only `.tmp-<name>` (cleared by the next attempt), never a half-written `path`.
+    An existing `path` is replaced only when the caller says so (`replace`, after
+    `kdlib.outputs.check_output_folder` found it to be its own); it is moved aside first and deleted only
+    once the new folder is in place, so a failure in between never leaves neither.
     """
     path = Path(path)
+    if path.exists() and not replace:
+        raise OutputError(f"{path}: already exists; nothing was changed (refusing to replace a folder the "
+                          "caller did not claim)")
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -51,9 +59,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = path.with_name(f".old-{path.name}")
     if path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
     tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -80,6 +80,16 @@ def check_model_folder(folder: Path) -> dict:
         raise ModelLoadError(f"{config_file}: not valid JSON ({err})") from None
 
 
+def task_of(model_config: dict) -> ModelTask:
+    """The head a model folder was saved with, from config.json's `architectures` (base when it names none)."""
+    for name in model_config.get("architectures") or []:
+        for suffix, task in (("ForMaskedLM", "masked_lm"), ("ForCausalLM", "causal_lm"),
+                             ("LMHeadModel", "causal_lm"), ("ForSequenceClassification", "sequence_classification")):
+            if name.endswith(suffix):
+                return task
+    return "base"
+
+
 def quiet_transformers() -> None:
     """Our own messages say what matters; transformers' load reports and bars only add noise."""
     from transformers.utils import logging as hf_logging

@@ -74,15 +74,19 @@ def init_layer_map(student: StudentConfig, teacher_layers: int) -> list[int]:
 
 def check_against_teacher(source: str, teacher_config: dict, *, outputs: TeacherOutputsConfig | None = None,
                           student: StudentConfig | None = None, outputs_path: str = "teacher_outputs",
-                          student_path: str = "student") -> None:
+                          student_path: str = "student", max_length: int | None = None,
+                          max_length_path: str = "max_length") -> None:
     """Checks that need the teacher's config.json; errors name the config file and the field."""
     vocab = teacher_config.get("vocab_size")
+    positions = teacher_config.get("max_position_embeddings")
     layers = teacher_config.get("num_hidden_layers")
     width = teacher_config.get("hidden_size")
 
     def fail(path: str, message: str) -> None:
         raise ConfigError(f"{source}: field '{path}': {message}")
 
+    if max_length is not None and positions is not None and max_length > positions:
+        fail(max_length_path, f"expected at most the teacher's {positions} position embeddings, got {max_length}")
     if outputs is not None:
         if vocab is not None and outputs.top_k > vocab:
             fail(f"{outputs_path}.top_k", f"expected at most the teacher's vocabulary size {vocab}, got {outputs.top_k}")

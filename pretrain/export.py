@@ -34,7 +34,7 @@ def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | Non
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"export: weights do not fit the student (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
-    with atomic_directory(folder) as tmp:
+    with atomic_directory(folder, replace=True) as tmp:  # inside the run folder this run holds the lock of
         model.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer_files(setup.teacher_folder, tmp)
         (tmp / "README.md").write_text(model_card(cfg, setup, step, model))

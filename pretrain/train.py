@@ -25,6 +25,7 @@ from pretrain.student import build_student
 from pretrain.validate import Setup
 
 PROBE = "probe_logits.safetensors"
+STAGE = "python -m pretrain"
 
 
 def build_module(cfg: PretrainConfig, setup: Setup) -> DistillModule:
@@ -55,7 +56,7 @@ def online_teacher(cfg: PretrainConfig, setup: Setup, module: DistillModule, dev
 
 def train(cfg: PretrainConfig, setup: Setup) -> int:
     """Run (or resume) the job; returns the exit code (0, or 75 after a preemption signal)."""
-    session = loop.start(cfg)
+    session = loop.start(cfg, STAGE)
     rank0, device = session.place.rank == 0, session.device
     out = Path(cfg.output_dir)
     module = build_module(cfg, setup)

@@ -19,6 +19,7 @@ from kdlib.io import sha256_file
 from kdlib.models import check_model_folder, resolve_model_path
 from kdlib.schemas import check_against_teacher
 from kdlib.training.inputs import Offer
+from kdlib.training.loop import check_run_folder
 from kdlib.training.module import plan_objectives
 from pretrain.config import PretrainConfig
 
@@ -48,6 +49,7 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     """All pre-flight checks; errors are ConfigError / FingerprintMismatch / CacheError naming what is wrong."""
     from transformers import AutoConfig
 
+    check_run_folder(cfg.output_dir, "python -m pretrain")
     folder = resolve_model_path(cfg.teacher.path)
     teacher_dict = check_model_folder(folder)
     check_against_teacher(source, teacher_dict, student=cfg.student)
@@ -71,6 +73,10 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tokenizer_fp,
                            verify="lazy")
     manifest = transfer.manifest
+    positions = getattr(teacher_config, "max_position_embeddings", None)
+    if positions is not None and manifest.max_length > positions:
+        _fail(source, "transfer_set", f"{cfg.transfer_set} holds rows of up to {manifest.max_length} tokens, but the "
+              f"student (like its teacher) has {positions} position embeddings")
     vocab = manifest.teacher.get("vocab_size")
     if vocab is not None and vocab != teacher_config.vocab_size:
         _fail(source, "transfer_set", f"{cfg.transfer_set} was made with vocabulary size {vocab}, the teacher has "

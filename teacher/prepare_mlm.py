@@ -13,19 +13,24 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdlib.config import config_hash, save_resolved, to_dict
+from kdlib.config import content_hash, save_resolved, to_dict
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.errors import KDError
 from kdlib.io import atomic_directory, atomic_write_text
 from kdlib.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
-from kdlib.models import ModelConfig, copy_tokenizer_files, load_model, load_tokenizer, resolve_model_path
+from kdlib.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
+                          resolve_model_path)
+from kdlib.outputs import check_output_folder, output_lock, sibling_lock
 from kdlib.packing import pack_documents
 from kdlib.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.schemas import check_against_teacher
 
 
 @dataclass
@@ -46,6 +51,7 @@ class TeacherPrepConfig:
     max_sequences: int = 1500  # cap on packed sequences taken from the corpus
     seed: int = 0  # masking and shuffling seed
     threads: int = 0  # torch CPU threads (0: torch's default)
+    overwrite: bool = False  # replace an output_dir this stage wrote from another config (never someone else's)
 
     def __post_init__(self) -> None:
         positive = {"max_length": self.max_length, "batch_size": self.batch_size, "steps": self.steps,
@@ -76,7 +82,9 @@ def pack_corpus(cfg: TeacherPrepConfig, tokenizer) -> torch.Tensor:
                             cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
     rows = [r.input_ids for r in itertools.islice(packed, cfg.max_sequences)]
     if len(rows) <= cfg.eval_sequences:
-        raise ValueError(f"corpus gives only {len(rows)} sequences of {cfg.max_length} tokens; need more than eval_sequences")
+        raise KDError(f"corpus {to_dict(cfg.corpus)} gives only {len(rows)} sequences of {cfg.max_length} tokens; "
+                      f"eval_sequences ({cfg.eval_sequences}) must leave some to train on: use a larger corpus or "
+                      f"lower eval_sequences / max_length")
     return torch.from_numpy(np.stack(rows)).long()
 
 
@@ -125,13 +133,39 @@ def build_masked_lm(cfg: TeacherPrepConfig):
     return model, head
 
 
-def prepare_teacher(cfg: TeacherPrepConfig) -> dict:
+STAGE = "python -m teacher"
+REPORT = "teacher_report.json"
+NON_CONTENT_FIELDS = ("output_dir", "overwrite", "threads")  # where and how fast, never what is trained
+
+
+def teacher_hash(cfg: TeacherPrepConfig) -> str:
+    return content_hash(cfg, NON_CONTENT_FIELDS)
+
+
+def _found_claim(out: Path) -> Optional[str]:
+    """The config hash of a teacher folder this stage wrote (its report), None for any other folder."""
+    try:
+        return json.loads((out / REPORT).read_text()).get("config_hash") or "unknown"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "unreadable report"
+
+
+def prepare_teacher(cfg: TeacherPrepConfig, source: str = "<config>") -> dict:
     """Train the head, report before/after quality, save a complete masked-LM folder."""
-    done = Path(cfg.output_dir) / "teacher_report.json"
-    if done.is_file() and json.loads(done.read_text()).get("config_hash") == config_hash(cfg):
-        print(f"{cfg.output_dir}: already prepared with this config (hash {config_hash(cfg)[:12]}); "
-              "delete the folder to train again")
-        return json.loads(done.read_text())
+    check_against_teacher(source, check_model_folder(resolve_model_path(cfg.encoder)), max_length=cfg.max_length)
+    out = Path(cfg.output_dir)
+    with output_lock(out, STAGE, sibling_lock(out)):
+        state = check_output_folder(out, stage=STAGE, found_claim=_found_claim(out) if out.is_dir() else None,
+                                    claim=teacher_hash(cfg), overwrite=cfg.overwrite)
+        if state == "same":
+            print(f"{out}: already prepared with this config (hash {teacher_hash(cfg)[:12]}); nothing to do")
+            return json.loads((out / REPORT).read_text())
+        return _prepare(cfg, replace=state == "replace")
+
+
+def _prepare(cfg: TeacherPrepConfig, replace: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -178,19 +212,19 @@ def prepare_teacher(cfg: TeacherPrepConfig) -> dict:
     print(f"after:  held-out masked accuracy {after['masked_accuracy']:.2%}, perplexity {after['perplexity']:.1f}")
     report = {"before": before, "after": after, "steps": cfg.steps, "train_loss_last20": float(np.mean(losses[-20:])),
               "encoder": cfg.encoder, "encoder_fingerprint": model_fingerprint(source),
-              "config_hash": config_hash(cfg), "seconds": round(time.time() - t0, 1)}
-    save_teacher(model, source, Path(cfg.output_dir), cfg, report)
+              "config_hash": teacher_hash(cfg), "seconds": round(time.time() - t0, 1)}
+    save_teacher(model, source, Path(cfg.output_dir), cfg, report, replace)
     return report
 
 
-def save_teacher(model, source: Path, out: Path, cfg: TeacherPrepConfig, report: dict) -> None:
+def save_teacher(model, source: Path, out: Path, cfg: TeacherPrepConfig, report: dict, replace: bool) -> None:
     """Write the folder under a temporary name, then rename: a killed run leaves no half folder."""
     model.config.architectures = ["BertForMaskedLM"]
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace=replace) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer_files(source, tmp)
         report = dict(report, teacher_fingerprint=model_fingerprint(tmp), tokenizer_fingerprint=tokenizer_fingerprint(tmp))
-        atomic_write_text(tmp / "teacher_report.json", json.dumps(report, indent=2))
+        atomic_write_text(tmp / REPORT, json.dumps(report, indent=2))
         save_resolved(cfg, tmp)
         atomic_write_text(tmp / "README.md", _model_card(cfg, report))
     print(f"saved masked-LM teacher to {out} (fingerprint {report['teacher_fingerprint'][:12]})")

@@ -264,3 +264,65 @@ def test_task_set_with_classifier_teacher_caches_dense_logits_and_labels(work):
             assert torch.allclose(torch.tensor(row["logits"]), logits, atol=1e-5)
     assert originals == 200
     assert json.loads((out / "manifest.json").read_text())["config"]["augment"]["copies"] == 2
+
+
+def test_a_same_config_rerun_of_a_complete_set_changes_nothing(work, teacher, reference):
+    out = work / "complete"
+    shutil.copytree(reference, out)
+    before = {p.name: (sha256_file(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    proc = run_pipeline(work, corpus_config(teacher, out))
+    assert "already complete with this config" in proc.stdout
+    after = {p.name: (sha256_file(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert after == before  # not rewritten, not even the manifest: it was never unreadable
+
+
+def test_a_folder_that_is_not_a_transfer_set_is_refused_untouched(work, teacher):
+    precious = work / "precious"
+    (precious / "notes").mkdir(parents=True)
+    (precious / "notes" / "thesis.tex").write_text("years of work")
+    (precious / ".tmp-draft").write_text("a file a careless cleanup would delete")
+    before = {str(p): sha256_file(p) for p in precious.rglob("*") if p.is_file()}
+    for overwrite in (False, True):
+        proc = run_pipeline(work, corpus_config(teacher, precious, overwrite=overwrite), check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "did not write (.tmp-draft, notes/)" in proc.stderr
+        assert {str(p): sha256_file(p) for p in precious.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_writer_and_an_impossible_max_length_are_refused(work, teacher):
+    import socket
+
+    out = work / "locked"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stat = Path(f"/proc/{holder.pid}/stat").read_text()
+        start = stat[stat.rindex(")") + 2:].split()[19]
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "start": start,
+                                               "stage": "python -m data_pipeline", "since": "earlier"}))
+        proc = run_pipeline(work, corpus_config(teacher, out), check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2 and f"in use by python -m data_pipeline (pid {holder.pid}" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    proc = run_pipeline(work, corpus_config(teacher, work / "never", max_length=4096), check=False)
+    assert proc.returncode == 2 and "field 'max_length'" in proc.stderr and "4096" in proc.stderr
+    assert not (work / "never").exists()
+
+
+def test_an_error_in_the_middle_of_a_corpus_is_one_line_naming_file_and_line(work, teacher):
+    corpus = work / "mostly-good.txt"
+    lines = [f"Line {i} of a corpus whose first lines are fine, about rivers and hills.".encode() for i in range(200)]
+    lines[150] = b"an undecodable byte \xff here"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    out = work / "mid-corpus"
+    proc = run_pipeline(work, corpus_config(teacher, out, corpus={"kind": "text", "path": str(corpus),
+                                                                  "text_mode": "line"}), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0]
+    assert f"{corpus}: line 151: invalid utf-8 byte 0xff" in errors[0] and "Beam step 'Read'" in errors[0]
+    logs = list((out / "logs").glob("worker-error-*.log"))
+    assert len(logs) == 1 and "Traceback" in logs[0].read_text() and str(logs[0]) in errors[0]
+    assert not (out / "manifest.json").exists()

@@ -70,3 +70,49 @@ def test_a_longer_run_is_refused_when_a_schedule_reads_the_steps(reference, tmp_
     saved = trainer_state(ref, 4)["config_hash"]
     assert saved in proc.stderr and "steps changed from 4 to 6, and kd_topk read the run's total steps" in proc.stderr
     assert (ref / "resolved_config.yaml").read_text() == record  # the record of what was trained is untouched
+
+
+class _Payload:
+    """A planted pickle: unpickling it touches a marker file (standing in for arbitrary code)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (self.marker,))
+
+
+def run_one_process(config) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", "--config", str(config)], cwd=REPO, env=stage_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled(reference, tmp_path):
+    import pickle
+
+    paths, ref, _ = reference
+    marker = tmp_path / "payload-ran"
+    for name, how in (("mp_rank_00_model_states.pt", "changed since the checkpoint was written"),
+                      ("zero_pp_rank_7_mp_rank_00_optim_states.pt", "was not written with this checkpoint")):
+        run = tmp_path / f"tampered-{name[:8]}"
+        shutil.copytree(ref / "checkpoints" / "step-2", run / "checkpoints" / "step-2")
+        (run / "checkpoints" / "latest").write_text("step-2\n")
+        (run / "checkpoints" / "step-2" / name).write_bytes(pickle.dumps(_Payload(marker)))
+        proc = run_one_process(write_config(base_config(paths, run, **EMD_RUN), tmp_path / f"{name}.yaml"))
+        assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"{name}" in proc.stderr and how in proc.stderr and "Traceback" not in proc.stderr
+        assert not marker.exists()
+        assert not (run / "metrics.jsonl").exists()  # nothing trained, nothing recorded
+
+
+def test_pretrain_refuses_an_output_dir_that_is_not_a_run_and_changes_nothing(reference, tmp_path):
+    from kdlib.io import sha256_file
+
+    paths, _, _ = reference
+    transfer = paths["transfer"]
+    before = {str(p): sha256_file(p) for p in transfer.rglob("*") if p.is_file()}
+    proc = run_one_process(write_config(base_config(paths, transfer, **EMD_RUN), tmp_path / "into-transfer.yaml"))
+    assert proc.returncode == 2 and "did not write (manifest.json, shards/)" in proc.stderr, proc.stderr[-3000:]
+    assert {str(p): sha256_file(p) for p in transfer.rglob("*") if p.is_file()} == before

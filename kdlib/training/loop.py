@@ -11,9 +11,11 @@ to finish, which is what tokens/s should measure anyway).
 
 from __future__ import annotations
 
+import json
 import random
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,11 +25,34 @@ from tqdm import tqdm
 
 from kdlib import engine as ds
 from kdlib.config import save_resolved
+from kdlib.digests import verify_digests
+from kdlib.io import atomic_write_text
 from kdlib.metrics import MetricsWriter, read_metrics
+from kdlib.outputs import LOCK, check_output_folder, output_lock
 from kdlib.plots import loss_curve
 from kdlib.training import state as ckpt
 from kdlib.training.config import math_hash, reads_total_steps
 from kdlib.training.preempt import REQUEUE_EXIT_CODE, StopFlag, requeue_message
+
+
+# The marks by which a stage knows a run folder: run.json is written before anything else of a run (a
+# transfer set or a teacher folder also holds a resolved_config.yaml, so that alone proves nothing).
+RUN_STAMP = "run.json"
+RUN_MARKS = (RUN_STAMP, "metrics.jsonl", "checkpoints")
+
+
+def check_run_folder(output_dir: str, stage: str) -> None:
+    """Refuse, before any work, an output_dir that holds anything but a run of this project (a teacher folder,
+    a transfer set, a person's files): a run writes checkpoints, metrics and an export into it. Whether a
+    run folder's checkpoint may be resumed is the math hash's business (Trainer.resume)."""
+    out = Path(output_dir)
+    ours = out.is_dir() and any((out / mark).exists() for mark in RUN_MARKS)
+    check_output_folder(out, stage=stage, found_claim="run" if ours else None, claim="run", overwrite=False)
+
+
+def rank_lock(output_dir: str, rank: int) -> Path:
+    """Each rank holds its own lock, so no rank of a second job writes beside a live rank of the first."""
+    return Path(output_dir) / (LOCK if rank == 0 else f"{LOCK}-rank-{rank}")
 
 
 @dataclass
@@ -37,16 +62,25 @@ class Session:
     place: ds.DistEnv
     flag: StopFlag
     device: torch.device
+    held: ExitStack = field(default_factory=ExitStack)  # the output folder's lock, released by train()
 
 
-def start(config) -> Session:
-    """Threads, the preemption flag, the process group; call first, then build the stage's modules."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    flag = StopFlag().install()
-    place = ds.init_distributed(config.engine.dist_backend)
+def start(config, stage: str = "train") -> Session:
+    """The output folder's lock, threads, the preemption flag, the process group; call first, then build the
+    stage's modules. A second job writing into the same output_dir is refused here, on every rank."""
+    held = ExitStack()
+    rank = ds.dist_env().rank
+    held.enter_context(output_lock(config.output_dir, stage, rank_lock(config.output_dir, rank)))
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        flag = StopFlag().install()
+        place = ds.init_distributed(config.engine.dist_backend)
+    except BaseException:
+        held.close()
+        raise
     device = torch.device("cuda", place.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return Session(place, flag, device)
+    return Session(place, flag, device, held)
 
 
 @dataclass
@@ -106,8 +140,9 @@ class Trainer:
         latest = ds.latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
         if latest is None:
             return None
+        verify_digests(latest)  # before anything in it is read, let alone unpickled by DeepSpeed
         saved = ckpt.read_trainer_state(latest, self.hash, self.cfg.steps)
-        ds.load_checkpoint(self.engine, latest)
+        ds.load_checkpoint(self.engine, latest, verified=True)
         self.load_state_dict(saved)
         ckpt.restore_rng_state((latest / ckpt.rng_file(self.session.place.rank)).read_text())
         return latest
@@ -147,6 +182,9 @@ class Trainer:
         cfg, job = self.cfg, self.job
         resumed = self.resume()
         if self.rank0:
+            if not (self.out / RUN_STAMP).exists():
+                atomic_write_text(self.out / RUN_STAMP, json.dumps({"stage": job.name, "created": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
             save_resolved(cfg, self.out)  # after the resume check: a refused resume leaves the record as it was
             if resumed is not None:
                 print(f"resumed from {resumed} (step {self.step})", flush=True)
@@ -203,8 +241,12 @@ class Trainer:
 
 
 def train(session: Session, job: Job) -> int:
-    """Run a job and close the process group whatever happens; returns the exit code."""
+    """Run a job, then close the process group and release the output folder whatever happens; returns the
+    exit code."""
     try:
         return Trainer(session, job).run()
     finally:
-        ds.shutdown()
+        try:
+            ds.shutdown()
+        finally:
+            session.held.close()
