@@ -22,7 +22,7 @@ from typing import Literal, Optional
 
 from kdlib.digests import verify_digests, write_digests
 from kdlib.errors import ConfigError, KDError
-from kdlib.io import atomic_write_text
+from kdlib.io import atomic_write_text, replace_directory
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -308,9 +308,7 @@ def save_checkpoint(engine, directory: str | os.PathLike, step: int, side_files:
     barrier()  # every rank's shards are on disk before the folder is declared complete
     if rank == 0:
         write_digests(tmp)  # checked before anything unpickles these files (kdlib/digests.py)
-        if final.exists():  # a resumed run re-saving the same step: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)  # a resumed run re-saving the same step swaps it: `latest` never dangles
         atomic_write_text(directory / LATEST, tag + "\n")
         if keep > 0:
             prune_checkpoints(directory, keep)

@@ -44,8 +44,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
 
     A killed writer leaves only `.tmp-<name>` (cleared by the next attempt), never a half-written `path`.
     An existing `path` is replaced only when the caller says so (`replace`, after
-    `kdlib.outputs.check_output_folder` found it to be its own); it is moved aside first and deleted only
-    once the new folder is in place, so a failure in between never leaves neither.
+    `kdlib.outputs.check_output_folder` found it to be its own), by `replace_directory`.
     """
     path = Path(path)
     if path.exists() and not replace:
@@ -59,11 +58,40 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False  # e.g. a filesystem without exchange support: fall back to two renames
+
+
+def replace_directory(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put folder `new` in the place of `path` (which may exist). Readers of `path` see the old folder or the
+    new one: an atomic exchange where the OS has one, else two renames a moment apart; the old folder is
+    deleted only once the new one is in place."""
+    new, path = Path(new), Path(path)
+    if path.exists() and _exchange(new, path):
+        shutil.rmtree(new)  # now holds the old folder
+        return
     old = path.with_name(f".old-{path.name}")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
-    tmp.rename(path)
+    new.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 

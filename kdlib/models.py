@@ -54,6 +54,8 @@ def resolve_model_path(ref: str) -> Path:
             folder = Path(module.__file__).parent / "model"
     else:
         folder = Path(ref).expanduser()
+    if folder.is_file():
+        raise ModelLoadError(f"{ref}: {folder} is a file; expected a model folder (config.json + *.safetensors)")
     if not folder.is_dir():
         raise ModelLoadError(f"{ref}: model folder {folder} does not exist")
     return folder.resolve()

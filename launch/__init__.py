@@ -1,1 +1,1 @@
-"""SLURM (sbatch/srun, preemption -> checkpoint -> requeue) and local launchers (next issue)."""
+"""Launchers: `python -m launch local` (N ranks on one machine, exit statuses 0 / 2 / 75); SLURM to come."""

@@ -49,7 +49,7 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     """All pre-flight checks; errors are ConfigError / FingerprintMismatch / CacheError naming what is wrong."""
     from transformers import AutoConfig
 
-    check_run_folder(cfg.output_dir, "python -m pretrain")
+    check_run_folder(cfg.output_dir, "python -m pretrain", resume=cfg.resume)
     folder = resolve_model_path(cfg.teacher.path)
     teacher_dict = check_model_folder(folder)
     check_against_teacher(source, teacher_dict, student=cfg.student)

@@ -17,7 +17,7 @@ $PY -m data_pipeline --config configs/demo_pipeline.yaml
 
 echo "== 4/4  general distillation: 3-layer student, DeepSpeed ZeRO-2, 2 CPU processes"
 # A finished run resumes from its last checkpoint, so a rerun only re-evaluates and re-exports.
-.venv/bin/torchrun --nproc_per_node 2 -m pretrain --config configs/pretrain_demo.yaml
+$PY -m launch local --nproc 2 --config configs/pretrain_demo.yaml  # same contract as torchrun; exits 0 / 2 / 75
 
 echo "== done. The student loads with plain transformers:"
 $PY - <<'PYEOF'
@@ -26,4 +26,4 @@ model = AutoModelForMaskedLM.from_pretrained("runs/demo/pretrain/export", local_
 print(f"  AutoModelForMaskedLM.from_pretrained('runs/demo/pretrain/export'): {type(model).__name__}, "
       f"{model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 PYEOF
-echo "   Still to come: task distillation (python -m finetune) and SLURM launches (python -m launch)."
+echo "   Still to come: task distillation (python -m finetune) and SLURM launches (python -m launch slurm)."

@@ -142,10 +142,12 @@ def teacher_hash(cfg: TeacherPrepConfig) -> str:
     return content_hash(cfg, NON_CONTENT_FIELDS)
 
 
-def _found_claim(out: Path) -> Optional[str]:
-    """The config hash of a teacher folder this stage wrote (its report), None for any other folder."""
+def _found_claim(out: Path, cfg: TeacherPrepConfig) -> Optional[str]:
+    """The config hash of a teacher folder this stage wrote (its report), None for any other folder. Folders
+    written before `overwrite` existed recorded the hash of every field; the same config still matches."""
     try:
-        return json.loads((out / REPORT).read_text()).get("config_hash") or "unknown"
+        found = json.loads((out / REPORT).read_text()).get("config_hash") or "unknown"
+        return teacher_hash(cfg) if found == content_hash(cfg, ("overwrite",)) else found
     except FileNotFoundError:
         return None
     except (OSError, ValueError, AttributeError):
@@ -157,7 +159,7 @@ def prepare_teacher(cfg: TeacherPrepConfig, source: str = "<config>") -> dict:
     check_against_teacher(source, check_model_folder(resolve_model_path(cfg.encoder)), max_length=cfg.max_length)
     out = Path(cfg.output_dir)
     with output_lock(out, STAGE, sibling_lock(out)):
-        state = check_output_folder(out, stage=STAGE, found_claim=_found_claim(out) if out.is_dir() else None,
+        state = check_output_folder(out, stage=STAGE, found_claim=_found_claim(out, cfg) if out.is_dir() else None,
                                     claim=teacher_hash(cfg), overwrite=cfg.overwrite)
         if state == "same":
             print(f"{out}: already prepared with this config (hash {teacher_hash(cfg)[:12]}); nothing to do")

@@ -287,3 +287,50 @@ def test_digests_refuse_a_changed_a_missing_and_a_planted_file_by_name(tmp_path)
 
 def test_sibling_lock_sits_beside_the_folder(tmp_path):
     assert sibling_lock(tmp_path / "teacher_mlm") == tmp_path / ".lock-teacher_mlm"
+
+
+def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path):
+    from kdlib.cache import read_manifest
+    from kdlib.errors import CacheError, ModelLoadError
+    from kdlib.models import resolve_model_path
+
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"not a folder")
+    with pytest.raises(ModelLoadError, match="is a file; expected a model folder"):
+        resolve_model_path(str(a_file))
+    with pytest.raises(CacheError, match="is a file; expected a transfer-set folder"):
+        read_manifest(a_file)
+    with pytest.raises(CacheError, match="no such transfer-set folder"):
+        read_manifest(tmp_path / "absent")
+
+
+def test_a_replaced_folder_is_never_missing_for_a_reader(tmp_path):
+    import threading
+
+    from kdlib.io import replace_directory
+
+    path = tmp_path / "export"
+    path.mkdir()
+    (path / "v").write_text("0")
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append((path / "v").read_text())
+            except FileNotFoundError:
+                seen.append(None)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(1, 201):
+            new = tmp_path / f".tmp-{i}"
+            new.mkdir()
+            (new / "v").write_text(str(i))
+            replace_directory(new, path)
+    finally:
+        stop.set()
+        thread.join()
+    assert (path / "v").read_text() == "200" and None not in seen and len(seen) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

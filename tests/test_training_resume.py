@@ -116,3 +116,15 @@ def test_pretrain_refuses_an_output_dir_that_is_not_a_run_and_changes_nothing(re
     proc = run_one_process(write_config(base_config(paths, transfer, **EMD_RUN), tmp_path / "into-transfer.yaml"))
     assert proc.returncode == 2 and "did not write (manifest.json, shards/)" in proc.stderr, proc.stderr[-3000:]
     assert {str(p): sha256_file(p) for p in transfer.rglob("*") if p.is_file()} == before
+
+
+def test_resume_false_over_a_run_with_checkpoints_is_refused_and_changes_nothing(reference, tmp_path):
+    from kdlib.io import sha256_file
+
+    paths, ref, _ = reference
+    before = {str(p): sha256_file(p) for p in ref.rglob("*") if p.is_file()}
+    proc = run_one_process(write_config(base_config(paths, ref, **{**EMD_RUN, "resume": False}),
+                                        tmp_path / "afresh.yaml"))
+    assert proc.returncode == 2 and "holds a run with checkpoints up to step 4; resume: false" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert {str(p): sha256_file(p) for p in ref.rglob("*") if p.is_file()} == before

@@ -63,6 +63,10 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:
     path = Path(directory) / MANIFEST
+    if Path(directory).is_file():
+        raise CacheError(f"{directory}: is a file; expected a transfer-set folder (manifest.json + shards/)")
+    if not Path(directory).exists():
+        raise CacheError(f"{directory}: no such transfer-set folder")
     if not path.is_file():
         raise CacheError(f"{directory}: no {MANIFEST}, so this is not a complete transfer set "
                          "(a build may have been interrupted: rerun the pipeline with the same config)")

@@ -28,6 +28,7 @@ from kdlib.config import save_resolved
 from kdlib.digests import verify_digests
 from kdlib.io import atomic_write_text
 from kdlib.metrics import MetricsWriter, read_metrics
+from kdlib.errors import OutputError
 from kdlib.outputs import LOCK, check_output_folder, output_lock
 from kdlib.plots import loss_curve
 from kdlib.training import state as ckpt
@@ -41,13 +42,19 @@ RUN_STAMP = "run.json"
 RUN_MARKS = (RUN_STAMP, "metrics.jsonl", "checkpoints")
 
 
-def check_run_folder(output_dir: str, stage: str) -> None:
+def check_run_folder(output_dir: str, stage: str, resume: bool = True) -> None:
     """Refuse, before any work, an output_dir that holds anything but a run of this project (a teacher folder,
-    a transfer set, a person's files): a run writes checkpoints, metrics and an export into it. Whether a
-    run folder's checkpoint may be resumed is the math hash's business (Trainer.resume)."""
+    a transfer set, a person's files): a run writes checkpoints, metrics and an export into it. A run folder
+    with checkpoints is refused with `resume: false`, which would train afresh over them. Whether a
+    checkpoint may be resumed is the math hash's business (Trainer.resume)."""
     out = Path(output_dir)
     ours = out.is_dir() and any((out / mark).exists() for mark in RUN_MARKS)
     check_output_folder(out, stage=stage, found_claim="run" if ours else None, claim="run", overwrite=False)
+    steps = ds.checkpoint_steps(out / "checkpoints")
+    if not resume and steps:
+        raise OutputError(f"output_dir: {out} holds a run with checkpoints up to step {steps[-1]}; resume: false "
+                          "would train afresh and replace them. Nothing was changed: choose another output_dir "
+                          "(or resume: true to continue that run)")
 
 
 def rank_lock(output_dir: str, rank: int) -> Path:

@@ -1,0 +1,146 @@
+"""`python -m launch local --nproc N --config X.yaml [--stage pretrain] [--set k=v ...]`: one machine, N ranks.
+
+The same environment contract as torchrun or SLURM (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT), so a stage never knows which launcher started it. What this launcher adds
+over torchrun is the exit status a user and a scheduler can act on:
+
+* 2 when the stage refused the config (every rank validates before any process group and prints one
+  `error:` line; rank 0's is shown, the other ranks' copies are not repeated), no traceback of ours;
+* 75 when the job was preempted (SIGTERM / SIGUSR1 / SIGINT to the launcher are forwarded to every
+  rank; each checkpoints at the step boundary and exits 75): rerun the same command to resume;
+* otherwise rank 0's status, or the first failing rank's. When a rank fails, the others are stopped
+  (SIGTERM, then SIGKILL after a grace period) instead of waiting forever in a collective.
+
+Rank 0 keeps the terminal (its progress bar and logs); ranks >= 1 are forwarded line by line with a
+`[rank R]` prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+STAGES = ("pretrain",)  # stages with the rank contract; finetune joins when it exists
+USER_ERROR, REQUEUE = 2, 75
+GRACE_S = 30.0  # how long ranks get to finish after one failed, before SIGKILL
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_env(rank: int, nproc: int, port: int, base: Optional[dict] = None) -> dict:
+    """The variables every launcher sets for a rank (kdlib.engine.dist_env reads them)."""
+    env = dict(os.environ if base is None else base)
+    env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N ranks x all cores would oversubscribe
+    return env
+
+
+class _Forward(threading.Thread):
+    """Copy a rank's output to our stderr with a prefix; keep its `error:` lines to decide later."""
+
+    def __init__(self, rank: int, stream):
+        super().__init__(daemon=True)
+        self.rank, self.stream, self.errors = rank, stream, []
+
+    def run(self) -> None:
+        for line in self.stream:
+            if line.startswith("error: "):
+                self.errors.append(line.rstrip("\n"))
+                continue
+            sys.stderr.write(f"[rank {self.rank}] {line}")
+            sys.stderr.flush()
+
+
+def exit_status(codes: list[int]) -> int:
+    """One status for the job: 0 if every rank finished, 75 if ranks were preempted (and none failed), else
+    rank 0's failing status, else the first failing rank's."""
+    if all(c in (0, REQUEUE) for c in codes):
+        return REQUEUE if REQUEUE in codes else 0  # a checkpoint was written: the rerun resumes
+    if codes[0] not in (0, REQUEUE):
+        return codes[0]
+    return next(c for c in codes if c not in (0, REQUEUE))
+
+
+def launch(stage: str, config: str, nproc: int, sets: list[str], port: Optional[int] = None) -> int:
+    port = port or free_port()
+    command = [sys.executable, "-m", stage, "--config", config]
+    for item in sets:
+        command += ["--set", item]
+    procs: list[subprocess.Popen] = []
+    forwards: list[_Forward] = []
+    for rank in range(nproc):
+        piped = rank > 0
+        proc = subprocess.Popen(command, env=rank_env(rank, nproc, port), text=True,
+                                stdout=subprocess.PIPE if piped else None,
+                                stderr=subprocess.STDOUT if piped else None)
+        procs.append(proc)
+        if piped:
+            forwards.append(_Forward(rank, proc.stdout))
+            forwards[-1].start()
+
+    def forward_signal(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        codes = _wait(procs)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for f in forwards:
+        f.join(timeout=5)
+    status = exit_status(codes)
+    if codes[0] != USER_ERROR:  # rank 0 printed its own error line; others' copies would only repeat it
+        for f in forwards:
+            for line in f.errors:
+                sys.stderr.write(f"[rank {f.rank}] {line}\n")
+    if status not in (0, USER_ERROR, REQUEUE):
+        print(f"launch: ranks exited with {codes}", file=sys.stderr)
+    return status
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for every rank; once one fails, stop the others (SIGTERM, then SIGKILL after GRACE_S)."""
+    failed_at = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes
+        if failed_at is None and any(c not in (None, 0, REQUEUE) for c in codes):  # 75: a rank checkpointed
+            failed_at = time.monotonic()
+            if not all(c == USER_ERROR for c in codes if c is not None):
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.05)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch local", description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, required=True, help="ranks on this machine (one per GPU, or per core)")
+    parser.add_argument("--config", required=True, help="the stage's YAML or JSON config")
+    parser.add_argument("--stage", default="pretrain", choices=STAGES)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the stage")
+    parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc: expected a positive number of ranks, got {args.nproc}")
+    return launch(args.stage, args.config, args.nproc, args.set, args.master_port)
