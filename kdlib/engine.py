@@ -321,7 +321,10 @@ def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
     pointer = Path(directory) / LATEST
     if not pointer.is_file():
         return None
-    folder = Path(directory) / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not re.fullmatch(r"step-\d+", name):  # never a path that leads out of the checkpoints folder
+        raise KDError(f"{pointer}: names {name!r}, not a step folder of this run (step-N); refusing to follow it")
+    folder = Path(directory) / name
     if not folder.is_dir():
         raise KDError(f"{pointer}: names {folder.name}, which does not exist (the checkpoint folder was removed?)")
     return folder

@@ -334,3 +334,17 @@ def test_a_replaced_folder_is_never_missing_for_a_reader(tmp_path):
         thread.join()
     assert (path / "v").read_text() == "200" and None not in seen and len(seen) > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_latest_never_leads_out_of_the_checkpoints_folder(tmp_path):
+    from kdlib.engine import latest_checkpoint
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    for pointer in ("../elsewhere", str(tmp_path / "elsewhere"), "step-3/../../elsewhere"):
+        (tmp_path / "checkpoints" / "latest").write_text(pointer + "\n")
+        with pytest.raises(KDError, match="not a step folder of this run"):
+            latest_checkpoint(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "step-3").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step-3\n")
+    assert latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-3"
