@@ -34,9 +34,9 @@ from kdlib.cache.shards import SHARD_DIR
 from kdlib.config import content_hash as kd_content_hash, save_resolved, to_dict
 from kdlib.errors import CacheError, KDError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.io import atomic_write_text
+from kdlib.io import atomic_write_text, replace_directory
 from kdlib.models import check_model_folder, resolve_model_path
-from kdlib.outputs import check_output_folder, output_lock
+from kdlib.outputs import check_output_folder, output_lock, sibling_lock
 from kdlib.readers import read_corpus, read_task
 from kdlib.schemas import check_against_teacher
 
@@ -88,11 +88,13 @@ def _found_claim(out: Path) -> Optional[dict]:
 
 
 def claim_directory(cfg: PipelineConfig, info: dict) -> tuple[Path, Optional[Manifest]]:
-    """Create, resume or recognise output_dir; returns (folder, its manifest when the set is already complete).
+    """Create, resume or recognise output_dir; returns (the folder to build in, the manifest when the set is
+    already complete).
 
     A folder holding anything but a transfer set (or its interrupted build) is refused; one built with
-    other inputs is refused naming both, and replaced only with overwrite: true. A complete set from the
-    same inputs is verified and left as it is: a rerun never makes a readable transfer set unreadable.
+    other inputs is refused naming both. With overwrite: true it is replaced, but only at the end: the new
+    set is built beside it in `.tmp-<name>` and swapped in once complete. A complete set from the same
+    inputs is verified and left as it is: a rerun never makes a readable transfer set unreadable.
     """
     out = Path(cfg.output_dir)
     mine = {"teacher_fingerprint": info["fingerprint"], "tokenizer_fingerprint": info["tokenizer_fingerprint"],
@@ -102,9 +104,13 @@ def claim_directory(cfg: PipelineConfig, info: dict) -> tuple[Path, Optional[Man
                       if found is not None and found[k] != mine[k])
     state = check_output_folder(out, stage=STAGE, found_claim=None if found is None else json.dumps(found, sort_keys=True),
                                 claim=json.dumps(mine, sort_keys=True), overwrite=cfg.overwrite, difference=diffs)
+    build = out
     if state == "replace":
-        print(f"[data_pipeline] overwrite: true: replacing {out} ({diffs})")
-        shutil.rmtree(out)
+        build = staging_dir(out)
+        print(f"[data_pipeline] overwrite: true: building beside {out} in {build.name}; it replaces the old set "
+              f"({diffs}) only once complete")
+        if build.exists() and _found_claim(build) != mine:  # our own staging folder from another attempt
+            shutil.rmtree(build)
     if state == "same" and (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         try:
@@ -112,13 +118,18 @@ def claim_directory(cfg: PipelineConfig, info: dict) -> tuple[Path, Optional[Man
             return out, manifest
         except CacheError as err:  # unreadable already: rebuild what is missing, then a fresh manifest
             print(f"[data_pipeline] {err}; rebuilding the missing shards")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / BUILD, json.dumps(mine, indent=1))  # claims the folder before the manifest goes
-    (out / MANIFEST).unlink(missing_ok=True)  # only reached when the set is incomplete or corrupted
-    removed = remove_partial_files(out)
+    build.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(build / BUILD, json.dumps(mine, indent=1))  # claims the folder before the manifest goes
+    (build / MANIFEST).unlink(missing_ok=True)  # only reached when the set is incomplete or corrupted
+    removed = remove_partial_files(build)
     if removed:
         print(f"[data_pipeline] removed {removed} partial file(s) left by an interrupted run")
-    return out, None
+    return build, None
+
+
+def staging_dir(out: Path) -> Path:
+    """Where a replacing build is made, beside the set it replaces (its shards renamed into place at the end)."""
+    return out.with_name(f".tmp-{out.name}")
 
 
 def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
@@ -217,13 +228,18 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
 def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> Manifest:
     """Preflight, run the Beam pipeline, then verify and write manifest.json last."""
     info = preflight(cfg, source)
-    with output_lock(cfg.output_dir, STAGE):
-        out, complete = claim_directory(cfg, info)
+    out = Path(cfg.output_dir)
+    with output_lock(out, STAGE, sibling_lock(out)):  # beside it: the lock outlives a swap of the folder
+        build, complete = claim_directory(cfg, info)
         if complete is not None:
             print(f"[data_pipeline] {out}: already complete with this config (hash {info['config_hash'][:12]}, "
                   f"{len(complete.shards)} shards verified); nothing to do")
             return complete
-        return _build(cfg, beam_args, out, info)
+        manifest = _build(cfg, beam_args, build, info)
+        if build != out:
+            replace_directory(build, out)
+            print(f"[data_pipeline] replaced {out} with the new transfer set")
+        return manifest
 
 
 def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> Manifest:

@@ -47,7 +47,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
     `kdlib.outputs.check_output_folder` found it to be its own), by `replace_directory`.
     """
     path = Path(path)
-    if path.exists() and not replace:
+    if path.exists() and not replace and (not path.is_dir() or any(path.iterdir())):
         raise OutputError(f"{path}: already exists; nothing was changed (refusing to replace a folder the "
                           "caller did not claim)")
     tmp = path.with_name(f".tmp-{path.name}")

@@ -161,23 +161,28 @@ def test_one_worker_gives_the_same_rows_as_two(work, teacher, reference):
     assert_same_shards(reference, out)
 
 
-def test_sigkill_mid_run_then_rerun_gives_identical_rows(work, teacher, reference):
-    out = work / "killed"
-    cfg = corpus_config(teacher, out)
-    path = work / "killed.yaml"
+def kill_after_first_shard(work: Path, cfg: dict, build_dir: Path) -> None:
+    """Run the pipeline and SIGKILL it (all its processes) right after the first shard lands in build_dir."""
+    path = work / f"killed-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "data_pipeline", "--config", str(path), *TWO_WORKERS], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
 
     def shards_done() -> int:
-        return len(list((out / "shards").glob("*.json"))) if (out / "shards").is_dir() else 0
+        return len(list((build_dir / "shards").glob("*.json"))) if (build_dir / "shards").is_dir() else 0
 
     while time.time() < deadline and proc.poll() is None and shards_done() == 0:
         time.sleep(0.1)  # kill right after the first shard completes, while others are mid-flight
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists(), "the kill came too late to test an interrupted build"
+    assert not (build_dir / "manifest.json").exists(), "the kill came too late to test an interrupted build"
+
+
+def test_sigkill_mid_run_then_rerun_gives_identical_rows(work, teacher, reference):
+    out = work / "killed"
+    cfg = corpus_config(teacher, out)
+    kill_after_first_shard(work, cfg, out)
     with pytest.raises(CacheError, match="no manifest.json"):
         TransferSet(out)
     run_pipeline(work, cfg)
@@ -298,14 +303,15 @@ def test_a_second_writer_and_an_impossible_max_length_are_refused(work, teacher)
     try:
         stat = Path(f"/proc/{holder.pid}/stat").read_text()
         start = stat[stat.rindex(")") + 2:].split()[19]
-        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "start": start,
-                                               "stage": "python -m data_pipeline", "since": "earlier"}))
+        (work / ".lock-locked").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                       "start": start, "stage": "python -m data_pipeline",
+                                                       "since": "earlier"}))
         proc = run_pipeline(work, corpus_config(teacher, out), check=False)
     finally:
         holder.kill()
         holder.wait()
     assert proc.returncode == 2 and f"in use by python -m data_pipeline (pid {holder.pid}" in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert list(out.iterdir()) == []  # nothing written
     proc = run_pipeline(work, corpus_config(teacher, work / "never", max_length=4096), check=False)
     assert proc.returncode == 2 and "field 'max_length'" in proc.stderr and "4096" in proc.stderr
     assert not (work / "never").exists()
@@ -326,3 +332,18 @@ def test_an_error_in_the_middle_of_a_corpus_is_one_line_naming_file_and_line(wor
     logs = list((out / "logs").glob("worker-error-*.log"))
     assert len(logs) == 1 and "Traceback" in logs[0].read_text() and str(logs[0]) in errors[0]
     assert not (out / "manifest.json").exists()
+
+
+def test_overwrite_builds_beside_the_old_set_which_stays_readable_until_the_swap(work, teacher, reference):
+    other = make_tiny_bert(work / "other-teacher-2", task="masked_lm", layers=2, hidden=32, heads=4, seed=2)
+    out = work / "replaced"
+    shutil.copytree(reference, out)
+    before = {str(p.relative_to(out)): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+    cfg = corpus_config(other, out, overwrite=True)
+    kill_after_first_shard(work, cfg, work / ".tmp-replaced")
+    assert {str(p.relative_to(out)): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
+    TransferSet(out, teacher_fingerprint=model_fingerprint(teacher), verify=True)  # the old set, whole
+    run_pipeline(work, cfg)  # resumes the staged build, then swaps it in
+    assert read_manifest(out).teacher_fingerprint == model_fingerprint(other)
+    TransferSet(out, teacher_fingerprint=model_fingerprint(other), verify=True)
+    assert not (work / ".tmp-replaced").exists() and not (work / ".old-replaced").exists()
