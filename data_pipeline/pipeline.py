@@ -36,7 +36,7 @@ from kdlib.errors import CacheError, KDError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import atomic_write_text, replace_directory
 from kdlib.models import check_model_folder, resolve_model_path
-from kdlib.outputs import check_output_folder, output_lock, sibling_lock
+from kdlib.outputs import check_output_folder, output_lock
 from kdlib.readers import read_corpus, read_task
 from kdlib.schemas import check_against_teacher
 
@@ -229,7 +229,7 @@ def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> 
     """Preflight, run the Beam pipeline, then verify and write manifest.json last."""
     info = preflight(cfg, source)
     out = Path(cfg.output_dir)
-    with output_lock(out, STAGE, sibling_lock(out)):  # beside it: the lock outlives a swap of the folder
+    with output_lock(out, STAGE):
         build, complete = claim_directory(cfg, info)
         if complete is not None:
             print(f"[data_pipeline] {out}: already complete with this config (hash {info['config_hash'][:12]}, "

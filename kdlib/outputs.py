@@ -7,8 +7,8 @@ for all of them:
   empty, or is this stage's own artefact; one built from other inputs is replaced only with an
   explicit `overwrite: true`; a folder this stage did not write (another stage's artefact, a
   person's files) is refused even then, with what it holds and how to proceed.
-* One writer at a time. `output_lock` holds `<folder>/.lock` (host, pid, process start time, stage,
-  command) while a stage writes. A second writer is refused, naming the holder. A lock left by a
+* One writer at a time. `output_lock` holds `.lock-<name>` beside the folder (host, pid, process start
+  time, stage, command) while a stage writes. A second writer is refused, naming the holder. A lock left by a
   process that no longer exists on this host (a SIGKILL) is stale and is taken over; one from
   another host cannot be checked from here and is refused, with the file to delete if that job is gone.
 """
@@ -117,21 +117,21 @@ def _read_holder(path: Path) -> Optional[dict]:
         return {"host": "?", "pid": "?", "stage": "?", "since": "?"} if young else {"host": socket.gethostname()}
 
 
-def sibling_lock(folder: str | os.PathLike) -> Path:
-    """The lock of a folder that is written elsewhere and renamed into place (teacher folder, export)."""
+def lock_path(folder: str | os.PathLike, rank: int = 0) -> Path:
+    """The lock of `folder`: `.lock-<name>` beside it, so that every stage writing that folder takes the same
+    file and the lock outlives a swap of the folder; training rank R > 0 holds `.lock-<name>.rank-R` too."""
     folder = Path(folder)
-    return folder.with_name(f"{LOCK}-{folder.name}")
+    return folder.with_name(f"{LOCK}-{folder.name}" + (f".rank-{rank}" if rank else ""))
 
 
 @contextmanager
-def output_lock(folder: str | os.PathLike, stage: str, lock_file: Optional[Path] = None) -> Iterator[Path]:
-    """Hold `lock_file` (default `<folder>/.lock`) while the block writes `folder`; refuse when another live
-    process holds it. Training ranks each hold their own (`.lock-rank-R`), so no rank of a second job
-    can start writing beside a first job's ranks."""
+def output_lock(folder: str | os.PathLike, stage: str, rank: int = 0) -> Iterator[Path]:
+    """Hold `lock_path(folder, rank)` while the block writes `folder`; refuse when another live process holds
+    it. Training ranks each hold their own, so no rank of a second job starts writing beside a first job's."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} is a file, not a folder; choose a folder path for {stage}")
-    path = Path(lock_file) if lock_file is not None else folder / LOCK
+    path = lock_path(folder, rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a parent that is a file, no permission, a read-only disk

@@ -27,7 +27,7 @@ from kdlib.io import atomic_directory, atomic_write_text
 from kdlib.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
 from kdlib.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
                           resolve_model_path)
-from kdlib.outputs import check_output_folder, output_lock, sibling_lock
+from kdlib.outputs import check_output_folder, output_lock
 from kdlib.packing import pack_documents
 from kdlib.readers import CorpusConfig, normalize_text, read_corpus
 from kdlib.schemas import check_against_teacher
@@ -158,7 +158,7 @@ def prepare_teacher(cfg: TeacherPrepConfig, source: str = "<config>") -> dict:
     """Train the head, report before/after quality, save a complete masked-LM folder."""
     check_against_teacher(source, check_model_folder(resolve_model_path(cfg.encoder)), max_length=cfg.max_length)
     out = Path(cfg.output_dir)
-    with output_lock(out, STAGE, sibling_lock(out)):
+    with output_lock(out, STAGE):
         state = check_output_folder(out, stage=STAGE, found_claim=_found_claim(out, cfg) if out.is_dir() else None,
                                     claim=teacher_hash(cfg), overwrite=cfg.overwrite)
         if state == "same":

@@ -22,7 +22,7 @@ import yaml
 from kdlib.digests import DIGESTS, verify_digests, write_digests
 from kdlib.errors import ConfigError, KDError, OutputError
 from kdlib.io import atomic_directory, sha256_file
-from kdlib.outputs import LOCK, check_output_folder, output_lock, sibling_lock
+from kdlib.outputs import LOCK, check_output_folder, lock_path, output_lock
 from tests.tiny_models import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over(
     holder = _live_process()
     try:
         folder.mkdir()
-        (folder / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+        lock_path(folder).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                                "start": _start_time(holder.pid), "stage": "python -m pretrain",
                                                "since": "2026-12-01T00:00:00Z"}))
         before = tree_digest(folder)
@@ -133,14 +133,14 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over(
     with output_lock(folder, "python -m data_pipeline") as lock:
         mine = json.loads(lock.read_text())
         assert (mine["pid"], mine["stage"]) == (os.getpid(), "python -m data_pipeline")
-    assert not (folder / LOCK).exists()  # released
+    assert not lock_path(folder).exists()  # released
     # a lock from another host cannot be checked from here: refused, naming the file to delete
-    (folder / LOCK).write_text(json.dumps({"host": "elsewhere-node-17", "pid": 1, "stage": "x", "since": "?"}))
-    with pytest.raises(OutputError, match=f"delete {folder / LOCK}"):
+    lock_path(folder).write_text(json.dumps({"host": "elsewhere-node-17", "pid": 1, "stage": "x", "since": "?"}))
+    with pytest.raises(OutputError, match=f"delete {lock_path(folder)}"):
         with output_lock(folder, "python -m pretrain"):
             pass
     # a reused pid (alive, but started at another time) is not the holder
-    (folder / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": "1",
+    lock_path(folder).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": "1",
                                            "stage": "x", "since": "?"}))
     with output_lock(folder, "python -m pretrain"):
         pass
@@ -285,8 +285,9 @@ def test_digests_refuse_a_changed_a_missing_and_a_planted_file_by_name(tmp_path)
     assert not (tmp_path / "ran").exists()
 
 
-def test_sibling_lock_sits_beside_the_folder(tmp_path):
-    assert sibling_lock(tmp_path / "teacher_mlm") == tmp_path / ".lock-teacher_mlm"
+def test_every_stage_and_rank_takes_the_lock_beside_the_folder(tmp_path):
+    assert lock_path(tmp_path / "run") == tmp_path / ".lock-run"
+    assert lock_path(tmp_path / "run", rank=3) == tmp_path / ".lock-run.rank-3"
 
 
 def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path):

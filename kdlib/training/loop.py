@@ -29,7 +29,7 @@ from kdlib.digests import verify_digests
 from kdlib.io import atomic_write_text
 from kdlib.metrics import MetricsWriter, read_metrics
 from kdlib.errors import OutputError
-from kdlib.outputs import LOCK, check_output_folder, output_lock
+from kdlib.outputs import check_output_folder, output_lock
 from kdlib.plots import loss_curve
 from kdlib.training import state as ckpt
 from kdlib.training.config import math_hash, reads_total_steps
@@ -57,11 +57,6 @@ def check_run_folder(output_dir: str, stage: str, resume: bool = True) -> None:
                           "(or resume: true to continue that run)")
 
 
-def rank_lock(output_dir: str, rank: int) -> Path:
-    """Each rank holds its own lock, so no rank of a second job writes beside a live rank of the first."""
-    return Path(output_dir) / (LOCK if rank == 0 else f"{LOCK}-rank-{rank}")
-
-
 @dataclass
 class Session:
     """This process's place in the job, started before any slow work so that an early SIGTERM is kept."""
@@ -77,7 +72,7 @@ def start(config, stage: str = "train") -> Session:
     stage's modules. A second job writing into the same output_dir is refused here, on every rank."""
     held = ExitStack()
     rank = ds.dist_env().rank
-    held.enter_context(output_lock(config.output_dir, stage, rank_lock(config.output_dir, rank)))
+    held.enter_context(output_lock(config.output_dir, stage, rank))
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
