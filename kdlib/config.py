@@ -191,6 +191,11 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 def load_config(path: str | os.PathLike, cls: type[T], overrides: dict | None = None) -> T:
     """Load `cls` from a YAML/JSON file; `overrides` (dotted keys) are applied before validation."""
+    return from_dict(cls, read_config_data(path, overrides), str(path))
+
+
+def read_config_data(path: str | os.PathLike, overrides: dict | None = None) -> dict:
+    """The file's mapping with `overrides` (dotted keys) applied, not yet validated against any class."""
     data = read_config_file(path)
     for dotted, value in (overrides or {}).items():
         node = data
@@ -206,7 +211,7 @@ def load_config(path: str | os.PathLike, cls: type[T], overrides: dict | None = 
         if not leaf:
             raise ConfigError(f"{path}: --set {dotted}: expected a dotted field path such as engine.zero_stage")
         node[leaf] = value
-    return from_dict(cls, data, str(path))
+    return data
 
 
 def to_dict(config: Any) -> Any:

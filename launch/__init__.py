@@ -1,1 +1,2 @@
-"""Launchers: `python -m launch local` (N ranks on one machine, exit statuses 0 / 2 / 75); SLURM to come."""
+"""Launchers: `python -m launch local` (N ranks on one machine) and `python -m launch slurm` (an sbatch job
+with preemption, checkpoint and requeue); both give the stage the same environment contract."""

@@ -1,10 +1,10 @@
-"""`python -m launch local --nproc N --config X.yaml`: start a stage's ranks (SLURM: to come, see the README)."""
+"""`python -m launch {local,slurm} ...`: start a stage's ranks on this machine, or as a SLURM job."""
 
 import sys
 
-from launch import local
+from launch import local, slurm
 
-COMMANDS = {"local": local.main}
+COMMANDS = {"local": local.main, "slurm": slurm.main}
 
 
 def main(argv=None) -> int:

@@ -22,12 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # the deepspeed launcher passes it; we read LOCAL_RANK
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config (for WORLD_SIZE ranks) and exit: what launchers run before submitting")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, PretrainConfig, parse_overrides(args.set))
         from pretrain.validate import validate
 
         setup = validate(cfg, args.config)
+        if args.check:
+            print(f"{args.config}: valid for {setup.place.world_size} rank(s)")
+            return 0
         from pretrain.train import train
 
         return train(cfg, setup)

@@ -26,4 +26,4 @@ model = AutoModelForMaskedLM.from_pretrained("runs/demo/pretrain/export", local_
 print(f"  AutoModelForMaskedLM.from_pretrained('runs/demo/pretrain/export'): {type(model).__name__}, "
       f"{model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 PYEOF
-echo "   Still to come: task distillation (python -m finetune) and SLURM launches (python -m launch slurm)."
+echo "   Next: SLURM jobs with python -m launch slurm (README); task distillation (python -m finetune) is still to come."

@@ -39,7 +39,7 @@ from kdlib.training.preempt import REQUEUE_EXIT_CODE, StopFlag, requeue_message
 # The marks by which a stage knows a run folder: run.json is written before anything else of a run (a
 # transfer set or a teacher folder also holds a resolved_config.yaml, so that alone proves nothing).
 RUN_STAMP = "run.json"
-RUN_MARKS = (RUN_STAMP, "metrics.jsonl", "checkpoints")
+RUN_MARKS = (RUN_STAMP, "metrics.jsonl", "checkpoints", "slurm")  # slurm/: the SLURM launcher's logs
 
 
 def check_run_folder(output_dir: str, stage: str, resume: bool = True) -> None:

@@ -1,0 +1,152 @@
+"""`python -m launch slurm --config X.yaml --nodes N --gpus-per-node G [--time ...] [--partition ...] [--dry-run]`.
+
+Renders one sbatch script from `launch/templates/sbatch.sh`: N nodes, one task per GPU (or
+`--tasks-per-node` on CPU nodes), the rendezvous derived from SLURM itself, a warning signal before
+the time limit and a requeue on preemption, logs in `<output_dir>/slurm/job-<id>.out`. Before anything
+is submitted the stage validates the config for the job's world size (`python -m <stage> --check`),
+so a config error fails here, in one line, not in the queue. `--dry-run` prints the script and writes
+nothing; otherwise it is saved beside the logs and handed to sbatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Optional
+
+from kdlib.cli import parse_overrides
+from kdlib.config import read_config_data
+from kdlib.errors import KDError
+from launch.local import STAGES, USER_ERROR
+
+TEMPLATE = Path(__file__).with_name("templates") / "sbatch.sh"
+TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")  # SLURM's forms: M, H:M:S, D-H, D-H:M:S, ...
+
+
+@dataclass
+class SlurmJob:
+    """Everything the sbatch script says, in one place."""
+
+    config: str  # the stage config (an absolute path in the script)
+    nodes: int
+    gpus_per_node: int  # 0 on CPU nodes
+    tasks_per_node: int  # ranks per node (= gpus_per_node on GPU nodes)
+    output_dir: str  # the stage's output_dir: logs go to <output_dir>/slurm/
+    stage: str = "pretrain"
+    cpus_per_task: int = 4
+    time: Optional[str] = None  # the time limit (the warning signal needs one)
+    partition: Optional[str] = None
+    warn_seconds: int = 120  # SIGUSR1 this long before the time limit
+    job_name: str = ""
+    sets: list[str] = field(default_factory=list)  # --set overrides passed to the stage
+    exports: dict[str, str] = field(default_factory=dict)  # extra environment for every task
+    python: str = sys.executable
+    workdir: str = str(Path.cwd())
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.output_dir) / "slurm"
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def render(job: SlurmJob, script: Optional[Path] = None) -> str:
+    """The sbatch script, as text a user can read and edit."""
+    q = shlex.quote
+    return Template(TEMPLATE.read_text()).substitute(
+        rendered=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), script=script or "<this file>",
+        job_name=job.job_name or f"kd-{job.stage}", nodes=job.nodes, tasks_per_node=job.tasks_per_node,
+        cpus_per_task=job.cpus_per_task,
+        gpus_line=f"#SBATCH --gpus-per-node={job.gpus_per_node}" if job.gpus_per_node else "# (CPU nodes: no GPUs)",
+        time_line=f"#SBATCH --time={job.time}" if job.time else "# (no --time: the partition's limit applies)",
+        partition_line=f"#SBATCH --partition={job.partition}" if job.partition else "# (default partition)",
+        warn_seconds=job.warn_seconds, log_dir=job.log_dir, workdir=q(job.workdir),
+        exports="\n".join(f"export {k}={q(v)}" for k, v in job.exports.items()) or "# (no extra environment)",
+        python=q(job.python), stage=job.stage, config=q(str(Path(job.config).resolve())),
+        sets="".join(f" --set {q(s)}" for s in job.sets))
+
+
+def check_config(job: SlurmJob) -> None:
+    """The stage validates the config as rank 0 of the job's world size; its one error line is ours."""
+    env = dict(os.environ, RANK="0", WORLD_SIZE=str(job.world_size), LOCAL_RANK="0")
+    command = [job.python, "-m", job.stage, "--config", job.config, "--check"]
+    for item in job.sets:
+        command += ["--set", item]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=job.workdir)
+    if proc.returncode != 0:
+        lines = [line[len("error: "):] for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        raise KDError(lines[-1] if lines else f"{job.config}: the stage's check failed (exit {proc.returncode}):\n"
+                      f"{proc.stderr[-2000:]}")
+
+
+def submit(job: SlurmJob) -> str:
+    """Save the script beside the logs, sbatch it; returns the job id."""
+    job.log_dir.mkdir(parents=True, exist_ok=True)
+    script = job.log_dir / f"{job.job_name or 'kd-' + job.stage}-{time.strftime('%Y%m%dT%H%M%S')}.sbatch"
+    script.write_text(render(job, script))
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise KDError(f"sbatch is not on PATH: this is not a SLURM login node (the script is in {script})") from None
+    if proc.returncode != 0:
+        raise KDError(f"sbatch refused {script}: {proc.stderr.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}: {script}\nlogs: {job.log_dir}/job-{job_id}.out")
+    return job_id
+
+
+def job_from_args(args: argparse.Namespace) -> SlurmJob:
+    if args.nodes < 1:
+        raise KDError(f"--nodes: expected at least 1, got {args.nodes}")
+    if args.gpus_per_node < 0:
+        raise KDError(f"--gpus-per-node: expected 0 or more, got {args.gpus_per_node}")
+    if args.time is not None and not TIME.match(args.time):
+        raise KDError(f"--time: expected a SLURM time such as 04:00:00 or 1-12:00:00, got {args.time!r}")
+    tasks = args.tasks_per_node or args.gpus_per_node or 1
+    data = read_config_data(args.config, parse_overrides(args.set))
+    output_dir = data.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise KDError(f"{args.config}: field 'output_dir': the SLURM logs go to <output_dir>/slurm/; set it")
+    return SlurmJob(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
+                    output_dir=str(Path(output_dir).resolve()), stage=args.stage, cpus_per_task=args.cpus_per_task,
+                    time=args.time, partition=args.partition, warn_seconds=args.warn_seconds,
+                    job_name=args.job_name or "", sets=list(args.set),
+                    exports={"DS_ACCELERATOR": "cpu"} if args.gpus_per_node == 0 else {})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch slurm", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU nodes)")
+    parser.add_argument("--tasks-per-node", type=int, default=0, help="ranks per node (default: one per GPU)")
+    parser.add_argument("--cpus-per-task", type=int, default=4)
+    parser.add_argument("--time", default=None, help="time limit, e.g. 04:00:00 (the warning signal needs one)")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--warn-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
+    parser.add_argument("--job-name", default=None)
+    parser.add_argument("--stage", default="pretrain", choices=STAGES)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the stage")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    args = parser.parse_args(argv)
+    try:
+        job = job_from_args(args)
+        check_config(job)
+        if args.dry_run:
+            print(render(job))
+        else:
+            submit(job)
+    except KDError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR
+    return 0
