@@ -49,7 +49,7 @@ class SlurmJob:
     sets: list[str] = field(default_factory=list)  # --set overrides passed to the stage
     exports: dict[str, str] = field(default_factory=dict)  # extra environment for every task
     python: str = sys.executable
-    workdir: str = str(Path.cwd())
+    workdir: str = field(default_factory=lambda: str(Path.cwd()))  # where the job runs (this checkout)
 
     @property
     def log_dir(self) -> Path:
