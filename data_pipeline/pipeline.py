@@ -34,7 +34,7 @@ from kdlib.cache.shards import SHARD_DIR
 from kdlib.config import content_hash as kd_content_hash, save_resolved, to_dict
 from kdlib.errors import CacheError, KDError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.io import atomic_write_text, replace_directory
+from kdlib.io import atomic_write_text, replace_directory, staging_path
 from kdlib.models import check_model_folder, resolve_model_path
 from kdlib.outputs import check_output_folder, output_lock
 from kdlib.readers import read_corpus, read_task
@@ -106,7 +106,7 @@ def claim_directory(cfg: PipelineConfig, info: dict) -> tuple[Path, Optional[Man
                                 claim=json.dumps(mine, sort_keys=True), overwrite=cfg.overwrite, difference=diffs)
     build = out
     if state == "replace":
-        build = staging_dir(out)
+        build = staging_path(out)
         print(f"[data_pipeline] overwrite: true: building beside {out} in {build.name}; it replaces the old set "
               f"({diffs}) only once complete")
         if build.exists() and _found_claim(build) != mine:  # our own staging folder from another attempt
@@ -125,11 +125,6 @@ def claim_directory(cfg: PipelineConfig, info: dict) -> tuple[Path, Optional[Man
     if removed:
         print(f"[data_pipeline] removed {removed} partial file(s) left by an interrupted run")
     return build, None
-
-
-def staging_dir(out: Path) -> Path:
-    """Where a replacing build is made, beside the set it replaces (its shards renamed into place at the end)."""
-    return out.with_name(f".tmp-{out.name}")
 
 
 def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:

@@ -185,7 +185,7 @@ def dist_env() -> DistEnv:
         port = port or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)
     else:
         rank, world, local = 0, 1, 0
-        port = port or str(_free_port())
+        port = port or str(free_port())
     return DistEnv(rank, world, local, addr or "127.0.0.1", port or "29500")
 
 
@@ -200,7 +200,8 @@ def _slurm_head_node() -> str:
         return re.split(r"[,\[]", nodes)[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a one-machine rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -38,6 +38,12 @@ def atomic_target(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def staging_path(path: str | os.PathLike) -> Path:
+    """Where a folder is built before it takes `path`'s place: `.tmp-<name>` beside it (ignored by readers)."""
+    path = Path(path)
+    return path.with_name(f".tmp-{path.name}")
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; when the block succeeds it takes `path`'s place.
@@ -50,7 +56,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
     if path.exists() and not replace and (not path.is_dir() or any(path.iterdir())):
         raise OutputError(f"{path}: already exists; nothing was changed (refusing to replace a folder the "
                           "caller did not claim)")
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = staging_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

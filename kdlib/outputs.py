@@ -70,7 +70,7 @@ def check_output_folder(path: str | os.PathLike, *, stage: str, found_claim: Opt
 # ---------------------------------------------------------------- the writer's lock
 
 
-def _start_time(pid: int) -> Optional[str]:
+def process_start_time(pid: int) -> Optional[str]:
     """The process's start time in clock ticks since boot (Linux), so a reused pid is not mistaken for it."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -90,7 +90,7 @@ def _alive(pid: int) -> bool:
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start_time(os.getpid())}
 
 
 def _is_stale(holder: dict) -> bool:
@@ -100,7 +100,7 @@ def _is_stale(holder: dict) -> bool:
     pid = holder.get("pid")
     if not isinstance(pid, int) or not _alive(pid):
         return True
-    return holder.get("start") is not None and _start_time(pid) not in (None, holder.get("start"))
+    return holder.get("start") is not None and process_start_time(pid) not in (None, holder.get("start"))
 
 
 def _read_holder(path: Path) -> Optional[dict]:
@@ -129,8 +129,6 @@ def output_lock(folder: str | os.PathLike, stage: str, rank: int = 0) -> Iterato
     """Hold `lock_path(folder, rank)` while the block writes `folder`; refuse when another live process holds
     it. Training ranks each hold their own, so no rank of a second job starts writing beside a first job's."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file, not a folder; choose a folder path for {stage}")
     path = lock_path(folder, rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

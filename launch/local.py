@@ -20,22 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from typing import Optional
 
+from kdlib.engine import free_port
+
 STAGES = ("pretrain",)  # stages with the rank contract; finetune joins when it exists
 USER_ERROR, REQUEUE = 2, 75
 GRACE_S = 30.0  # how long ranks get to finish after one failed, before SIGKILL
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_env(rank: int, nproc: int, port: int, base: Optional[dict] = None) -> dict:

@@ -22,7 +22,7 @@ import yaml
 from kdlib.digests import DIGESTS, verify_digests, write_digests
 from kdlib.errors import ConfigError, KDError, OutputError
 from kdlib.io import atomic_directory, sha256_file
-from kdlib.outputs import LOCK, check_output_folder, lock_path, output_lock
+from kdlib.outputs import LOCK, check_output_folder, lock_path, output_lock, process_start_time
 from tests.tiny_models import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +106,6 @@ def _live_process() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
-def _start_time(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2:].split()[19]
-
-
 def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over(tmp_path):
     import socket
 
@@ -119,7 +114,7 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over(
     try:
         folder.mkdir()
         lock_path(folder).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                               "start": _start_time(holder.pid), "stage": "python -m pretrain",
+                                               "start": process_start_time(holder.pid), "stage": "python -m pretrain",
                                                "since": "2026-12-01T00:00:00Z"}))
         before = tree_digest(folder)
         with pytest.raises(OutputError, match=f"in use by python -m pretrain \\(pid {holder.pid} on host"):

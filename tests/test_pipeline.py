@@ -25,6 +25,7 @@ from kdlib.errors import CacheError
 from kdlib.fingerprints import model_fingerprint
 from kdlib.io import sha256_file
 from kdlib.models import ModelConfig, load_model
+from kdlib.outputs import process_start_time
 from tests.tiny_models import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,8 +302,7 @@ def test_a_second_writer_and_an_impossible_max_length_are_refused(work, teacher)
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stat = Path(f"/proc/{holder.pid}/stat").read_text()
-        start = stat[stat.rindex(")") + 2:].split()[19]
+        start = process_start_time(holder.pid)
         (work / ".lock-locked").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                                        "start": start, "stage": "python -m data_pipeline",
                                                        "since": "earlier"}))

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
+from kdlib.engine import free_port  # noqa: F401  (re-exported for the tests that import it from here)
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.readers import gensim_test_data
 from kdlib.schemas import TeacherOutputsConfig
@@ -205,14 +206,6 @@ def torchrun_command(config: Path, nproc: int = 2, port: int | None = None) -> l
     port = port or free_port()
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(port), "-m", "pretrain", "--config", str(config)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_pretrain(config: Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
