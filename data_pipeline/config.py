@@ -24,6 +24,7 @@ class PipelineConfig:
     max_length: int = 128  # tokens per row, special tokens included
     min_length: int = 8  # packed tails shorter than this are dropped
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # Tang et al. / TinyBERT augmentation
+    augment_model: Optional[ModelConfig] = None  # the masked LM proposing TinyBERT swaps (None: the teacher, if masked_lm)
     augment_unit: str = "line"  # corpus documents are augmented per line (paragraph); tasks per example
     masking: MaskingConfig = field(default_factory=MaskingConfig)  # MLM masking of corpus rows
     teacher_outputs: TeacherOutputsConfig = field(default_factory=lambda: TeacherOutputsConfig(top_k=32))  # what to cache
@@ -33,6 +34,11 @@ class PipelineConfig:
     torch_threads: int = 0  # torch threads per worker (0: torch's default)
     seed: int = 0  # masking seed (augmentation has its own in augment.seed)
     overwrite: bool = False  # replace an output_dir that was built by another teacher, tokenizer or config
+
+    @property
+    def swap_model(self) -> ModelConfig:
+        """The masked LM whose top predictions the MLM swap draws from."""
+        return self.augment_model if self.augment_model is not None else self.teacher
 
     def __post_init__(self) -> None:
         if (self.corpus is None) == (self.task is None):
@@ -59,5 +65,9 @@ class PipelineConfig:
             raise ValueError(f"teacher_outputs.dense_logits: needs a sequence_classification teacher, got task {t!r}")
         if not (o.top_k or o.dense_logits or o.hidden_layers or o.pooled):
             raise ValueError("teacher_outputs: nothing to cache (set top_k, dense_logits, hidden_layers or pooled)")
-        if self.augment.mlm_replace_prob > 0 and t != "masked_lm":
-            raise ValueError(f"augment.mlm_replace_prob: the TinyBERT MLM swap needs a masked_lm teacher, got task {t!r}")
+        if self.augment_model is not None and self.augment_model.task != "masked_lm":
+            raise ValueError(f"augment_model.task: the TinyBERT MLM swap needs a masked_lm model, got "
+                             f"{self.augment_model.task!r}")
+        if self.augment.mlm_replace_prob > 0 and self.augment_model is None and t != "masked_lm":
+            raise ValueError(f"augment.mlm_replace_prob: the TinyBERT MLM swap needs a masked LM: set augment_model "
+                             f"(e.g. {{path: <folder>, task: masked_lm}}), or use a masked_lm teacher (got task {t!r})")

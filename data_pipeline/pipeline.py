@@ -47,7 +47,8 @@ NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads")
 
 def content_hash(cfg: PipelineConfig) -> str:
     """Hash of the config fields that determine the rows (not the output path or thread count)."""
-    return kd_content_hash(cfg, NON_CONTENT_FIELDS)
+    unset_additions = ("augment_model",) if cfg.augment_model is None else ()  # sets built before it keep their hash
+    return kd_content_hash(cfg, NON_CONTENT_FIELDS + unset_additions)
 
 
 def preflight(cfg: PipelineConfig, source: str) -> dict:

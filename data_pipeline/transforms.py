@@ -16,6 +16,7 @@ from data_pipeline.rows import TokenizedText, pack_group, row_id, stable_hash
 from kdlib.masking import MaskTokens, mask_tokens, word_starts
 from kdlib.padding import pad_sequences
 from kdlib.readers import normalize_text, read_corpus, read_task
+from kdlib.tokenize import tokenize_texts
 
 NS = "data_pipeline"
 
@@ -84,8 +85,8 @@ class AugmentUnits(beam.DoFn):
             from kdlib.augment import make_mlm_candidates_fn
             from kdlib.models import load_model, load_tokenizer
 
-            model = load_model(self.cfg.teacher)
-            self.mlm_fn = make_mlm_candidates_fn(model, load_tokenizer(self.cfg.teacher.path), self.cfg.augment.mlm_top_k)
+            swap = self.cfg.swap_model
+            self.mlm_fn = make_mlm_candidates_fn(load_model(swap), load_tokenizer(swap.path), self.cfg.augment.mlm_top_k)
 
     def process(self, batch: list[dict], vocab_json: str):
         from kdlib.augment import PosVocabulary, augment_batch
@@ -117,8 +118,7 @@ class TokenizeUnits(beam.DoFn):
         is_task = self.cfg.task is not None
         texts = [u["text"] for u in batch]
         pairs = [u["text_b"] for u in batch] if is_task and any(u["text_b"] for u in batch) else None
-        enc = self.tokenizer(texts, pairs, add_special_tokens=is_task, truncation=is_task,
-                             max_length=self.cfg.max_length if is_task else None, return_attention_mask=False)
+        enc = tokenize_texts(self.tokenizer, texts, pairs, task=is_task, max_length=self.cfg.max_length)
         for i, u in enumerate(batch):
             yield TokenizedText(unit_id=u["unit_id"], source_id=u["source_id"], copy_index=u.get("copy_index", 0),
                                 kind=u.get("kind", "original"), ids=tuple(enc["input_ids"][i]),

@@ -75,21 +75,34 @@ def step_schedule(step: int, total_steps: int, *, start: float = 1.0, end: float
     return float(start * gamma ** sum(1 for m in milestones if m <= p))
 
 
+@register_schedule("window")
+def window(step: int, total_steps: int, *, start: float = 1.0, end: float = 0.0,
+           milestones: tuple = (), gamma: float = 0.1) -> float:
+    """v = start while milestones[0] <= p < milestones[1], else end: an objective active in one phase of a run
+    (TinyBERT's intermediate-then-prediction schedule as one run)."""
+    p = progress(step, total_steps)
+    low, high = milestones
+    return float(start if low <= p < high else end)
+
+
 @dataclass
 class ScheduleConfig:
     """A named schedule and its options, evaluated with ``value(step, total_steps)``."""
 
-    name: str  # registered schedule: constant | linear | cosine | step
+    name: str  # registered schedule: constant | linear | cosine | step | window
     start: float = 1.0  # value at step 0 (constant: the value; step: the value before the first milestone)
     end: float = 1.0  # value at total_steps (linear, cosine); unused by constant and step
-    milestones: list[float] = field(default_factory=list)  # step: increasing fractions of training in (0, 1]
+    milestones: list[float] = field(default_factory=list)  # step: increasing fractions in (0, 1]; window: [from, to) in [0, 1]
     gamma: float = 0.1  # step: multiplier applied at each milestone passed
 
     def __post_init__(self) -> None:
         if self.name not in _SCHEDULES:
             raise ValueError(f"name: expected one of {known_schedules()}, got {self.name!r}")
         ms = list(self.milestones)
-        if any(not (0.0 < m <= 1.0) for m in ms) or ms != sorted(ms):
+        if self.name == "window":
+            if len(ms) != 2 or not 0.0 <= ms[0] < ms[1] <= 1.0:
+                raise ValueError(f"milestones: window expects [from, to) with 0 <= from < to <= 1, got {ms}")
+        elif any(not (0.0 < m <= 1.0) for m in ms) or ms != sorted(ms):
             raise ValueError(f"milestones: expected increasing fractions in (0, 1], got {ms}")
         if not self.gamma > 0:
             raise ValueError(f"gamma: expected > 0, got {self.gamma}")
@@ -108,6 +121,8 @@ class ScheduleConfig:
             vals = [self.start * self.gamma ** i for i in range(len(self.milestones) + 1)]
         elif self.name == "constant":
             vals = [self.start]
+        elif self.name == "window":
+            vals = [self.start, self.end]
         else:
             vals = [self.start, self.end]
         return min(vals), max(vals)

@@ -19,7 +19,7 @@ from kdlib.engine import consolidated_fp32_state_dict
 from kdlib.io import atomic_directory
 from kdlib.models import copy_tokenizer_files
 from kdlib.training.export import student_state_dict
-from pretrain.student import student_config
+from kdlib.student_shape import student_config
 
 
 def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | None, folder: Path, step: int) -> Path:

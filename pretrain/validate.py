@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdlib.cache import MANIFEST, TransferSet
+from kdlib.cache.reader import cached_batch_keys
 from kdlib.engine import DistEnv, deepspeed_config, dist_env
 from kdlib.errors import ConfigError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -102,21 +103,3 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
                  tokenizer_fingerprint=tokenizer_fp, transfer_set=transfer,
                  manifest_sha256=sha256_file(Path(cfg.transfer_set) / MANIFEST), pairs=pairs, offer=offer, ds_config=ds,
                  place=place)
-
-
-def cached_batch_keys(manifest) -> list[str]:
-    """The batch keys `TransferSet.collate` fills for this transfer set (what cached providers can read)."""
-    cached = manifest.cached
-    keys = []
-    if cached.get("top_k"):
-        keys += ["topk_ids", "topk_logits", "teacher_lse"]
-    if cached.get("dense_logits"):
-        keys.append("teacher_logits")
-    keys += [f"teacher_hidden_{layer}" for layer in cached.get("hidden_layers") or []]
-    if cached.get("pooled"):
-        keys.append("teacher_pooled")
-    if cached.get("mlm"):
-        keys.append("mlm_labels")
-    if cached.get("labels"):
-        keys.append("labels")
-    return keys

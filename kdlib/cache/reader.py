@@ -245,3 +245,21 @@ def _scatter_labels(positions: list, labels: list, B: int, T: int) -> np.ndarray
         val = np.concatenate([np.asarray(v).reshape(-1) for v in labels], dtype=np.int64, casting="unsafe")
         out[np.repeat(np.arange(B), counts), pos] = val
     return out
+
+
+def cached_batch_keys(manifest) -> list[str]:
+    """The batch keys `TransferSet.collate` fills for this transfer set (what cached input providers can read)."""
+    cached = manifest.cached
+    keys = []
+    if cached.get("top_k"):
+        keys += ["topk_ids", "topk_logits", "teacher_lse"]
+    if cached.get("dense_logits"):
+        keys.append("teacher_logits")
+    keys += [f"teacher_hidden_{layer}" for layer in cached.get("hidden_layers") or []]
+    if cached.get("pooled"):
+        keys.append("teacher_pooled")
+    if cached.get("mlm"):
+        keys.append("mlm_labels")
+    if cached.get("labels"):
+        keys.append("labels")
+    return keys

@@ -24,6 +24,7 @@ class TaskConfig:
     text_column: str = "text"  # column/key with the (first) text segment (csv, tsv, jsonl)
     label_column: str = "label"  # column/key with the label, kept as written (csv, tsv, jsonl)
     text_b_column: Optional[str] = None  # column/key with the second segment of pair tasks, or None
+    id_column: Optional[str] = None  # column/key holding each example's id (None: `<file name>:<line>`)
     max_examples: Optional[int] = None  # stop after this many examples (None = all)
     encoding: str = "utf-8"  # text encoding of the file; gensim:pang_lee_polarity.cor needs "cp1252"
 
@@ -38,12 +39,17 @@ class TaskConfig:
                 raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
         if self.text_b_column is not None and (not isinstance(self.text_b_column, str) or not self.text_b_column):
             raise ValueError(f"text_b_column: expected null or a non-empty string, got {self.text_b_column!r}")
+        if self.id_column is not None and (self.kind == "fasttext" or not isinstance(self.id_column, str)
+                                           or not self.id_column):
+            raise ValueError(f"id_column: expected null, or a column name for kind csv, tsv or jsonl, got "
+                             f"{self.id_column!r} for kind {self.kind!r}")
         if self.kind == "fasttext" and self.text_b_column is not None:
             raise ValueError(f"text_b_column: expected null for kind 'fasttext' (one text per line), "
                              f"got {self.text_b_column!r}")
-        cols = [self.text_column, self.label_column] + ([self.text_b_column] if self.text_b_column else [])
+        cols = [self.text_column, self.label_column] + ([self.text_b_column] if self.text_b_column else []) \
+            + ([self.id_column] if self.id_column else [])
         if len(set(cols)) != len(cols):
-            raise ValueError(f"label_column: expected text, label and text_b columns to differ, got {cols}")
+            raise ValueError(f"label_column: expected text, label, text_b and id columns to differ, got {cols}")
         check_encoding(self.encoding)
         if self.max_examples is not None and (
             isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1
@@ -85,6 +91,8 @@ def _column_examples(rows: Iterator[records.Row], path: Path, cfg: TaskConfig) -
         text_b = None
         if cfg.text_b_column is not None:
             text_b = records.as_text(values[cfg.text_b_column], path, where, cfg.text_b_column)
+        if cfg.id_column is not None:
+            rid = records.as_text(values[cfg.id_column], path, where, cfg.id_column, numbers_ok=True)
         count += 1
         yield Example(id=rid, text=text, label=label, text_b=text_b)
     if count == 0:
@@ -102,7 +110,8 @@ def read_task(cfg: TaskConfig) -> Iterator[Example]:
     if cfg.kind == "fasttext":
         examples = read_fasttext(path, cfg.encoding)
     else:
-        columns = [cfg.text_column, cfg.label_column] + ([cfg.text_b_column] if cfg.text_b_column else [])
+        columns = [cfg.text_column, cfg.label_column] + ([cfg.text_b_column] if cfg.text_b_column else []) \
+            + ([cfg.id_column] if cfg.id_column else [])
         if cfg.kind == "jsonl":
             rows = records.jsonl_rows(path, columns, cfg.encoding)
         else:

@@ -10,8 +10,10 @@ whose hash differs is refused, naming both hashes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from kdlib.config import config_hash, to_dict
+from kdlib.training.early_stop import EarlyStoppingConfig
 
 # Fields that do not change what a step computes: a checkpoint may be resumed with other values.
 # `steps` is here only as long as nothing reads it: the LR decay enters the hash resolved (decay_steps),
@@ -35,6 +37,7 @@ class LoopConfig:
     threads: int = 0  # torch CPU threads per rank (0: torch's default)
     resume: bool = True  # continue from <output_dir>/checkpoints/latest when it exists
     prefetch: int = 2  # optimizer steps of batches decoded ahead on a background thread (0: load inline)
+    early_stopping: Optional[EarlyStoppingConfig] = None  # stop on a held-out metric; the best weights are exported
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "checkpoint_every"):
@@ -43,6 +46,8 @@ class LoopConfig:
         for name in ("eval_every", "keep_checkpoints", "threads", "prefetch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.early_stopping is not None and not self.eval_every:
+            raise ValueError("early_stopping: needs eval_every > 0 (the metric is read at every evaluation)")
 
 
 def reads_total_steps(config) -> list[str]:
@@ -53,6 +58,8 @@ def reads_total_steps(config) -> list[str]:
 def math_hash(config) -> str:
     """Hash of everything that changes what a step computes (see the module docstring)."""
     data = {k: v for k, v in to_dict(config).items() if k not in BOOKKEEPING}
+    if data.get("early_stopping", 0) is None:  # absent and unset hash alike: older checkpoints stay resumable
+        del data["early_stopping"]
     engine = data.get("engine")
     if engine is not None:
         engine["optim"]["decay_steps"] = config.engine.optim.decay_steps or config.steps

@@ -33,6 +33,7 @@ from kdlib.outputs import check_output_folder, output_lock
 from kdlib.plots import loss_curve
 from kdlib.training import state as ckpt
 from kdlib.training.config import math_hash, reads_total_steps
+from kdlib.training.early_stop import EarlyStopping
 from kdlib.training.preempt import REQUEUE_EXIT_CODE, StopFlag, requeue_message
 
 
@@ -124,18 +125,27 @@ class Trainer:
         self.names = [o.name for o in self.cfg.objectives]
         self.hash = math_hash(self.cfg)
         self.step, self.tokens_seen = 0, 0
+        self.stopper = None
+        if getattr(self.cfg, "early_stopping", None) is not None:
+            if self.cfg.engine.zero_stage == 3:
+                raise OutputError("early_stopping: keeps the best weights from every rank's full copy, which ZeRO-3 "
+                                  "does not hold; use engine.zero_stage 0-2")
+            self.stopper = EarlyStopping(self.cfg.early_stopping, self.out)
         seed_rank(self.cfg.seed, session.place.rank)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.job.batches.sampler.state_dict(),
                 "loss_state": self.module.loss_state_dict(), "config_hash": self.hash, "steps": self.cfg.steps,
-                "reads_total_steps": reads_total_steps(self.cfg)}
+                "reads_total_steps": reads_total_steps(self.cfg),
+                **({"early_stopping": self.stopper.state_dict()} if self.stopper is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.job.batches.sampler.load_state_dict(state["sampler"])
         self.module.load_loss_state_dict(state.get("loss_state", {}))
+        if self.stopper is not None:
+            self.stopper.load_state_dict(state["early_stopping"])
 
     def resume(self) -> Optional[Path]:
         """Restore from `latest` (refusing a checkpoint of a config that computes differently)."""
@@ -178,6 +188,18 @@ class Trainer:
         world_micro = self.session.place.world_size * self.cfg.engine.grad_accum
         return (combined[:n + 1] / world_micro).tolist(), int(combined[n + 1]), bool(combined[n + 2] > 0)
 
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, metrics: MetricsWriter) -> dict:
+        """Held-out metrics, logged; with early stopping, the best weights so far saved (rank 0)."""
+        values = self.job.evaluate(self.module.student)
+        metrics.write({"kind": "eval", "step": self.step, **values})
+        if self.stopper is not None and self.stopper.update(values, self.step) and self.rank0:
+            self.stopper.save(self.module.student)
+        return values
+
+    def stopped_early(self) -> bool:
+        return self.stopper is not None and self.stopper.stopped
+
     # ---------------------------------------------------------------- the loop
     def run(self) -> int:
         """Train to `steps` (or until a preemption signal); returns 0, or REQUEUE_EXIT_CODE after a checkpoint."""
@@ -193,14 +215,14 @@ class Trainer:
         metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank0)
         student = self.module.student
         if self.step == 0:
-            metrics.write({"kind": "eval", "step": 0, **job.evaluate(student)})
+            self.evaluate(metrics)
         job.batches.start()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=job.name, dynamic_ncols=True,
                    disable=not (self.rank0 and cfg.progress_bar) or None)  # None: quiet when not a terminal
         run_start, run_tokens, last_ckpt = time.perf_counter(), 0, None
         self.engine.train()
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not self.stopped_early():
                 started = time.perf_counter()
                 lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 losses, tokens, stop = self.train_step()
@@ -214,8 +236,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{losses[0]:.4f}", tok_s=f"{tokens / seconds:,.0f}")
                 bar.update(1)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    metrics.write({"kind": "eval", "step": self.step, **job.evaluate(student)})
-                if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.evaluate(metrics)
+                if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.stopped_early():
                     last_ckpt = self.save()
                 if stop:
                     if self.rank0:
@@ -227,8 +249,14 @@ class Trainer:
             bar.close()
         elapsed = time.perf_counter() - run_start
 
-        final_metrics = job.evaluate(student)
-        metrics.write({"kind": "eval", "step": self.step, **final_metrics})
+        final_metrics = self.evaluate(metrics) if not self.stopped_early() else {}
+        if self.stopper is not None:  # the export and the final metrics are the best weights'
+            ds.barrier()  # rank 0 has written them
+            self.stopper.restore(student)
+            final_metrics = {**job.evaluate(student), "best_step": self.stopper.best_step}
+            if self.rank0:
+                print(f"early stopping: best {cfg.early_stopping.metric} {self.stopper.best:.4f} at step "
+                      f"{self.stopper.best_step} (stopped at step {self.step})", flush=True)
         module_state = None
         if cfg.engine.zero_stage == 0:
             module_state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

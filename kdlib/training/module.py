@@ -113,6 +113,8 @@ class DistillModule(nn.Module):
 
     def forward(self, batch: dict, teacher: Optional[ModelView] = None, step: int = 0, total_steps: int = 1):
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        if hasattr(self.student, "set_step"):  # a student that changes with progress (BERT-of-Theseus replacement)
+            self.student.set_step(step, total_steps)
         mine = run_model(self.student, ids, mask, hidden=self.want_hidden, qkv=self.want_qkv, heads=self.heads)
         peer = run_model(self.peer, ids, mask, hidden=False, qkv=False, heads=self.heads) if self.peer else None
         x = StepInputs(batch, self.offer, student=mine, teacher=teacher, peer=peer, projections=self.projections,

@@ -1,0 +1,54 @@
+"""`python -m finetune [step] --config X.yaml [--set key=value ...] [--fold K] [--seed S] [--arm kd|baseline]`.
+
+With no step, every step runs in order: folds, teacher, transfer, distill, speed, report. Each step can be
+run alone (it finds the earlier steps' files in output_dir); finished work is skipped. Exit status: 0
+done, 2 a user error (config, data, fingerprints; named before any training), 75 preempted after a
+checkpoint (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STEPS = ("folds", "teacher", "transfer", "distill", "speed", "report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdlib.cli import config_parser, parse_overrides
+    from kdlib.config import load_config
+    from kdlib.errors import KDError
+
+    parser = config_parser(__doc__.splitlines()[0])
+    parser.add_argument("step", nargs="?", choices=STEPS + ("all",), default="all", help="the step to run (default: all)")
+    parser.add_argument("--fold", type=int, action="append", help="only this fold (repeatable)")
+    parser.add_argument("--seed", type=int, action="append", help="only this student seed (repeatable; distill)")
+    parser.add_argument("--arm", choices=("kd", "baseline"), action="append", help="only this arm (distill)")
+    parser.add_argument("--check", action="store_true", help="validate the config and the data, then exit")
+    args = parser.parse_args(argv)
+    try:
+        from finetune.config import FinetuneConfig
+
+        cfg = load_config(args.config, FinetuneConfig, parse_overrides(args.set))
+        from finetune.validate import validate
+
+        setup = validate(cfg, args.config)
+        if args.check:
+            print(f"{args.config}: valid ({setup.examples} examples, labels {setup.labels}, "
+                  f"{cfg.evaluation.folds} folds x {len(cfg.evaluation.seeds)} seed(s))")
+            return 0
+        from finetune.driver import run_steps
+
+        return run_steps(cfg, setup, args.config, step=args.step, folds=args.fold, seeds=args.seed, arms=args.arm)
+    except KDError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except SystemExit as stop:  # a run preempted after its checkpoint
+        return int(stop.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The task-distillation config: the labelled task, the teacher's fine-tuning, the task transfer set,
+the student, the distillation method, the no-KD baseline and the evaluation protocol.
+
+Everything here is checked when the file is loaded; checks that need model folders or the data
+(labels, class counts, tokenizers, layer counts) run in `finetune.validate` before any training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from kdlib.augment import AugmentConfig
+from kdlib.engine import EngineConfig, OptimConfig
+from kdlib.layer_maps import LayerMapConfig
+from kdlib.objectives import ObjectiveConfig, validate_objectives
+from kdlib.readers import TaskConfig
+from kdlib.schedules import ScheduleConfig
+from kdlib.schemas import StudentConfig
+from kdlib.theseus import TheseusConfig
+
+ARMS = ("teacher", "kd", "baseline")
+
+
+def _engine(learning_rate: float, micro_batch: int, warmup: int) -> EngineConfig:
+    return EngineConfig(zero_stage=0, micro_batch=micro_batch,
+                        optim=OptimConfig(learning_rate=learning_rate, warmup_steps=warmup))
+
+
+def _positive(owner, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _small_engine(engine: EngineConfig) -> None:
+    if engine.zero_stage == 3:
+        raise ValueError("engine.zero_stage: expected 0-2 (task runs keep the best and final weights from each rank's "
+                         "full copy), got 3")
+
+
+@dataclass
+class TeacherConfig:
+    """Step 1: fine-tune the teacher on each fold's training examples (or take an already fine-tuned one)."""
+
+    init: Optional[str] = None  # the encoder to fine-tune (folder or package:<module>); a classifier head is added
+    finetuned: Optional[str] = None  # an already fine-tuned classifier folder instead (it must not have seen the test data)
+    steps: int = 200  # optimizer steps at most (early stopping usually ends sooner)
+    eval_every: int = 20  # steps between validation evaluations (early stopping reads them)
+    patience: int = 3  # evaluations without a better validation accuracy before stopping
+    engine: EngineConfig = field(default_factory=lambda: _engine(5e-5, 16, 10))  # batch and optimizer of fine-tuning
+    trust_remote_code: bool = False  # run Python code shipped with the model folder (off: never by default)
+
+    def __post_init__(self) -> None:
+        if (self.init is None) == (self.finetuned is None):
+            raise ValueError("init: expected exactly one of 'init' (an encoder to fine-tune) or 'finetuned' "
+                             "(a fine-tuned classifier folder)")
+        _positive(self, "steps", "eval_every", "patience")
+        _small_engine(self.engine)
+
+
+@dataclass
+class TransferConfig:
+    """Step 2: the task transfer set per fold: augmented training examples with the teacher's outputs."""
+
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(copies=20))  # Tang et al. / TinyBERT
+    augment_model: Optional[str] = None  # masked-LM folder proposing TinyBERT swaps (needed when mlm_replace_prob > 0)
+    hidden_layers: list[int] = field(default_factory=list)  # teacher hidden states to cache beyond those objectives need
+    num_shards: int = 4  # Parquet shards per transfer set
+    batch_size: int = 32  # sequences per teacher forward
+    torch_threads: int = 1  # torch threads per pipeline worker
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_shards", "batch_size")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads: expected >= 0, got {self.torch_threads}")
+        if self.augment.mlm_replace_prob > 0 and self.augment_model is None:
+            raise ValueError("augment_model: augment.mlm_replace_prob > 0 needs a masked-LM folder to propose swaps "
+                             "(the fine-tuned teacher is a classifier)")
+
+
+@dataclass
+class StudentSpec:
+    """Where the student starts: a student folder (a general student from pretrain, any BERT-family folder), or a
+    shape built from the fine-tuned teacher with teacher layers copied in (DistilBERT / BERT-PKD init)."""
+
+    path: Optional[str] = None  # a model folder; its encoder is kept, a new classifier head is added (seeded)
+    shape: StudentConfig = field(default_factory=lambda: StudentConfig(num_layers=3, init="every_other"))  # when path is null
+    trust_remote_code: bool = False  # run Python code shipped with the model folder
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of a multi-phase run (TinyBERT: intermediate layers first, then the prediction layer)."""
+
+    name: str  # shown in logs and the report
+    steps: int  # optimizer steps of this phase
+    objectives: list[ObjectiveConfig]  # the losses active during this phase only
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps")
+        self.objectives = validate_objectives(self.objectives)
+        for i, obj in enumerate(self.objectives):
+            if obj.weight_schedule is not None:
+                raise ValueError(f"objectives[{i}].weight_schedule: inside a phase the weight is the phase's window; "
+                                 "use a separate phase instead")
+
+
+def default_objectives() -> list[ObjectiveConfig]:
+    """Hinton et al.: soft targets at T = 2 with weight 1 - alpha, hard labels with weight alpha = 0.5."""
+    return [ObjectiveConfig(name="kd_kl", weight=0.5, params={"temperature": 2.0}),
+            ObjectiveConfig(name="hard_ce", weight=0.5)]
+
+
+@dataclass
+class DistillConfig:
+    """Step 3: how the student learns from the teacher."""
+
+    method: Literal["kd", "theseus"] = "kd"  # kd: a student trained on the objectives; theseus: module replacement
+    objectives: list[ObjectiveConfig] = field(default_factory=default_objectives)  # weighted losses (ignored with phases)
+    phases: list[PhaseConfig] = field(default_factory=list)  # instead of objectives: phases run one after another
+    steps: int = 300  # optimizer steps (with phases: their sum, filled in)
+    layer_map: Optional[LayerMapConfig] = None  # teacher layer -> student layer for intermediate losses (skip, last, ...)
+    online_teacher: bool = False  # run the teacher on every batch (attention losses; uncached hidden states)
+    hard_labels: Literal["original", "all"] = "original"  # rows whose label the hard loss reads: augmented copies
+    #                                                     keep the teacher's soft targets only unless "all"
+    theseus: TheseusConfig = field(default_factory=TheseusConfig)  # method: theseus
+    engine: EngineConfig = field(default_factory=lambda: _engine(1e-4, 32, 10))  # batch and optimizer of the student
+    eval_every: int = 50  # steps between validation evaluations (logged; held-out test data is never read here)
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "eval_every")
+        _small_engine(self.engine)
+        if self.phases:
+            names = [p.name for p in self.phases]
+            if len(set(names)) != len(names):
+                raise ValueError(f"phases: expected distinct names, got {names}")
+            self.steps = sum(p.steps for p in self.phases)
+            self.objectives = phase_objectives(self.phases)
+        self.objectives = validate_objectives(self.objectives)
+
+
+def phase_objectives(phases: list[PhaseConfig]) -> list[ObjectiveConfig]:
+    """Phases as one objective list: each objective weighted by a window schedule that is 1 during its phase and 0
+    outside (boundaries in fractions of the run, so the switch happens at exactly the configured step)."""
+    total = sum(p.steps for p in phases)
+    out, start = [], 0
+    for phase in phases:
+        window = ScheduleConfig(name="window", start=1.0, end=0.0, milestones=[start / total, (start + phase.steps) / total])
+        for obj in phase.objectives:
+            out.append(ObjectiveConfig(name=obj.name, weight=obj.weight, params=dict(obj.params),
+                                       weight_schedule=window, temperature_schedule=obj.temperature_schedule))
+        start += phase.steps
+    return out
+
+
+@dataclass
+class BaselineConfig:
+    """The no-KD baseline: the same student initialisation, hard labels only, the same steps, no augmentation."""
+
+    enabled: bool = True  # train it (the report compares against it)
+
+
+@dataclass
+class EvaluationConfig:
+    """k-fold cross-validation: every arm is scored on the same held-out fold, over several student seeds."""
+
+    folds: int = 5  # stratified folds; each is held out once
+    seeds: list[int] = field(default_factory=lambda: [0])  # student seeds per fold (teacher: the first seed)
+    split_seed: int = 0  # seed of the fold assignment
+    validation_fraction: float = 0.1  # of each fold's training examples: the teacher's early-stopping set
+    speed_batch: int = 32  # sequences per batch when timing teacher and students side by side
+    speed_threads: int = 1  # torch threads when timing
+    speed_repeats: int = 3  # timed passes (best taken)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+            raise ValueError(f"folds: expected an integer >= 2, got {self.folds!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected a non-empty list of distinct seeds, got {self.seeds}")
+        if not 0.0 < self.validation_fraction < 0.5:
+            raise ValueError(f"validation_fraction: expected a fraction in (0, 0.5), got {self.validation_fraction}")
+        _positive(self, "speed_batch", "speed_threads", "speed_repeats")
+
+
+@dataclass
+class FinetuneConfig:
+    """Task-specific distillation with k-fold evaluation against the teacher and a no-KD baseline."""
+
+    output_dir: str  # folds/, per-run folders, report/
+    task: TaskConfig  # the labelled set (kdlib.readers: csv, tsv, jsonl, fastText)
+    teacher: TeacherConfig  # step 1
+    labels: list[str] = field(default_factory=list)  # label names in index order (empty: the sorted labels found)
+    max_length: int = 128  # tokens per example, special tokens included (longer ones are truncated)
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # step 2
+    student: StudentSpec = field(default_factory=StudentSpec)  # where the student starts
+    distill: DistillConfig = field(default_factory=DistillConfig)  # step 3
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)  # the no-KD comparison
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # step 4
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    progress_bar: bool = True  # tqdm bars (quiet when stderr is not a terminal)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels: expected distinct names, got {self.labels}")
+        if self.threads < 0:
+            raise ValueError(f"threads: expected >= 0, got {self.threads}")
+        if self.distill.method == "theseus" and self.student.path is not None:
+            raise ValueError("student.path: method theseus builds its successor from the fine-tuned teacher's layers; "
+                             "leave student.path null")

@@ -1,0 +1,89 @@
+"""Batches for the task runs: labelled examples encoded in memory (teacher fine-tuning, the no-KD
+baseline, evaluation) and task transfer-set rows in a canonical order (distillation).
+
+Both sources put rows in the same order: the fold's training examples in file order, and in a
+transfer set each example's original row before its augmented copies. So a transfer set without
+augmentation hands the trainer exactly the batches the baseline gets, which is what makes "alpha = 1
+reproduces the no-KD run" a testable statement. Padding is kdlib.padding's, for both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdlib.cache import TransferSet
+from kdlib.cache.reader import IGNORE_INDEX
+from kdlib.errors import CacheError
+from kdlib.padding import pad_sequences
+from kdlib.readers import Example
+from kdlib.tokenize import tokenize_texts
+
+ORIGINAL = "original"
+
+
+class EncodedExamples:
+    """Examples tokenized once: `batch(indices)` -> input_ids, attention_mask, labels, ids."""
+
+    def __init__(self, examples: list[Example], tokenizer, labels: list[str], max_length: int):
+        self.ids = [ex.id for ex in examples]
+        pairs = [ex.text_b or "" for ex in examples] if any(ex.text_b for ex in examples) else None
+        enc = tokenize_texts(tokenizer, [ex.text for ex in examples], pairs, task=True, max_length=max_length)
+        self.input_ids = [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        self.label_names = list(labels)
+        self.labels = np.asarray([labels.index(ex.label) for ex in examples], dtype=np.int64)
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int]) -> dict:
+        ids, mask = pad_sequences([self.input_ids[i] for i in indices], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(self.labels[list(indices)]),
+                "ids": [self.ids[i] for i in indices]}
+
+
+class TaskRows:
+    """A task transfer set read in the canonical order; augmented rows' hard labels hidden unless asked for."""
+
+    def __init__(self, transfer: TransferSet, example_order: list[str], pad_id: int, hard_labels: str = "original"):
+        self.transfer, self.pad_id = transfer, pad_id
+        position = {eid: i for i, eid in enumerate(example_order)}
+        keys, augmented = [], []
+        for index in range(len(transfer)):
+            row = transfer.row(index)
+            source = row["source_id"]
+            if source not in position:
+                raise CacheError(f"{transfer.path}: row {row['id']} comes from example {source!r}, which is not a "
+                                 "training example of this fold (the transfer set belongs to another split)")
+            is_original = row["augmentation"] == ORIGINAL
+            keys.append((position[source], not is_original, row["id"], index))
+            augmented.append(not is_original)
+        keys.sort()
+        self.order = [k[-1] for k in keys]
+        self.augmented = np.asarray([augmented[i] for i in self.order], dtype=bool)
+        self.hide_augmented_labels = hard_labels == "original"
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def batch(self, indices: list[int]) -> dict:
+        batch = self.transfer.batch([self.order[i] for i in indices], pad_id=self.pad_id)
+        if self.hide_augmented_labels and "labels" in batch:
+            hide = torch.from_numpy(self.augmented[list(indices)])
+            batch["labels"] = torch.where(hide, torch.full_like(batch["labels"], IGNORE_INDEX), batch["labels"])
+        return batch
+
+
+@torch.no_grad()
+def predict(model, source, batch_size: int, device) -> np.ndarray:
+    """(N, C) float64 logits of `model` (eval mode) on every row of `source`, in order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(source), batch_size):
+        batch = source.batch(list(range(start, min(start + batch_size, len(source)))))
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        out.append(logits.double().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)

@@ -1,0 +1,56 @@
+"""Scoring outside training: a given (already fine-tuned) teacher on each held-out fold, and the speed of
+teacher and students measured side by side on the same held-out batches with the same threads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdlib.io import atomic_write_text
+from kdlib.models import load_tokenizer
+from kdlib.speed import compare_speed
+from kdlib.training.config import math_hash
+from finetune.data import EncodedExamples
+from finetune.folds import read_split
+from finetune.layout import Layout
+from finetune.models import load_classifier
+from finetune.run import EVAL_FILE, EXPORT, RunConfig, write_predictions
+
+
+def evaluate_given_teacher(cfg, fold: int, labels: list[str], out: Path) -> None:
+    """eval.json and predictions.jsonl of teacher.finetuned on this fold's held-out split (no training)."""
+    from finetune.steps import _fold_fields
+
+    run = RunConfig(output_dir=str(out), steps=1, seed=cfg.evaluation.seeds[0], arm="teacher", init=cfg.teacher.finetuned,
+                    objectives=[{"name": "hard_ce"}], engine=cfg.teacher.engine, **_fold_fields(cfg, fold, labels))
+    path = out / EVAL_FILE
+    if path.is_file() and json.loads(path.read_text()).get("config_hash") == math_hash(run):
+        return
+    import torch
+
+    model = load_classifier(cfg.teacher.finetuned, labels, seed=0, new_head=False)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(run, model, load_tokenizer(cfg.teacher.finetuned), out, torch.device("cpu"), {"steps": 0})
+
+
+def speed_step(cfg, labels: list[str], folds: list[int], run_folders_of) -> None:
+    """Time every exported model of a fold on the fold's held-out examples; record it in each eval.json."""
+    e = cfg.evaluation
+    for fold in folds:
+        folders = [f for f in run_folders_of(fold) if (f / EVAL_FILE).is_file()]
+        if not folders:
+            continue
+        exports = {str(f): (cfg.teacher.finetuned if f.name == "teacher" and cfg.teacher.finetuned else f / EXPORT)
+                   for f in folders}
+        tokenizer = load_tokenizer(str(next(iter(exports.values()))))
+        examples = EncodedExamples(read_split(Layout(cfg).split(fold, "test")), tokenizer, labels, cfg.max_length)
+        batches = [examples.batch(list(range(i, min(i + e.speed_batch, len(examples)))))
+                   for i in range(0, len(examples), e.speed_batch)]
+        batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+        models = {name: load_classifier(str(folder), labels, seed=0, new_head=False) for name, folder in exports.items()}
+        speeds = compare_speed(models, batches, e.speed_threads, repeats=e.speed_repeats)
+        for folder in folders:
+            record = json.loads((folder / EVAL_FILE).read_text())
+            record["speed"] = speeds[str(folder)]
+            atomic_write_text(folder / EVAL_FILE, json.dumps(record, indent=1) + "\n")
+        print(f"[finetune] fold {fold}: timed {len(models)} models on {len(examples)} held-out examples", flush=True)

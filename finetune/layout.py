@@ -1,0 +1,32 @@
+"""Where everything of a finetune output_dir lives (one place, so steps run alone find each other's files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+FOLDS_DIR = "folds"
+REPORT_DIR = "report"
+
+
+class Layout:
+    """Where everything of a finetune output_dir lives."""
+
+    def __init__(self, cfg):
+        self.root = Path(cfg.output_dir)
+
+    def fold_data(self, fold: int) -> Path:
+        return self.root / FOLDS_DIR / f"fold-{fold}"
+
+    def split(self, fold: int, name: str) -> Path:
+        return self.fold_data(fold) / f"{name}.jsonl"
+
+    def run(self, fold: int, arm: str, seed: Optional[int] = None) -> Path:
+        base = self.root / f"fold-{fold}"
+        return base / arm if arm == "teacher" else base / f"seed-{seed}" / arm
+
+    def transfer(self, fold: int) -> Path:
+        return self.root / f"fold-{fold}" / "transfer_set"
+
+    def report(self) -> Path:
+        return self.root / REPORT_DIR

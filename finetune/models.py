@@ -1,0 +1,74 @@
+"""The models of a task run: the teacher's classifier (an encoder plus a new head), the student (a student
+folder plus a new head, or a shape built from the fine-tuned teacher with its layers copied in), and
+BERT-of-Theseus' replacement model over the fine-tuned teacher. Offline and safetensors only, like
+every load in this project (kdlib.models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdlib.errors import ModelLoadError
+from kdlib.models import check_model_folder, quiet_transformers, resolve_model_path
+from kdlib.schemas import StudentConfig, init_layer_map
+from kdlib.student_shape import copy_teacher_layers, student_config
+
+HEAD_PREFIXES = ("classifier.", "bert.pooler.")  # weights a masked-LM or bare encoder folder may lack
+
+
+def label_maps(labels: list[str]) -> dict:
+    return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def load_classifier(ref: str, labels: list[str], *, seed: int, trust_remote_code: bool = False,
+                    new_head: bool = True) -> torch.nn.Module:
+    """A sequence classifier from a folder: its own head when it has one for these labels, else a new head
+    (seeded; only the classifier and pooler may be new: any other missing weight is an error)."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = resolve_model_path(ref)
+    check_model_folder(folder)
+    quiet_transformers()
+    torch.manual_seed(seed)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), num_labels=len(labels), local_files_only=True, use_safetensors=True,
+            trust_remote_code=trust_remote_code, output_loading_info=True, **label_maps(labels))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{folder}: cannot load as a sequence classifier: {err}") from None
+    missing = [k for k in info.get("missing_keys", []) if not (new_head and k.startswith(HEAD_PREFIXES))]
+    if missing:
+        raise ModelLoadError(f"{folder}: {len(missing)} encoder weights are missing and would be random, "
+                             f"e.g. {', '.join(missing[:3])}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched and not new_head:
+        raise ModelLoadError(f"{folder}: its classifier head does not fit {len(labels)} labels ({mismatched[:2]})")
+    model.train()
+    return model
+
+
+def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels: list[str], seed: int):
+    """A classifier of the teacher's family with `shape`, teacher layers copied in per shape.init (the head and
+    pooler too, when widths match), the rest seeded."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = student_config(teacher.config, shape)
+    config.num_labels = len(labels)
+    for key, value in label_maps(labels).items():
+        setattr(config, key, value)
+    model = AutoModelForSequenceClassification.from_config(config)
+    layers = init_layer_map(shape, teacher.config.num_hidden_layers)
+    if layers:
+        copy_teacher_layers(model, teacher, layers)
+    model.train()
+    return model
+
+
+def save_classifier(model: torch.nn.Module, folder: Path, tokenizer_from: Path) -> None:
+    """config.json + model.safetensors + the tokenizer files, written into `folder` (already a staging folder)."""
+    from kdlib.models import copy_tokenizer_files
+
+    model.save_pretrained(str(folder), safe_serialization=True)
+    copy_tokenizer_files(resolve_model_path(str(tokenizer_from)), folder)

@@ -1,0 +1,222 @@
+"""One training run of the task stage on the shared training core: the teacher's fine-tuning, a distilled
+student, or the no-KD baseline. Each is a `RunConfig` (the loop's config: what it hashes is what the run
+computes) in its own folder with checkpoints, metrics, an exported Hugging Face folder, and the
+held-out fold's predictions (`predictions.jsonl`, `eval.json`).
+
+The loop, checkpoints, exact resume, preemption and the loss-input providers are kdlib/training's;
+this file says what a task run is made of: a classifier, its batches, its validation metrics and its
+export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from kdlib.cache import TransferSet
+from kdlib.cache.reader import cached_batch_keys
+from kdlib.engine import EngineConfig, dist_env
+from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.io import atomic_directory, atomic_write_text
+from kdlib.layer_maps import LayerMapConfig
+from kdlib.models import load_tokenizer, resolve_model_path
+from kdlib.objectives import ObjectiveConfig, validate_objectives
+from kdlib.schemas import StudentConfig
+from kdlib.task_metrics import classification_metrics
+from kdlib.theseus import TheseusConfig, TheseusModel
+from kdlib.training import loop
+from kdlib.training.batches import BatchStream
+from kdlib.training.config import LoopConfig, math_hash
+from kdlib.training.inputs import Offer
+from kdlib.training.internals import run_model
+from kdlib.training.module import DistillModule
+from kdlib.training.sampler import DistributedBatchSampler
+from finetune.data import EncodedExamples, TaskRows, predict
+from finetune.folds import read_split
+from finetune.models import load_classifier, save_classifier, student_from_teacher
+
+STAGE = "python -m finetune"
+EVAL_FILE = "eval.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+EXPORT = "export"
+PEER_EXPORT = "export-peer"
+
+
+@dataclass
+class RunConfig(LoopConfig):
+    """One task run: which model starts, on which rows, with which objectives (written by the orchestrator)."""
+
+    arm: Literal["teacher", "kd", "baseline"]  # what this run is in the comparison
+    fold: int  # the held-out fold
+    init: str  # the folder the model starts from (encoder, student, or the fine-tuned teacher for theseus/shape)
+    examples: str  # the fold's train.jsonl: row order, and the rows themselves unless train_data is a transfer set
+    valid_data: str  # the fold's valid.jsonl: validation metrics during training
+    test_data: str  # the fold's test.jsonl: predictions after training (never read while training)
+    labels: list[str]  # label names in index order
+    max_length: int  # tokens per example
+    objectives: list[ObjectiveConfig]  # weighted registered losses
+    engine: EngineConfig  # batch and optimizer
+    transfer_set: Optional[str] = None  # kd: the fold's task transfer set (teacher logits, augmented rows)
+    teacher: Optional[str] = None  # kd: the fine-tuned teacher folder (fingerprints, online teacher)
+    student_shape: Optional[StudentConfig] = None  # kd/baseline without a student folder: built from the teacher
+    method: Literal["kd", "theseus"] = "kd"  # theseus: the model is a module-replacement model over the teacher
+    theseus: Optional[TheseusConfig] = None  # method theseus
+    layer_map: Optional[LayerMapConfig] = None  # intermediate losses: teacher layer -> student layer
+    online_teacher: bool = False  # run the teacher on every batch
+    hard_labels: Literal["original", "all"] = "original"  # which transfer-set rows the hard loss reads
+    trust_remote_code: bool = False  # model folders' own code (off by default)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.objectives = validate_objectives(self.objectives)
+
+
+def build_model(cfg: RunConfig, teacher_model=None):
+    """The trained model of this run (seeded) and the folder whose tokenizer it uses."""
+    if cfg.arm == "teacher":
+        return load_classifier(cfg.init, cfg.labels, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code), cfg.init
+    if cfg.method == "theseus":
+        return TheseusModel(teacher_model, cfg.theseus, seed=cfg.seed), cfg.teacher
+    if cfg.student_shape is not None:
+        return student_from_teacher(teacher_model, cfg.student_shape, cfg.labels, cfg.seed), cfg.teacher
+    return load_classifier(cfg.init, cfg.labels, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code), cfg.init
+
+
+def load_teacher(cfg: RunConfig):
+    """The fine-tuned teacher, frozen (kd runs that need it: a shape student, theseus, an online teacher)."""
+    model = load_classifier(cfg.teacher, cfg.labels, seed=0, trust_remote_code=cfg.trust_remote_code, new_head=False)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def needs_teacher_model(cfg: RunConfig) -> bool:
+    return cfg.arm != "teacher" and (cfg.method == "theseus" or cfg.student_shape is not None or cfg.online_teacher)
+
+
+def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
+    """kd: the transfer set in canonical order (fingerprints checked); else the fold's training examples."""
+    order = read_split(Path(cfg.examples))
+    if cfg.transfer_set is None:
+        return EncodedExamples(order, tokenizer, cfg.labels, cfg.max_length), {"labels"}, "mean"
+    teacher_folder = resolve_model_path(cfg.teacher)
+    transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=model_fingerprint(teacher_folder),
+                           tokenizer_fingerprint=tokenizer_fingerprint(resolve_model_path(tokenizer_folder)),
+                           verify="lazy")
+    rows = TaskRows(transfer, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels)
+    return rows, set(cached_batch_keys(transfer.manifest)), transfer.manifest.cached.get("pooled") or "mean"
+
+
+def make_offer(cfg: RunConfig, model, teacher_config, cached: set, pooling: str) -> Offer:
+    pairs: tuple = ()
+    t_layers = teacher_config.num_hidden_layers if teacher_config is not None else 0
+    s_layers = model.config.num_hidden_layers
+    if cfg.layer_map is not None and cfg.layer_map.name != "emd":
+        pairs = tuple(cfg.layer_map.build(t_layers, s_layers))
+    return Offer(online_teacher=cfg.online_teacher, cached=frozenset(cached), pairs=pairs,
+                 emd=cfg.layer_map is not None and cfg.layer_map.name == "emd", teacher_layers=t_layers,
+                 student_layers=s_layers, peer=cfg.method != "theseus", token_level=False, pooling=pooling,
+                 student_heads=model.config.num_attention_heads,
+                 teacher_heads=teacher_config.num_attention_heads if teacher_config is not None else 0)
+
+
+def validation_metrics(model, valid: EncodedExamples, batch_size: int, device) -> dict:
+    logits = predict(model, valid, batch_size, device)
+    labels = valid.labels
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return {**classification_metrics(labels, logits.argmax(-1), len(valid.label_names)),
+            "loss": float(-log_probs[np.arange(len(labels)), labels].mean())}
+
+
+def exported_model(module: DistillModule):
+    """The plain model an export holds: Theseus' successor alone, else the student itself."""
+    student = module.student
+    return student.successor_model() if isinstance(student, TheseusModel) else student
+
+
+def write_predictions(cfg: RunConfig, model, tokenizer, out: Path, device, extra: dict) -> dict:
+    """predictions.jsonl and eval.json of `model` on the held-out fold (written last: a run is done when it exists)."""
+    test = EncodedExamples(read_split(Path(cfg.test_data)), tokenizer, cfg.labels, cfg.max_length)
+    logits = predict(model, test, cfg.engine.micro_batch, device)
+    predictions = logits.argmax(-1)
+    lines = [json.dumps({"id": i, "label": int(y), "prediction": int(p), "scores": [float(v) for v in row]})
+             for i, y, p, row in zip(test.ids, test.labels, predictions, logits)]
+    atomic_write_text(out / PREDICTIONS_FILE, "\n".join(lines) + "\n")
+    record = {"arm": cfg.arm, "fold": cfg.fold, "seed": cfg.seed, "task_type": "classification",
+              "metrics": classification_metrics(test.labels, predictions, len(cfg.labels)),
+              "parameters": sum(p.numel() for p in model.parameters()), "labels": list(cfg.labels),
+              "examples": len(test), "config_hash": math_hash(cfg), **extra}
+    atomic_write_text(out / EVAL_FILE, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def train_run(cfg: RunConfig) -> int:
+    """Train (or resume) one run, export it, predict the held-out fold; returns the loop's exit code."""
+    session = loop.start(cfg, STAGE)
+    rank0, device = session.place.rank == 0, session.device
+    out = Path(cfg.output_dir)
+    teacher_model = load_teacher(cfg) if needs_teacher_model(cfg) else None
+    model, tokenizer_folder = build_model(cfg, teacher_model)
+    tokenizer = load_tokenizer(str(tokenizer_folder))
+    rows, cached, pooling = training_rows(cfg, str(tokenizer_folder), tokenizer)
+    teacher_config = teacher_model.config if teacher_model is not None else None
+    if teacher_config is None and cfg.teacher is not None:
+        from transformers import AutoConfig
+
+        teacher_config = AutoConfig.from_pretrained(str(resolve_model_path(cfg.teacher)), local_files_only=True)
+    offer = make_offer(cfg, model, teacher_config, cached, pooling)
+    peer = None
+    if cfg.arm != "teacher" and cfg.method == "kd":  # deep mutual learning: a second student, seed + 2
+        def peer():
+            return build_model(dataclasses.replace(cfg, seed=cfg.seed + 2), teacher_model)[0]
+    module = DistillModule(model, cfg.objectives, offer, seed=cfg.seed, peer_factory=peer,
+                           teacher_width=teacher_config.hidden_size if teacher_config is not None else
+                           model.config.hidden_size,
+                           emd_temperature=cfg.layer_map.emd_temperature if cfg.layer_map is not None else 1.0)
+    online = None
+    if cfg.online_teacher:
+        hidden, qkv = module.teacher_needs()
+        teacher_model.to(device)
+
+        @torch.no_grad()
+        def online(batch: dict):
+            return run_model(teacher_model, batch["input_ids"], batch["attention_mask"], hidden=hidden, qkv=qkv,
+                             heads=teacher_config.num_attention_heads)
+
+    place = dist_env()
+    sampler = DistributedBatchSampler(len(rows), micro_batch=cfg.engine.micro_batch, grad_accum=cfg.engine.grad_accum,
+                                      rank=place.rank, world_size=place.world_size, seed=cfg.seed)
+    batches = BatchStream(sampler, rows.batch, depth=cfg.prefetch, pin_memory=device.type == "cuda")
+    valid = EncodedExamples(read_split(Path(cfg.valid_data)), tokenizer, cfg.labels, cfg.max_length)
+
+    def evaluate(student) -> dict:
+        view = student.successor_model() if isinstance(student, TheseusModel) else student
+        return validation_metrics(view, valid, cfg.engine.micro_batch, device)
+
+    def finish(student, final_checkpoint, module_state, step: int, metrics: dict) -> str:
+        if not rank0:
+            return ""
+        model_out = exported_model(module)
+        with atomic_directory(out / EXPORT, replace=True) as tmp:
+            save_classifier(model_out, tmp, resolve_model_path(str(tokenizer_folder)))
+        if module.peer is not None:
+            with atomic_directory(out / PEER_EXPORT, replace=True) as tmp:
+                save_classifier(module.peer, tmp, resolve_model_path(str(tokenizer_folder)))
+        record = write_predictions(cfg, model_out, tokenizer, out, device,
+                                   {"steps": step, "validation": metrics})
+        m = record["metrics"]
+        return (f"{cfg.arm} fold {cfg.fold} seed {cfg.seed}: held-out accuracy {m['accuracy']:.4f}, "
+                f"macro-F1 {m['macro_f1']:.4f}; exported to {out / EXPORT}")
+
+    from kdlib.engine import deepspeed_config
+
+    ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=str(out))
+    job = loop.Job(config=cfg, ds_config=ds, module=module, batches=batches, evaluate=evaluate, finish=finish,
+                   teacher=online, name=f"{cfg.arm} f{cfg.fold} s{cfg.seed}")
+    return loop.train(session, job)

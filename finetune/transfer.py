@@ -1,0 +1,60 @@
+"""Step 2: a fold's task transfer set, made by the data pipeline in its own process.
+
+The stage writes the pipeline config (`fold-K/transfer.yaml`: the fold's training split, the fine-tuned
+teacher, augmentation, dense logits plus the hidden states and pooled embeddings the objectives read)
+and runs `python -m data_pipeline` on it, so the set is built, resumed and checked exactly as any
+transfer set (a rerun with the same config leaves a complete set untouched).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from kdlib.config import to_dict
+from kdlib.errors import KDError
+from kdlib.io import atomic_write_text
+from finetune.config import FinetuneConfig
+from finetune.folds import read_split
+from finetune.layout import Layout
+
+
+def pipeline_config(cfg: FinetuneConfig, fold: int, labels: list[str], teacher: str, out: Path,
+                    hidden_layers: list[int], pooled: Optional[str]) -> dict:
+    """The data_pipeline config for this fold, as a plain dict (what transfer.yaml holds)."""
+    lay = Layout(cfg)
+    train = lay.split(fold, "train")
+    task = {"kind": "jsonl", "path": str(train), "text_column": "text", "label_column": "label", "id_column": "id"}
+    if any(ex.text_b for ex in read_split(train)):
+        task["text_b_column"] = "text_b"
+    t = cfg.transfer
+    config = {"teacher": {"path": teacher, "task": "sequence_classification",
+                          "trust_remote_code": cfg.teacher.trust_remote_code},
+              "output_dir": str(out), "task": task, "labels": list(labels), "max_length": cfg.max_length,
+              "augment": to_dict(t.augment),
+              "teacher_outputs": {"dense_logits": True, "hidden_layers": sorted(set(hidden_layers) | set(t.hidden_layers)),
+                                  "pooled": pooled, "top_k": 0},
+              "batch_size": t.batch_size, "num_shards": t.num_shards, "torch_threads": t.torch_threads,
+              "seed": cfg.evaluation.split_seed}
+    if t.augment_model is not None:
+        config["augment_model"] = {"path": t.augment_model, "task": "masked_lm"}
+    return config
+
+
+def build_transfer_set(cfg: FinetuneConfig, fold: int, labels: list[str], teacher: str, out: Path,
+                       needs: dict) -> None:
+    """Write transfer.yaml and run the pipeline on it; its own errors are shown as it prints them."""
+    config = pipeline_config(cfg, fold, labels, teacher, out, needs.get("hidden_layers", []), needs.get("pooled"))
+    path = out.parent / "transfer.yaml"
+    atomic_write_text(path, "# written by python -m finetune (step transfer)\n" + yaml.safe_dump(config, sort_keys=False))
+    print(f"[finetune] fold {fold}: transfer set {out} (python -m data_pipeline --config {path})", flush=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    code = subprocess.call([sys.executable, "-m", "data_pipeline", "--config", str(path)], env=env)
+    if code != 0:
+        raise KDError(f"fold {fold}: python -m data_pipeline --config {path} failed with exit status {code} "
+                      "(its message is above)")

@@ -1,0 +1,130 @@
+"""Everything the task stage can check before it trains anything, each failure one ConfigError naming the
+config file and the field: labels the teacher's head lacks, a student tokenizer that is not the teacher's,
+more folds than the smallest class allows, Theseus layer counts, layer maps, and whether every objective
+can get its inputs (kdlib.training.inputs). It also works out what the transfer sets must cache: the
+teacher hidden states and pooled embeddings the objectives read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kdlib.errors import ConfigError
+from kdlib.fingerprints import tokenizer_fingerprint
+from kdlib.models import check_model_folder, resolve_model_path
+from kdlib.schemas import check_against_teacher
+from kdlib.training.inputs import PROVIDERS, Offer
+from kdlib.training.module import plan_objectives
+from finetune.config import FinetuneConfig
+from finetune.folds import class_counts, read_examples
+
+
+@dataclass
+class Setup:
+    """What validation found out: the label list in index order, and what the transfer sets must cache."""
+
+    labels: list[str]
+    needs: dict = field(default_factory=dict)  # hidden_layers: [...], pooled: "mean" | None
+    examples: int = 0
+
+
+def _fail(source: str, where: str, message: str) -> None:
+    raise ConfigError(f"{source}: field '{where}': {message}")
+
+
+def check_labels(cfg: FinetuneConfig, source: str, found: list[str], teacher_dict: dict) -> list[str]:
+    labels = list(cfg.labels) or found
+    unknown = sorted(set(found) - set(labels))
+    if unknown:
+        _fail(source, "labels", f"the task has labels {unknown} that are not listed in {labels}")
+    if cfg.teacher.finetuned is not None:
+        head = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher_dict.get("id2label") or {}).items())]
+        lacking = [name for name in labels if name not in head]
+        if lacking or len(head) != len(labels):
+            _fail(source, "teacher.finetuned", f"the teacher's head has labels {head}, the task's labels are {labels} "
+                  f"({'missing ' + str(lacking) if lacking else 'the counts differ'}); fine-tune a teacher for these "
+                  "labels (teacher.init) or list the labels in the head's order")
+        labels = head  # predictions are indices of the teacher's head
+    return labels
+
+
+def check_folds(cfg: FinetuneConfig, source: str, counts: dict[str, int]) -> None:
+    label, smallest = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    if smallest < cfg.evaluation.folds:
+        _fail(source, "evaluation.folds", f"expected at most {smallest} folds: class {label!r} has only {smallest} "
+              f"examples, and every fold must hold each class; got {cfg.evaluation.folds}")
+
+
+def check_student(cfg: FinetuneConfig, source: str, teacher_folder, teacher_dict: dict) -> tuple[int, int, int]:
+    """(student layers, width, heads); the student's tokenizer must be the teacher's."""
+    if cfg.distill.method == "theseus":
+        n, total = cfg.distill.theseus.successor_layers, teacher_dict["num_hidden_layers"]
+        if total % n:
+            _fail(source, "distill.theseus.successor_layers", f"expected a divisor of the teacher's {total} layers "
+                  f"(each successor layer replaces the same number of teacher layers), got {n}")
+        return n, teacher_dict["hidden_size"], teacher_dict["num_attention_heads"]
+    if cfg.student.path is None:
+        shape = cfg.student.shape
+        check_against_teacher(source, teacher_dict, student=shape, student_path="student.shape")
+        width = shape.hidden_size or teacher_dict["hidden_size"]
+        heads = shape.num_attention_heads or teacher_dict["num_attention_heads"]
+        if width % heads:
+            _fail(source, "student.shape.num_attention_heads", f"expected a divisor of the width {width}, got {heads}")
+        return shape.num_layers, width, heads
+    folder = resolve_model_path(cfg.student.path)
+    student_dict = check_model_folder(folder)
+    mine, theirs = tokenizer_fingerprint(folder), tokenizer_fingerprint(teacher_folder)
+    if mine != theirs:
+        _fail(source, "student.path", f"{folder} has tokenizer {mine}, the teacher {teacher_folder} has {theirs}; "
+              "the transfer set holds the teacher's token ids, so the student must share its tokenizer")
+    positions = student_dict.get("max_position_embeddings")
+    if positions is not None and cfg.max_length > positions:
+        _fail(source, "max_length", f"expected at most the student's {positions} position embeddings, got "
+              f"{cfg.max_length}")
+    return student_dict["num_hidden_layers"], student_dict["hidden_size"], student_dict["num_attention_heads"]
+
+
+def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tuple[int, int, int]) -> dict:
+    """Check every objective's inputs; return the hidden layers and pooling the transfer set must cache."""
+    d = cfg.distill
+    layers_t, (layers_s, _, heads_s) = teacher_dict["num_hidden_layers"], student
+    pairs: tuple = ()
+    if d.layer_map is not None and d.layer_map.name != "emd":
+        try:
+            pairs = tuple(d.layer_map.build(layers_t, layers_s))
+        except ValueError as err:
+            _fail(source, "distill.layer_map", str(err))
+    cached = {"labels", "teacher_logits", "teacher_pooled"} | {f"teacher_hidden_{i}" for i in range(layers_t + 1)}
+    offer = Offer(online_teacher=d.online_teacher, cached=frozenset(cached), pairs=pairs,
+                  emd=d.layer_map is not None and d.layer_map.name == "emd", teacher_layers=layers_t,
+                  student_layers=layers_s, peer=d.method == "kd", token_level=False,
+                  student_heads=heads_s, teacher_heads=teacher_dict["num_attention_heads"])
+    try:
+        plans = plan_objectives(d.objectives, offer)
+    except ValueError as err:
+        where, _, message = str(err).partition(": ")
+        _fail(source, f"distill.{where}", message)
+    hidden, pooled = set(), None
+    for plan in plans:
+        if "teacher_pooled" in plan.inputs:
+            pooled = "mean"
+        if any("hidden" in PROVIDERS[i].teacher_reads and i != "teacher_pooled" for i in plan.inputs):
+            hidden |= set(plan.teacher_layers())
+    if d.online_teacher:
+        return {"hidden_layers": [], "pooled": None}
+    return {"hidden_layers": sorted(hidden), "pooled": pooled}
+
+
+def validate(cfg: FinetuneConfig, source: str) -> Setup:
+    """All pre-flight checks (reads the task once and the model folders' config.json)."""
+    examples = read_examples(cfg.task)
+    counts = class_counts(examples)
+    teacher_ref = cfg.teacher.init or cfg.teacher.finetuned
+    teacher_folder = resolve_model_path(teacher_ref)
+    teacher_dict = check_model_folder(teacher_folder)
+    check_against_teacher(source, teacher_dict, max_length=cfg.max_length)
+    labels = check_labels(cfg, source, sorted(counts), teacher_dict)
+    check_folds(cfg, source, counts)
+    student = check_student(cfg, source, teacher_folder, teacher_dict)
+    needs = plan_needs(cfg, source, teacher_dict, student)
+    return Setup(labels=labels, needs=needs, examples=len(examples))
