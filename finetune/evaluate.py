@@ -38,8 +38,8 @@ def speed_step(cfg, labels: list[str], folds: list[int], run_folders_of) -> None
     e = cfg.evaluation
     for fold in folds:
         folders = [f for f in run_folders_of(fold) if (f / EVAL_FILE).is_file()]
-        if not folders:
-            continue
+        if not folders or all("speed" in json.loads((f / EVAL_FILE).read_text()) for f in folders):
+            continue  # nothing to time, or timed already (a new run of the fold has no speed yet: all are retimed)
         exports = {str(f): (cfg.teacher.finetuned if f.name == "teacher" and cfg.teacher.finetuned else f / EXPORT)
                    for f in folders}
         tokenizer = load_tokenizer(str(next(iter(exports.values()))))

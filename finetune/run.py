@@ -21,7 +21,7 @@ import torch
 
 from kdlib.cache import TransferSet
 from kdlib.cache.reader import cached_batch_keys
-from kdlib.engine import EngineConfig, dist_env
+from kdlib.engine import EngineConfig, deepspeed_config
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import atomic_directory, atomic_write_text
 from kdlib.layer_maps import LayerMapConfig
@@ -159,6 +159,13 @@ def write_predictions(cfg: RunConfig, model, tokenizer, out: Path, device, extra
 def train_run(cfg: RunConfig) -> int:
     """Train (or resume) one run, export it, predict the held-out fold; returns the loop's exit code."""
     session = loop.start(cfg, STAGE)
+    with loop.building(session):
+        job = build_job(cfg, session)
+    return loop.train(session, job)
+
+
+def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:
+    """The run's module, batches, validation and export, handed to the loop."""
     rank0, device = session.place.rank == 0, session.device
     out = Path(cfg.output_dir)
     teacher_model = load_teacher(cfg) if needs_teacher_model(cfg) else None
@@ -189,7 +196,7 @@ def train_run(cfg: RunConfig) -> int:
             return run_model(teacher_model, batch["input_ids"], batch["attention_mask"], hidden=hidden, qkv=qkv,
                              heads=teacher_config.num_attention_heads)
 
-    place = dist_env()
+    place = session.place
     sampler = DistributedBatchSampler(len(rows), micro_batch=cfg.engine.micro_batch, grad_accum=cfg.engine.grad_accum,
                                       rank=place.rank, world_size=place.world_size, seed=cfg.seed)
     batches = BatchStream(sampler, rows.batch, depth=cfg.prefetch, pin_memory=device.type == "cuda")
@@ -208,15 +215,11 @@ def train_run(cfg: RunConfig) -> int:
         if module.peer is not None:
             with atomic_directory(out / PEER_EXPORT, replace=True) as tmp:
                 save_classifier(module.peer, tmp, resolve_model_path(str(tokenizer_folder)))
-        record = write_predictions(cfg, model_out, tokenizer, out, device,
-                                   {"steps": step, "validation": metrics})
+        record = write_predictions(cfg, model_out, tokenizer, out, device, {"steps": step, "validation": metrics})
         m = record["metrics"]
         return (f"{cfg.arm} fold {cfg.fold} seed {cfg.seed}: held-out accuracy {m['accuracy']:.4f}, "
                 f"macro-F1 {m['macro_f1']:.4f}; exported to {out / EXPORT}")
 
-    from kdlib.engine import deepspeed_config
-
     ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=str(out))
-    job = loop.Job(config=cfg, ds_config=ds, module=module, batches=batches, evaluate=evaluate, finish=finish,
-                   teacher=online, name=f"{cfg.arm} f{cfg.fold} s{cfg.seed}")
-    return loop.train(session, job)
+    return loop.Job(config=cfg, ds_config=ds, module=module, batches=batches, evaluate=evaluate, finish=finish,
+                    teacher=online, name=f"{cfg.arm} f{cfg.fold} s{cfg.seed}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -84,6 +84,20 @@ def start(config, stage: str = "train") -> Session:
         raise
     device = torch.device("cuda", place.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return Session(place, flag, device, held)
+
+
+@contextmanager
+def building(session: Session):
+    """Around a stage's work between `start` and `train`: a failure there (a model that does not load, a transfer
+    set of another teacher) releases the process group and the output folder's lock before it propagates."""
+    try:
+        yield
+    except BaseException:
+        try:
+            ds.shutdown()
+        finally:
+            session.held.close()
+        raise
 
 
 @dataclass

@@ -1,0 +1,57 @@
+"""A tiny labelled task, a tiny encoder, and finetune configs over them, for the finetune tests.
+
+The task is 40 short sentences whose label is carried by a sentiment word, so even a tiny model can
+learn it; the encoder is a 4-layer, 32-wide BERT built offline (tests/tiny_models.py)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import yaml
+
+from tests.tiny_models import make_tiny_bert
+
+POSITIVE = "good great fine excellent happy love best wonderful".split()
+NEGATIVE = "bad awful poor terrible sad hate worst boring".split()
+FILLER = "the movie was a and it film story plot of in".split()
+
+
+def write_task(path: Path, examples: int = 40, seed: int = 0) -> Path:
+    """fastText lines, labels alternating neg/pos (so every class has examples // 2)."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(examples):
+        label = "pos" if i % 2 else "neg"
+        words = [rng.choice(FILLER) for _ in range(5)] + [rng.choice(POSITIVE if i % 2 else NEGATIVE) for _ in range(2)]
+        rng.shuffle(words)
+        lines.append(f"__label__{label} " + " ".join(words))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def engine(micro_batch: int = 4, lr: float = 3e-3) -> dict:
+    return {"zero_stage": 0, "micro_batch": micro_batch, "optim": {"learning_rate": lr, "warmup_steps": 2}}
+
+
+def base_config(root: Path, *, copies: int = 0, objectives=None, folds: int = 2, **distill) -> dict:
+    """A finetune config (as a dict) over the tiny task and encoder in `root` (made if missing)."""
+    encoder = root / "encoder"
+    if not encoder.is_dir():
+        make_tiny_bert(encoder, task="masked_lm", layers=4, hidden=32, heads=4, seed=0)
+    task = root / "task.txt"
+    if not task.is_file():
+        write_task(task)
+    return {"output_dir": str(root / "run"), "task": {"kind": "fasttext", "path": str(task)}, "max_length": 32,
+            "teacher": {"init": str(encoder), "steps": 30, "eval_every": 5, "patience": 2, "engine": engine()},
+            "transfer": {"augment": {"copies": copies, "seed": 0}, "num_shards": 2},
+            "student": {"shape": {"num_layers": 2, "init": "every_other"}},
+            "distill": {"steps": 24, "eval_every": 8, "engine": engine(),
+                        "objectives": objectives or [{"name": "kd_kl", "weight": 0.5, "params": {"temperature": 2.0}},
+                                                     {"name": "hard_ce", "weight": 0.5}], **distill},
+            "evaluation": {"folds": folds, "seeds": [0]}, "threads": 1, "progress_bar": False}
+
+
+def write_config(data: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
