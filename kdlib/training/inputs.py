@@ -305,7 +305,7 @@ class ObjectivePlan:
     sites: list[Site] = field(default_factory=list)
 
     def teacher_layers(self) -> list[int]:
-        layers = {s.teacher_layer for s in self.sites} | {t for s in self.sites for t, _ in s.pairs}
+        layers = {t for s in self.sites for t in ([t for t, _ in s.pairs] if s.pairs else [s.teacher_layer])}
         return sorted(layers)
 
 

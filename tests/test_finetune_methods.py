@@ -1,0 +1,180 @@
+"""The task-distillation methods on a real augmented transfer set: soft targets with BERT-PKD and RKD losses
+(their cached inputs), TinyBERT's two phases, BERT-of-Theseus, deep mutual learning, and exact resume
+after kill -9."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.__main__ import main
+from finetune.config import FinetuneConfig
+from finetune.data import TaskRows
+from finetune.folds import read_split
+from finetune.run import train_run
+from finetune.steps import student_run
+from kdlib.cache import TransferSet
+from kdlib.cache.reader import IGNORE_INDEX
+from kdlib.config import from_dict
+from tests.finetune_fixture import base_config, write_config
+
+OBJECTIVES = [{"name": "kd_kl", "weight": 0.5, "params": {"temperature": 2.0}}, {"name": "hard_ce", "weight": 0.5},
+              {"name": "pkd_patient", "weight": 0.1}, {"name": "rkd_distance", "weight": 0.1}]
+
+
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def records(path: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    """Fold 0 of two, x2 augmentation, KD + PKD (skip map) + RKD: teacher, transfer set and KD run."""
+    root = tmp_path_factory.mktemp("finetune-augmented")
+    data = base_config(root, copies=2, objectives=OBJECTIVES, layer_map={"name": "skip"})
+    path = write_config(data, root / "config.yaml")
+    assert main(["--config", str(path), "--fold", "0", "--arm", "kd"]) == 0
+    return root / "run", data
+
+
+def run_config(data: dict, out: Path, **distill):
+    """The fold-0 KD run of `data` with other distillation settings, in folder `out`."""
+    cfg = from_dict(FinetuneConfig, {**data, "distill": {**data["distill"], **distill}})
+    return dataclasses.replace(student_run(cfg, 0, 0, "kd", ["neg", "pos"]), output_dir=str(out))
+
+
+def test_kd_loss_falls(augmented):
+    run, _ = augmented
+    kd = [r["kd_kl"] for r in records(run / "fold-0/seed-0/kd/metrics.jsonl")]
+    assert len(kd) == 24 and np.mean(kd[-6:]) < 0.8 * np.mean(kd[:6])
+
+
+def test_the_transfer_set_caches_what_the_objectives_read(augmented):
+    run, _ = augmented
+    manifest = TransferSet(run / "fold-0/transfer_set").manifest
+    assert manifest.cached["dense_logits"] and manifest.cached["pooled"] == "mean"  # rkd_distance: pooled teacher
+    assert manifest.cached["hidden_layers"] == [2]  # pkd_patient over the skip map: teacher 2 -> student 1 (PKD
+    #                                                  leaves the last layer to the output loss)
+
+
+def test_cached_logits_are_the_teachers_own(augmented):
+    from transformers import BertForSequenceClassification
+
+    run, _ = augmented
+    teacher = BertForSequenceClassification.from_pretrained(run / "fold-0/teacher/export").eval()
+    ts = TransferSet(run / "fold-0/transfer_set")
+    for index in range(0, len(ts), 7):
+        row = ts.row(index)
+        ids = torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64))[None]
+        with torch.no_grad():
+            own = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
+        cached = torch.from_numpy(np.asarray(row["logits"], dtype=np.float64))
+        assert torch.allclose(cached, own, rtol=0, atol=1e-5 * max(1.0, float(own.abs().max())))  # fp32, batched
+
+
+def test_augmented_copies_carry_soft_targets_only(augmented):
+    run, _ = augmented
+    train = read_split(run / "folds/fold-0/train.jsonl")
+    rows = TaskRows(TransferSet(run / "fold-0/transfer_set"), [ex.id for ex in train], pad_id=0)
+    assert len(rows) == 3 * len(train) and int(rows.augmented.sum()) == 2 * len(train)
+    batch = rows.batch(list(range(len(rows))))
+    labels = batch["labels"].tolist()
+    originals = [i for i in range(len(rows)) if not rows.augmented[i]]
+    assert originals == [3 * k for k in range(len(train))]  # each example's original row first, its copies after
+    assert [labels[i] for i in originals] == [["neg", "pos"].index(ex.label) for ex in train]
+    assert all(labels[i] == IGNORE_INDEX for i in range(len(rows)) if rows.augmented[i])
+
+
+def test_two_phases_switch_objectives_at_the_configured_step(augmented, tmp_path):
+    _, data = augmented
+    phases = [{"name": "intermediate", "steps": 5, "objectives": [{"name": "hidden_mse"}]},
+              {"name": "prediction", "steps": 7, "objectives": [{"name": "kd_kl", "params": {"temperature": 1.0}}]}]
+    cfg = run_config(data, tmp_path / "phases", phases=phases, objectives=[])
+    assert cfg.steps == 12 and train_run(cfg) == 0
+    log = records(tmp_path / "phases/metrics.jsonl")
+    for r in log:  # record `step` n is the n-th optimizer step, computed at step index n - 1
+        first = r["step"] <= 5
+        assert (r["hidden_mse"] > 0) == first and (r["hidden_mse"] == 0.0) == (not first)
+        assert (r["kd_kl"] == 0.0) == first and (r["kd_kl"] > 0) == (not first)
+
+
+def test_theseus_exports_the_successor_alone(augmented, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    _, data = augmented
+    cfg = run_config(data, tmp_path / "theseus", method="theseus", objectives=[{"name": "hard_ce"}],
+                     theseus={"successor_layers": 2, "replacement_start": 0.5, "replacement_steps": 12})
+    assert train_run(cfg) == 0
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "theseus/export").eval()
+    assert model.config.num_hidden_layers == 2
+    teacher = load_file(str(Path(cfg.teacher) / "model.safetensors"))
+    exported = load_file(str(tmp_path / "theseus/export/model.safetensors"))
+    assert torch.equal(exported["classifier.weight"], teacher["classifier.weight"])  # shared and frozen (the paper)
+    assert not torch.equal(exported["bert.encoder.layer.0.attention.self.query.weight"],
+                           teacher["bert.encoder.layer.0.attention.self.query.weight"])  # successor 0 trained
+    rows = [json.loads(line) for line in (tmp_path / "theseus/predictions.jsonl").read_text().splitlines()]
+    from finetune.data import EncodedExamples
+    from kdlib.models import load_tokenizer
+
+    test = EncodedExamples(read_split(Path(cfg.test_data)), load_tokenizer(str(tmp_path / "theseus/export")),
+                           cfg.labels, cfg.max_length)
+    batch = test.batch(list(range(len(test))))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    scores = torch.tensor([r["scores"] for r in rows], dtype=torch.float64)
+    assert torch.allclose(scores, logits, rtol=0, atol=1e-5 * max(1.0, float(logits.abs().max())))
+
+
+def test_mutual_learning_saves_both_students(augmented, tmp_path):
+    _, data = augmented
+    cfg = run_config(data, tmp_path / "dml", objectives=[{"name": "dml"}])
+    assert train_run(cfg) == 0
+    a = load_file(str(tmp_path / "dml/export/model.safetensors"))
+    b = load_file(str(tmp_path / "dml/export-peer/model.safetensors"))
+    assert a.keys() == b.keys() and not torch.equal(a["classifier.weight"], b["classifier.weight"])
+
+
+def test_kill_9_and_resume_give_the_same_weights(augmented, tmp_path):
+    import shutil
+
+    run, data = augmented
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("seed-*"))
+    long = {**data, "output_dir": str(copy), "distill": {**data["distill"], "steps": 120, "eval_every": 10}}
+    path = write_config(long, tmp_path / "config.yaml")
+    command = ["distill", "--config", str(path), "--fold", "0", "--arm", "kd"]
+    assert main(command) == 0
+    kd = copy / "fold-0/seed-0/kd"
+    straight = load_file(str(kd / "export/model.safetensors"))
+    shutil.rmtree(kd)
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}  # this process's own, from main() above
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune", *command], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not (kd / "checkpoints/latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (kd / "checkpoints/latest").exists() and not (kd / "eval.json").exists(), "killed before the end"
+    killed_at = int((kd / "checkpoints/latest").read_text().strip().split("-")[-1])
+    assert 0 < killed_at < 120
+    assert main(command) == 0
+    resumed = load_file(str(kd / "export/model.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
