@@ -38,6 +38,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     warmup_steps: int = 1  # optimizer steps of linear warmup (DeepSpeed needs >= 1)
     decay_steps: Optional[int] = None  # the learning rate reaches 0 after this many steps (null: the run's steps)
+    layer_decay: float = 1.0  # layer-wise learning-rate decay: layer d of L trains at lr * layer_decay ** (L + 1 - d) (1: off)
     implementation: Literal["torch", "deepspeed"] = "torch"  # torch: torch.optim.AdamW passed in (no JIT build); deepspeed: the JSON optimizer (FusedAdam / CPUAdam, compiled at first use)
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class OptimConfig:
             raise ValueError(f"betas: expected two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 1:
             raise ValueError(f"warmup_steps: expected >= 1 (DeepSpeed's WarmupDecayLR needs it), got {self.warmup_steps}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay: expected a factor in (0, 1] (1: off), got {self.layer_decay}")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
             raise ValueError(f"decay_steps: expected more than warmup_steps ({self.warmup_steps}), got {self.decay_steps}")
 
@@ -258,16 +261,21 @@ def all_reduce_sum(tensor) -> None:
         dist.all_reduce(tensor)
 
 
-def initialize(module, ds_config: dict, optim: OptimConfig):
-    """deepspeed.initialize with our optimizer choice; returns the engine (optimizer and scheduler inside)."""
+def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0):
+    """deepspeed.initialize with our optimizer choice; returns the engine (optimizer and scheduler inside).
+
+    Parameter groups come from kdlib.lr_groups: weight decay on matrices only, and with layer_decay < 1 one
+    peak rate per depth (num_layers: the student's transformer layers), which the scheduler keeps per group."""
     import deepspeed
     import torch
 
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)  # biases and LayerNorm weights
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from kdlib.lr_groups import param_groups, scheduler_with_group_lrs
+
+    groups = param_groups(module.named_parameters(), learning_rate=optim.learning_rate,
+                          weight_decay=optim.weight_decay, layer_decay=optim.layer_decay, num_layers=num_layers)
+    if "scheduler" in ds_config:
+        ds_config = {**ds_config, "scheduler": scheduler_with_group_lrs(ds_config["scheduler"], groups,
+                                                                        optim.learning_rate)}
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=tuple(optim.betas), eps=optim.eps)

@@ -129,9 +129,15 @@ def test_hash_is_stable_and_resolved_config_is_saved(tmp_path):
     assert config_hash(load_config(saved, Outer)) == config_hash(a)
 
 
+from finetune.config import FinetuneConfig  # noqa: E402
+
 # Each shipped config and the class that reads it; a new file in configs/ must be added here.
 SHIPPED = {
     "demo_teacher.yaml": TeacherPrepConfig,
+    "finetune_demo.yaml": FinetuneConfig,
+    "finetune_pkd.yaml": FinetuneConfig,
+    "finetune_theseus.yaml": FinetuneConfig,
+    "finetune_tinybert.yaml": FinetuneConfig,
     "demo_pipeline.yaml": PipelineConfig,
     "example_task_pipeline.yaml": PipelineConfig,
     "pretrain_demo.yaml": PretrainConfig,

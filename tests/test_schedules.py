@@ -37,7 +37,7 @@ def test_step_schedule():
 
 
 def test_schedule_validation():
-    assert known_schedules() == ["constant", "cosine", "linear", "step"]
+    assert known_schedules() == ["constant", "cosine", "linear", "step", "window"]
     with pytest.raises(ValueError, match="known schedules: constant, cosine, linear, step"):
         get_schedule("exp")
     with pytest.raises(ValueError, match="name"):
@@ -60,3 +60,12 @@ def test_teacher_annealing_lambda_and_targets():
     np.testing.assert_allclose(out.sum(-1), 1.0)
     with pytest.raises(ValueError):
         teacher_annealing_targets(torch.tensor(probs), torch.tensor(labels), 1.5)
+
+
+def test_window_is_on_inside_its_steps_only():
+    on = ScheduleConfig(name="window", start=1.0, end=0.0, milestones=[3 / 10, 7 / 10])
+    assert [on.value(s, 10) for s in range(10)] == [0.0] * 3 + [1.0] * 4 + [0.0] * 3
+    assert on.range() == (0.0, 1.0)
+    for bad in ([0.5], [0.6, 0.4], [-0.1, 0.5], [0.2, 1.1]):
+        with pytest.raises(ValueError, match="milestones: window"):
+            ScheduleConfig(name="window", milestones=bad)

@@ -63,6 +63,8 @@ def math_hash(config) -> str:
     engine = data.get("engine")
     if engine is not None:
         engine["optim"]["decay_steps"] = config.engine.optim.decay_steps or config.steps
+        if engine["optim"].get("layer_decay") == 1.0:  # off hashes as before the option existed
+            del engine["optim"]["layer_decay"]
     if reads_total_steps(config):
         data["steps"] = config.steps
     return config_hash(data)

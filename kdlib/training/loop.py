@@ -134,7 +134,8 @@ class Trainer:
         self.rank0 = session.place.rank == 0
         self.out = Path(self.cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        self.engine = ds.initialize(job.module, job.ds_config, self.cfg.engine.optim)
+        self.engine = ds.initialize(job.module, job.ds_config, self.cfg.engine.optim,
+                                    num_layers=job.module.student.config.num_hidden_layers)
         self.module = self.engine.module
         self.names = [o.name for o in self.cfg.objectives]
         self.hash = math_hash(self.cfg)
