@@ -13,6 +13,7 @@ from typing import Literal, Optional
 from kdlib.augment import AugmentConfig
 from kdlib.engine import EngineConfig, OptimConfig
 from kdlib.layer_maps import LayerMapConfig
+from kdlib.multi_teacher import MultiTeacherConfig
 from kdlib.objectives import ObjectiveConfig, validate_objectives
 from kdlib.readers import TaskConfig
 from kdlib.schedules import ScheduleConfig
@@ -46,6 +47,7 @@ class TeacherConfig:
 
     init: Optional[str] = None  # the encoder to fine-tune (folder or package:<module>); a classifier head is added
     finetuned: Optional[str] = None  # an already fine-tuned classifier folder instead (it must not have seen the test data)
+    seeds: list[int] = field(default_factory=list)  # several teachers per fold, one per seed (multi-teacher KD); empty: one
     steps: int = 200  # optimizer steps at most (early stopping usually ends sooner)
     eval_every: int = 20  # steps between validation evaluations (early stopping reads them)
     patience: int = 3  # evaluations without a better validation accuracy before stopping
@@ -58,6 +60,10 @@ class TeacherConfig:
                              "(a fine-tuned classifier folder)")
         _positive(self, "steps", "eval_every", "patience")
         _small_engine(self.engine)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct seeds, got {self.seeds}")
+        if len(self.seeds) > 1 and self.finetuned is not None:
+            raise ValueError("seeds: several teachers are fine-tuned here, one per seed; with 'finetuned' there is one")
 
 
 @dataclass
@@ -126,6 +132,7 @@ class DistillConfig:
     hard_labels: Literal["original", "all"] = "original"  # rows whose label the hard loss reads: augmented copies
     #                                                     keep the teacher's soft targets only unless "all"
     theseus: TheseusConfig = field(default_factory=TheseusConfig)  # method: theseus
+    multi_teacher: MultiTeacherConfig = field(default_factory=MultiTeacherConfig)  # with teacher.seeds: how targets combine
     engine: EngineConfig = field(default_factory=lambda: _engine(1e-4, 32, 10))  # batch and optimizer of the student
     eval_every: int = 50  # steps between validation evaluations (logged; held-out test data is never read here)
 

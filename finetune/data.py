@@ -46,8 +46,12 @@ class EncodedExamples:
 class TaskRows:
     """A task transfer set read in the canonical order; augmented rows' hard labels hidden unless asked for."""
 
-    def __init__(self, transfer: TransferSet, example_order: list[str], pad_id: int, hard_labels: str = "original"):
+    def __init__(self, transfer: TransferSet, example_order: list[str], pad_id: int, hard_labels: str = "original",
+                 batcher=None):
+        """`batcher(indices, pad_id)` serves the batches (default: the set's own; multi-teacher KD: the combined
+        sets' MultiTeacherSet.batch, over the same rows)."""
         self.transfer, self.pad_id = transfer, pad_id
+        self.batcher = batcher or transfer.batch
         position = {eid: i for i, eid in enumerate(example_order)}
         keys, augmented = [], []
         for index in range(len(transfer)):
@@ -68,7 +72,7 @@ class TaskRows:
         return len(self.order)
 
     def batch(self, indices: list[int]) -> dict:
-        batch = self.transfer.batch([self.order[i] for i in indices], pad_id=self.pad_id)
+        batch = self.batcher([self.order[i] for i in indices], pad_id=self.pad_id)
         if self.hide_augmented_labels and "labels" in batch:
             hide = torch.from_numpy(self.augmented[list(indices)])
             batch["labels"] = torch.where(hide, torch.full_like(batch["labels"], IGNORE_INDEX), batch["labels"])

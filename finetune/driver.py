@@ -7,7 +7,8 @@ from typing import Optional
 from kdlib.errors import ConfigError
 from finetune.config import FinetuneConfig
 from finetune.layout import Layout
-from finetune.steps import arms_of, distill_step, folds_step, run_folders, save_config, teacher_step, transfer_step
+from finetune.steps import (arms_of, distill_step, fold_run_folders, folds_step, run_folders, save_config, teacher_step,
+                            transfer_step)
 
 
 def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -> list:
@@ -39,9 +40,7 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
     if every or step == "distill":
         distill_step(cfg, labels, fold_list, seed_list, arm_list)
     if every or step == "speed":
-        speed_step(cfg, labels, fold_list,
-                   lambda fold: [lay.run(fold, "teacher")] + [lay.run(fold, a, s) for s in cfg.evaluation.seeds
-                                                             for a in arms_of(cfg)])
+        speed_step(cfg, labels, fold_list, lambda fold: fold_run_folders(cfg, fold))
     if every or step == "report":
         from finetune.report import write_report
 

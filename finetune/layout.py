@@ -25,8 +25,12 @@ class Layout:
         base = self.root / f"fold-{fold}"
         return base / arm if arm == "teacher" else base / f"seed-{seed}" / arm
 
-    def transfer(self, fold: int) -> Path:
-        return self.root / f"fold-{fold}" / "transfer_set"
+    def transfer(self, fold: int, teacher: int = 0) -> Path:
+        """The transfer set of the fold's teacher number `teacher` (0: the first; multi-teacher KD has more)."""
+        return self.root / f"fold-{fold}" / ("transfer_set" if teacher == 0 else f"transfer_set-{teacher}")
+
+    def teacher(self, fold: int, teacher: int = 0) -> Path:
+        return self.run(fold, "teacher") if teacher == 0 else self.root / f"fold-{fold}" / f"teacher-{teacher}"
 
     def report(self) -> Path:
         return self.root / REPORT_DIR

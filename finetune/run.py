@@ -26,6 +26,7 @@ from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import atomic_directory, atomic_write_text
 from kdlib.layer_maps import LayerMapConfig
 from kdlib.models import load_tokenizer, resolve_model_path
+from kdlib.multi_teacher import MultiTeacherConfig, MultiTeacherSet
 from kdlib.objectives import ObjectiveConfig, validate_objectives
 from kdlib.schemas import StudentConfig
 from kdlib.task_metrics import classification_metrics
@@ -71,6 +72,10 @@ class RunConfig(LoopConfig):
     online_teacher: bool = False  # run the teacher on every batch
     hard_labels: Literal["original", "all"] = "original"  # which transfer-set rows the hard loss reads
     trust_remote_code: bool = False  # model folders' own code (off by default)
+    name: Optional[str] = None  # the arm's name in eval.json and the report (default: arm), e.g. teacher-1
+    more_teachers: list[str] = dataclasses.field(default_factory=list)  # multi-teacher KD: the other teachers' folders
+    more_transfer_sets: list[str] = dataclasses.field(default_factory=list)  # ... and their transfer sets (same rows)
+    multi_teacher: Optional[MultiTeacherConfig] = None  # how the teachers' logits combine
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,12 +109,17 @@ def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
     order = read_split(Path(cfg.examples))
     if cfg.transfer_set is None:
         return EncodedExamples(order, tokenizer, cfg.labels, cfg.max_length), {"labels"}, "mean"
-    teacher_folder = resolve_model_path(cfg.teacher)
-    transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=model_fingerprint(teacher_folder),
-                           tokenizer_fingerprint=tokenizer_fingerprint(resolve_model_path(tokenizer_folder)),
-                           verify="lazy")
-    rows = TaskRows(transfer, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels)
-    return rows, set(cached_batch_keys(transfer.manifest)), transfer.manifest.cached.get("pooled") or "mean"
+    tokenizer_fp = tokenizer_fingerprint(resolve_model_path(tokenizer_folder))
+    sets = [TransferSet(path, teacher_fingerprint=model_fingerprint(resolve_model_path(teacher)),
+                        tokenizer_fingerprint=tokenizer_fp, verify="lazy")
+            for path, teacher in zip([cfg.transfer_set] + cfg.more_transfer_sets, [cfg.teacher] + cfg.more_teachers)]
+    first = sets[0]
+    if len(sets) == 1:
+        rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels)
+        return rows, set(cached_batch_keys(first.manifest)), first.manifest.cached.get("pooled") or "mean"
+    combined = MultiTeacherSet(sets, cfg.multi_teacher)  # checks the sets hold the same rows
+    rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels, batcher=combined.batch)
+    return rows, set(combined.batch_keys()), "mean"
 
 
 def make_offer(cfg: RunConfig, model, teacher_config, cached: set, pooling: str) -> Offer:
@@ -148,7 +158,7 @@ def write_predictions(cfg: RunConfig, model, tokenizer, out: Path, device, extra
     lines = [json.dumps({"id": i, "label": int(y), "prediction": int(p), "scores": [float(v) for v in row]})
              for i, y, p, row in zip(test.ids, test.labels, predictions, logits)]
     atomic_write_text(out / PREDICTIONS_FILE, "\n".join(lines) + "\n")
-    record = {"arm": cfg.arm, "fold": cfg.fold, "seed": cfg.seed, "task_type": "classification",
+    record = {"arm": cfg.name or cfg.arm, "fold": cfg.fold, "seed": cfg.seed, "task_type": "classification",
               "metrics": classification_metrics(test.labels, predictions, len(cfg.labels)),
               "parameters": sum(p.numel() for p in model.parameters()), "labels": list(cfg.labels),
               "examples": len(test), "config_hash": math_hash(cfg), **extra}

@@ -47,7 +47,8 @@ def folds_step(cfg: FinetuneConfig, labels: list[str]) -> None:
 # ---------------------------------------------------------------- run configs
 
 def _loop_fields(cfg: FinetuneConfig, out: Path, steps: int, seed: int, eval_every: int) -> dict:
-    return dict(output_dir=str(out), steps=steps, seed=seed, eval_every=eval_every, checkpoint_every=eval_every,
+    every = eval_every * max(1, round(50 / eval_every))  # a checkpoint every ~50 steps, at an evaluation step
+    return dict(output_dir=str(out), steps=steps, seed=seed, eval_every=eval_every, checkpoint_every=every,
                 keep_checkpoints=1, threads=cfg.threads, progress_bar=cfg.progress_bar, log_every=1)
 
 
@@ -57,19 +58,25 @@ def _fold_fields(cfg: FinetuneConfig, fold: int, labels: list[str]) -> dict:
                 test_data=str(lay.split(fold, "test")), labels=list(labels), max_length=cfg.max_length)
 
 
-def teacher_folder(cfg: FinetuneConfig, fold: int) -> str:
-    """The fold's fine-tuned teacher: its run's export, or the given fine-tuned folder."""
+def teacher_seeds(cfg: FinetuneConfig) -> list[int]:
+    """One seed per teacher of a fold: teacher.seeds for multi-teacher KD, else the first student seed."""
+    return list(cfg.teacher.seeds) or [cfg.evaluation.seeds[0]]
+
+
+def teacher_folder(cfg: FinetuneConfig, fold: int, index: int = 0) -> str:
+    """The fold's fine-tuned teacher number `index`: its run's export, or the given fine-tuned folder."""
     if cfg.teacher.finetuned is not None:
         return cfg.teacher.finetuned
-    return str(Layout(cfg).run(fold, "teacher") / EXPORT)
+    return str(Layout(cfg).teacher(fold, index) / EXPORT)
 
 
-def teacher_run(cfg: FinetuneConfig, fold: int, labels: list[str]) -> RunConfig:
+def teacher_run(cfg: FinetuneConfig, fold: int, labels: list[str], index: int = 0) -> RunConfig:
     t = cfg.teacher
-    out = Layout(cfg).run(fold, "teacher")
-    return RunConfig(**_loop_fields(cfg, out, t.steps, cfg.evaluation.seeds[0], t.eval_every),
+    out = Layout(cfg).teacher(fold, index)
+    return RunConfig(**_loop_fields(cfg, out, t.steps, teacher_seeds(cfg)[index], t.eval_every),
                      early_stopping=EarlyStoppingConfig(metric="accuracy", mode="max", patience=t.patience),
-                     arm="teacher", init=t.init, objectives=[ObjectiveConfig(name="hard_ce")], engine=t.engine,
+                     arm="teacher", name="teacher" if index == 0 else f"teacher-{index}", init=t.init,
+                     objectives=[ObjectiveConfig(name="hard_ce")], engine=t.engine,
                      trust_remote_code=t.trust_remote_code, **_fold_fields(cfg, fold, labels))
 
 
@@ -93,7 +100,11 @@ def student_run(cfg: FinetuneConfig, fold: int, seed: int, arm: str, labels: lis
                   engine=d.engine, teacher=teacher, init=path or teacher, trust_remote_code=cfg.student.trust_remote_code)
     if arm == "baseline":
         return RunConfig(arm="baseline", objectives=[ObjectiveConfig(name="hard_ce")], student_shape=shape, **common)
-    return RunConfig(arm="kd", objectives=d.objectives, transfer_set=str(Layout(cfg).transfer(fold)),
+    extra = range(1, len(teacher_seeds(cfg)))
+    multi = dict(more_teachers=[teacher_folder(cfg, fold, i) for i in extra],
+                 more_transfer_sets=[str(Layout(cfg).transfer(fold, i)) for i in extra],
+                 multi_teacher=d.multi_teacher) if extra else {}
+    return RunConfig(arm="kd", objectives=d.objectives, transfer_set=str(Layout(cfg).transfer(fold)), **multi,
                      student_shape=shape if d.method == "kd" else None, method=d.method,
                      theseus=d.theseus if d.method == "theseus" else None, layer_map=d.layer_map,
                      online_teacher=d.online_teacher, hard_labels=d.hard_labels, **common)
@@ -121,8 +132,8 @@ def execute(run: RunConfig) -> None:
     code = train_run(run)
     if code != 0:
         raise SystemExit(code)
-    shutil.rmtree(Path(run.output_dir) / "checkpoints", ignore_errors=True)  # the export is kept; optimizer state is not
-    #                                                                          needed once the run is evaluated
+    for leftover in ("checkpoints", "best"):  # the export is kept; optimizer state and the best-weights copy are
+        shutil.rmtree(Path(run.output_dir) / leftover, ignore_errors=True)  # not needed once the run is evaluated
 
 
 def teacher_step(cfg: FinetuneConfig, labels: list[str], folds: list[int]) -> None:
@@ -132,13 +143,16 @@ def teacher_step(cfg: FinetuneConfig, labels: list[str], folds: list[int]) -> No
 
             evaluate_given_teacher(cfg, fold, labels, Layout(cfg).run(fold, "teacher"))
         else:
-            execute(teacher_run(cfg, fold, labels))
+            for index in range(len(teacher_seeds(cfg))):
+                execute(teacher_run(cfg, fold, labels, index))
 
 
 def transfer_step(cfg: FinetuneConfig, labels: list[str], folds: list[int], needs: dict) -> None:
     """Build each fold's transfer set by running the data pipeline as its own process."""
     for fold in folds:
-        build_transfer_set(cfg, fold, labels, teacher_folder(cfg, fold), Layout(cfg).transfer(fold), needs)
+        for index in range(len(teacher_seeds(cfg))):  # multi-teacher: one set per teacher, the same rows
+            build_transfer_set(cfg, fold, labels, teacher_folder(cfg, fold, index), Layout(cfg).transfer(fold, index),
+                               needs)
 
 
 def distill_step(cfg: FinetuneConfig, labels: list[str], folds: list[int], seeds: list[int],
@@ -153,13 +167,15 @@ def arms_of(cfg: FinetuneConfig) -> list[str]:
     return ["kd"] + (["baseline"] if cfg.baseline.enabled else [])
 
 
-def run_folders(cfg: FinetuneConfig) -> list[Path]:
+def fold_run_folders(cfg: FinetuneConfig, fold: int) -> list[Path]:
+    """Every run folder of a fold: its teachers, then each seed's arms."""
     lay = Layout(cfg)
-    folders = []
-    for fold in range(cfg.evaluation.folds):
-        folders.append(lay.run(fold, "teacher"))
-        folders += [lay.run(fold, arm, seed) for seed in cfg.evaluation.seeds for arm in arms_of(cfg)]
-    return folders
+    return ([lay.teacher(fold, i) for i in range(len(teacher_seeds(cfg)))]
+            + [lay.run(fold, arm, seed) for seed in cfg.evaluation.seeds for arm in arms_of(cfg)])
+
+
+def run_folders(cfg: FinetuneConfig) -> list[Path]:
+    return [f for fold in range(cfg.evaluation.folds) for f in fold_run_folders(cfg, fold)]
 
 
 def save_config(cfg: FinetuneConfig) -> None:

@@ -1,6 +1,6 @@
 """Step 2: a fold's task transfer set, made by the data pipeline in its own process.
 
-The stage writes the pipeline config (`fold-K/transfer.yaml`: the fold's training split, the fine-tuned
+The stage writes the pipeline config (`fold-K/transfer_set.yaml`: the fold's training split, the fine-tuned
 teacher, augmentation, dense logits plus the hidden states and pooled embeddings the objectives read)
 and runs `python -m data_pipeline` on it, so the set is built, resumed and checked exactly as any
 transfer set (a rerun with the same config leaves a complete set untouched).
@@ -50,7 +50,7 @@ def build_transfer_set(cfg: FinetuneConfig, fold: int, labels: list[str], teache
                        needs: dict) -> None:
     """Write transfer.yaml and run the pipeline on it; its own errors are shown as it prints them."""
     config = pipeline_config(cfg, fold, labels, teacher, out, needs.get("hidden_layers", []), needs.get("pooled"))
-    path = out.parent / "transfer.yaml"
+    path = out.parent / f"{out.name}.yaml"  # beside the set: fold-K/transfer_set.yaml (-1, -2, ... for more teachers)
     atomic_write_text(path, "# written by python -m finetune (step transfer)\n" + yaml.safe_dump(config, sort_keys=False))
     print(f"[finetune] fold {fold}: transfer set {out} (python -m data_pipeline --config {path})", flush=True)
     env = {k: v for k, v in os.environ.items()  # a task run in this process exported its rendezvous: not the pipeline's

@@ -95,6 +95,8 @@ def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tu
         except ValueError as err:
             _fail(source, "distill.layer_map", str(err))
     cached = {"labels", "teacher_logits", "teacher_pooled"} | {f"teacher_hidden_{i}" for i in range(layers_t + 1)}
+    if len(cfg.teacher.seeds) > 1:  # combined sets carry the combined logits only (kdlib.multi_teacher)
+        cached = {"labels", "teacher_logits"}
     offer = Offer(online_teacher=d.online_teacher, cached=frozenset(cached), pairs=pairs,
                   emd=d.layer_map is not None and d.layer_map.name == "emd", teacher_layers=layers_t,
                   student_layers=layers_s, peer=d.method == "kd", token_level=False,

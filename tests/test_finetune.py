@@ -93,8 +93,21 @@ def test_teacher_stops_early_and_exports_its_best_weights(plain):
     assert record["validation"]["best_step"] == best_step
     assert record["steps"] == (stopped_at or data["teacher"]["steps"])
     assert abs(record["validation"]["accuracy"] - best) < 1e-12
-    exported, saved = weights(teacher / "export"), weights(teacher / "best")
-    assert exported.keys() <= saved.keys() and all(torch.equal(exported[k], saved[k]) for k in exported)
+    exported = weights(teacher / "export")
+    assert not (teacher / "best").exists() and not (teacher / "checkpoints").exists()  # removed once evaluated
+    from transformers import BertForSequenceClassification
+
+    from finetune.data import EncodedExamples, predict
+    from finetune.folds import read_split
+    from kdlib.models import load_tokenizer
+    from kdlib.task_metrics import classification_metrics
+
+    model = BertForSequenceClassification.from_pretrained(teacher / "export")  # the best weights, by their metric:
+    valid = EncodedExamples(read_split(run / "folds/fold-0/valid.jsonl"), load_tokenizer(str(teacher / "export")),
+                            ["neg", "pos"], data["max_length"])
+    logits = predict(model, valid, 8, torch.device("cpu"))
+    assert classification_metrics(valid.labels, logits.argmax(-1), 2)["accuracy"] == best
+    assert set(exported) >= {"classifier.weight", "bert.pooler.dense.weight"}
 
 
 def test_folds_partition_the_examples_and_augmentation_sees_only_training_rows(plain):

@@ -178,3 +178,33 @@ def test_kill_9_and_resume_give_the_same_weights(augmented, tmp_path):
     assert main(command) == 0
     resumed = load_file(str(kd / "export/model.safetensors"))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_multi_teacher_targets_are_the_weighted_average_of_the_teachers(tmp_path):
+    """Two teachers per fold (seeds 0 and 1), each with its own transfer set of the same rows; the student's
+    targets are their mixture at T = 2 with weights 1:3, computed by hand in float64."""
+    data = base_config(tmp_path, copies=1, objectives=[{"name": "kd_kl", "params": {"temperature": 2.0}}])
+    data["teacher"]["seeds"] = [0, 1]
+    data["distill"]["multi_teacher"] = {"combine": "mean_probs", "weights": [1.0, 3.0], "temperature": 2.0}
+    path = write_config(data, tmp_path / "config.yaml")
+    assert main(["--config", str(path), "--fold", "0"]) == 0
+    run = tmp_path / "run"
+    cfg = from_dict(FinetuneConfig, data)
+    kd = student_run(cfg, 0, 0, "kd", ["neg", "pos"])
+    assert kd.more_transfer_sets == [str(run / "fold-0/transfer_set-1")]
+    from finetune.run import training_rows
+    from kdlib.models import load_tokenizer
+
+    rows, cached, _ = training_rows(kd, kd.teacher, load_tokenizer(kd.teacher))
+    assert {"labels", "teacher_logits"} <= cached and not any(k.startswith("teacher_hidden") for k in cached)
+    batch = rows.batch(list(range(len(rows))))
+    sets = [TransferSet(run / "fold-0/transfer_set"), TransferSet(run / "fold-0/transfer_set-1")]
+    by_id = [{s.row(i)["id"]: np.asarray(s.row(i)["logits"], dtype=np.float64) for i in range(len(s))} for s in sets]
+    for rid, combined in zip(batch["ids"], batch["teacher_logits"].double().numpy()):
+        p = [np.exp(z / 2 - np.logaddexp.reduce(z / 2)) for z in (by_id[0][rid], by_id[1][rid])]
+        mixture = 0.25 * p[0] + 0.75 * p[1]
+        mine = np.exp(combined / 2 - np.logaddexp.reduce(combined / 2))
+        assert np.abs(mine - mixture).max() < 1e-6  # float32 logits: ~1e-7 relative on probabilities <= 1
+    assert not np.allclose(by_id[0][batch["ids"][0]], by_id[1][batch["ids"][0]])  # two different teachers
+    report = json.loads((run / "report/report.json").read_text())
+    assert {"teacher", "teacher-1", "kd", "baseline"} <= set(report["arms"])
