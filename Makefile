@@ -4,13 +4,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-task test clean
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	bash scripts/demo.sh
+
+demo-task: demo
+	DS_ACCELERATOR=cpu $(PY) -m finetune --config configs/finetune_demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests
