@@ -35,13 +35,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, FinetuneConfig, parse_overrides(args.set))
         from finetune.validate import validate
 
-        setup = validate(cfg, args.config)
-        if args.check:
-            print(f"{args.config}: valid ({setup.examples} examples, labels {setup.labels}, "
-                  f"{cfg.evaluation.folds} folds x {len(cfg.evaluation.seeds)} seed(s))")
-            return 0
-        from finetune.driver import run_steps
+        if cfg.tasks:  # multi-task: every task checked as its own single-task config
+            from finetune.multitask import task_config
 
+            derived = [task_config(cfg, i) for i in range(len(cfg.tasks))]
+            setups = {d.output_dir: validate(d, args.config, field_prefix=f"tasks[{i}].") for i, d in enumerate(derived)}
+            summary = "; ".join(f"{t.name}: {s.examples} examples, labels {s.labels}"
+                                for t, s in zip(cfg.tasks, setups.values()))
+        else:
+            setup = validate(cfg, args.config)
+            summary = f"{setup.examples} examples, labels {setup.labels}"
+        if args.check:
+            print(f"{args.config}: valid ({summary}; {cfg.evaluation.folds} folds x {len(cfg.evaluation.seeds)} seed(s))")
+            return 0
+        from finetune.driver import run_multitask_steps, run_steps
+
+        if cfg.tasks:
+            return run_multitask_steps(cfg, setups, args.config, step=args.step, folds=args.fold, seeds=args.seed,
+                                       arms=args.arm)
         return run_steps(cfg, setup, args.config, step=args.step, folds=args.fold, seeds=args.seed, arms=args.arm)
     except KDError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

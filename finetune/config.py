@@ -18,6 +18,7 @@ from kdlib.objectives import ObjectiveConfig, validate_objectives
 from kdlib.readers import TaskConfig
 from kdlib.schedules import ScheduleConfig
 from kdlib.schemas import StudentConfig
+from kdlib.task_sampling import TaskSamplingConfig
 from kdlib.theseus import TheseusConfig
 
 ARMS = ("teacher", "kd", "baseline")
@@ -192,12 +193,35 @@ class EvaluationConfig:
 
 
 @dataclass
+class NamedTask:
+    """One task of a multi-task run."""
+
+    name: str  # a short name: the task's folder under output_dir and its name in logs and reports
+    task: TaskConfig  # the labelled set
+    labels: list[str] = field(default_factory=list)  # label names in index order (empty: the sorted labels found)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"name: expected letters, digits, '-' or '_', got {self.name!r}")
+
+
+@dataclass
+class MultiTaskConfig:
+    """One student for several tasks: a head per task, tasks sampled per step so that no large task dominates."""
+
+    sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)  # task i drawn with p ~ n_i ** alpha
+    single_task: bool = True  # also distil one student per task (the report then compares multi- with single-task)
+
+
+@dataclass
 class FinetuneConfig:
     """Task-specific distillation with k-fold evaluation against the teacher and a no-KD baseline."""
 
     output_dir: str  # folds/, per-run folders, report/
-    task: TaskConfig  # the labelled set (kdlib.readers: csv, tsv, jsonl, fastText)
-    teacher: TeacherConfig  # step 1
+    teacher: TeacherConfig  # step 1 (with several tasks: the settings of each task's teachers)
+    task: Optional[TaskConfig] = None  # the labelled set (kdlib.readers: csv, tsv, jsonl, fastText)
+    tasks: list[NamedTask] = field(default_factory=list)  # or several: multi-task distillation (each in output_dir/<name>)
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)  # with tasks
     labels: list[str] = field(default_factory=list)  # label names in index order (empty: the sorted labels found)
     max_length: int = 128  # tokens per example, special tokens included (longer ones are truncated)
     transfer: TransferConfig = field(default_factory=TransferConfig)  # step 2
@@ -209,6 +233,16 @@ class FinetuneConfig:
     progress_bar: bool = True  # tqdm bars (quiet when stderr is not a terminal)
 
     def __post_init__(self) -> None:
+        if (self.task is None) == (not self.tasks):
+            raise ValueError("task: expected exactly one of 'task' (one labelled set) or 'tasks' (multi-task)")
+        if self.tasks:
+            names = [t.name for t in self.tasks]
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise ValueError(f"tasks: expected at least two tasks with distinct names, got {names}")
+            if self.labels:
+                raise ValueError("labels: with tasks, each task lists its own labels")
+            if self.distill.method != "kd" or len(self.teacher.seeds) > 1:
+                raise ValueError("tasks: multi-task runs distil with method kd from one teacher per task and fold")
         if self.max_length < 8:
             raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
         if len(set(self.labels)) != len(self.labels):

@@ -1,14 +1,18 @@
-"""The steps in order, restricted to the folds, seeds and arms asked for; see finetune.steps."""
+"""The steps in order, restricted to the folds, seeds and arms asked for; see finetune.steps. With several tasks,
+each task runs the single-task steps in its own folder, then the multi-task student trains per fold and seed,
+then each task's speed and report include it (finetune.multitask)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from kdlib.errors import ConfigError
 from finetune.config import FinetuneConfig
 from finetune.layout import Layout
 from finetune.steps import (arms_of, distill_step, fold_run_folders, folds_step, run_folders, save_config, teacher_step,
                             transfer_step)
+
+STEPS = ("folds", "teacher", "transfer", "distill", "speed", "report")
 
 
 def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -> list:
@@ -20,8 +24,10 @@ def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -
     return list(asked)
 
 
-def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", folds=None, seeds=None, arms=None) -> int:
-    """Run `step` (or all of them); returns 0 (a preempted run raises SystemExit(75) through)."""
+def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", folds=None, seeds=None, arms=None,
+              steps: tuple = STEPS, extra_runs: Callable[[int], list] = lambda fold: []) -> int:
+    """Run `step` (or all of `steps`); returns 0 (a preempted run raises SystemExit(75) through). `extra_runs(fold)`:
+    run folders trained elsewhere (the multi-task student's) that speed and report include."""
     from finetune.evaluate import speed_step
 
     fold_list = _subset("fold", folds, list(range(cfg.evaluation.folds)), source)
@@ -29,23 +35,57 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
     arm_list = _subset("arm", arms, arms_of(cfg), source)
     labels = setup.labels
     lay = Layout(cfg)
-    every = step == "all"
-    if every or step == "folds" or not (lay.root / "folds" / "labels.json").is_file():
+
+    def wanted(name: str) -> bool:
+        return name in steps and step in ("all", name)
+
+    if wanted("folds") or not (lay.root / "folds" / "labels.json").is_file():
         save_config(cfg)
         folds_step(cfg, labels)
-    if every or step == "teacher":
+    if wanted("teacher"):
         teacher_step(cfg, labels, fold_list)
-    if every or step == "transfer":
+    if wanted("transfer"):
         transfer_step(cfg, labels, fold_list, setup.needs)
-    if every or step == "distill":
+    if wanted("distill"):
         distill_step(cfg, labels, fold_list, seed_list, arm_list)
-    if every or step == "speed":
-        speed_step(cfg, labels, fold_list, lambda fold: fold_run_folders(cfg, fold))
-    if every or step == "report":
+    if wanted("speed"):
+        speed_step(cfg, labels, fold_list, lambda fold: fold_run_folders(cfg, fold) + extra_runs(fold))
+    if wanted("report"):
         from finetune.report import write_report
 
-        folders = [f for f in run_folders(cfg) if (f / "eval.json").is_file()]
+        folders = [f for f in run_folders(cfg) + [e for k in range(cfg.evaluation.folds) for e in extra_runs(k)]
+                   if (f / "eval.json").is_file()]
         path = write_report(lay.report(), folders, title=f"Task distillation: {cfg.task.path}",
                             configs={"finetune": str(lay.root / "resolved_config.yaml")})
         print(f"[finetune] report: {path}", flush=True)
+    return 0
+
+
+def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, *, step: str = "all", folds=None, seeds=None,
+                        arms=None) -> int:
+    """Each task's single-task steps, the multi-task students, then each task's speed and report."""
+    from finetune.multitask import multitask_run, task_config, train_multitask
+
+    tasks = [task_config(cfg, i) for i in range(len(cfg.tasks))]
+    single = ("folds", "teacher", "transfer") + (("distill",) if cfg.multitask.single_task else ())
+    for derived in tasks:
+        run_steps(derived, setups[derived.output_dir], source, step=step, folds=folds, seeds=seeds, arms=arms,
+                  steps=single)
+    fold_list = _subset("fold", folds, list(range(cfg.evaluation.folds)), source)
+    seed_list = _subset("seed", seeds, list(cfg.evaluation.seeds), source)
+    arm_list = _subset("arm", arms, arms_of(cfg), source)
+    labels = {t.name: setups[d.output_dir].labels for t, d in zip(cfg.tasks, tasks)}
+    if step in ("all", "distill"):
+        for fold in fold_list:
+            for seed in seed_list:
+                for arm in arm_list:
+                    code = train_multitask(multitask_run(cfg, fold, seed, arm, labels))
+                    if code != 0:
+                        raise SystemExit(code)
+    for derived in tasks:
+        lay = Layout(derived)
+        run_steps(derived, setups[derived.output_dir], source, step=step, folds=folds, seeds=seeds, arms=arms,
+                  steps=("speed", "report"),
+                  extra_runs=lambda fold, lay=lay: [lay.run(fold, f"multitask-{a}", s) for s in cfg.evaluation.seeds
+                                                    for a in arms_of(cfg)])
     return 0

@@ -32,11 +32,11 @@ def _fail(source: str, where: str, message: str) -> None:
     raise ConfigError(f"{source}: field '{where}': {message}")
 
 
-def check_labels(cfg: FinetuneConfig, source: str, found: list[str], teacher_dict: dict) -> list[str]:
+def check_labels(cfg: FinetuneConfig, source: str, found: list[str], teacher_dict: dict, prefix: str = "") -> list[str]:
     labels = list(cfg.labels) or found
     unknown = sorted(set(found) - set(labels))
     if unknown:
-        _fail(source, "labels", f"the task has labels {unknown} that are not listed in {labels}")
+        _fail(source, f"{prefix}labels", f"the task has labels {unknown} that are not listed in {labels}")
     if cfg.teacher.finetuned is not None:
         head = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher_dict.get("id2label") or {}).items())]
         lacking = [name for name in labels if name not in head]
@@ -117,15 +117,16 @@ def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tu
     return {"hidden_layers": sorted(hidden), "pooled": pooled}
 
 
-def validate(cfg: FinetuneConfig, source: str) -> Setup:
-    """All pre-flight checks (reads the task once and the model folders' config.json)."""
+def validate(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> Setup:
+    """All pre-flight checks (reads the task once and the model folders' config.json); `field_prefix` names the
+    task's entry of a multi-task config in messages about its own fields (tasks[1].labels)."""
     examples = read_examples(cfg.task)
     counts = class_counts(examples)
     teacher_ref = cfg.teacher.init or cfg.teacher.finetuned
     teacher_folder = resolve_model_path(teacher_ref)
     teacher_dict = check_model_folder(teacher_folder)
     check_against_teacher(source, teacher_dict, max_length=cfg.max_length)
-    labels = check_labels(cfg, source, sorted(counts), teacher_dict)
+    labels = check_labels(cfg, source, sorted(counts), teacher_dict, field_prefix)
     check_folds(cfg, source, counts)
     student = check_student(cfg, source, teacher_folder, teacher_dict)
     needs = plan_needs(cfg, source, teacher_dict, student)

@@ -55,3 +55,23 @@ def base_config(root: Path, *, copies: int = 0, objectives=None, folds: int = 2,
 def write_config(data: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+TOPICS = {"sport": "goal match team score player".split(), "politics": "vote election party law senate".split(),
+          "science": "atom cell energy theory experiment".split()}
+
+
+def write_topic_task(path: Path, examples: int = 30, seed: int = 1) -> Path:
+    """A second tiny task for multi-task tests: three topics, JSON lines."""
+    import json
+
+    rng = random.Random(seed)
+    names = sorted(TOPICS)
+    lines = []
+    for i in range(examples):
+        topic = names[i % 3]
+        words = [rng.choice(FILLER) for _ in range(4)] + [rng.choice(TOPICS[topic]) for _ in range(2)]
+        rng.shuffle(words)
+        lines.append(json.dumps({"sentence": " ".join(words), "topic": topic}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -115,6 +115,8 @@ class DistillModule(nn.Module):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if hasattr(self.student, "set_step"):  # a student that changes with progress (BERT-of-Theseus replacement)
             self.student.set_step(step, total_steps)
+        if hasattr(self.student, "select"):  # a student that routes by batch (multi-task: the batch's task head)
+            self.student.select(batch)
         mine = run_model(self.student, ids, mask, hidden=self.want_hidden, qkv=self.want_qkv, heads=self.heads)
         peer = run_model(self.peer, ids, mask, hidden=False, qkv=False, heads=self.heads) if self.peer else None
         x = StepInputs(batch, self.offer, student=mine, teacher=teacher, peer=peer, projections=self.projections,

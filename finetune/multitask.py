@@ -1,0 +1,144 @@
+"""Multi-task distillation: one student, a head per task, each step one task's batch (sampled by size ** alpha),
+each task's soft targets from its own fine-tuned teacher (MT-DNN's ensemble-free distillation, BAM).
+
+Every task runs the single-task steps in its own folder (`output_dir/<task>/`: folds, teacher, transfer set,
+optionally its single-task student and baseline); fold K of the multi-task student trains on fold K's
+training split of every task and is scored on each task's held-out fold K. Its run folder is
+`output_dir/multitask/fold-K/seed-S/<arm>/`; each task's export, eval.json and predictions land in
+`output_dir/<task>/fold-K/seed-S/multitask-<arm>/`, so each task's report shows it beside that task's teacher,
+single-task student and baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from kdlib.engine import EngineConfig, deepspeed_config
+from kdlib.objectives import ObjectiveConfig
+from kdlib.io import atomic_directory
+from kdlib.models import load_tokenizer, resolve_model_path
+from kdlib.task_sampling import TaskSamplingConfig
+from kdlib.training import loop
+from kdlib.training.batches import BatchStream
+from kdlib.training.config import LoopConfig, math_hash
+from kdlib.training.module import DistillModule
+from finetune.config import FinetuneConfig
+from finetune.data import EncodedExamples
+from finetune.folds import read_split
+from finetune.layout import Layout
+from finetune.models import save_classifier
+from finetune.multitask_model import MultiTaskClassifier, MultiTaskSampler
+from finetune.run import (EVAL_FILE, EXPORT, STAGE, RunConfig, build_model, load_teacher, make_offer,
+                          needs_teacher_model, training_rows, validation_metrics, write_predictions)
+
+
+@dataclasses.dataclass
+class MultiTaskRunConfig(LoopConfig):
+    """One multi-task run: the per-task views (each a RunConfig naming that task's rows, teacher and folders)."""
+
+    arm: str  # kd or baseline
+    fold: int  # the held-out fold of every task
+    task_names: list[str]  # the tasks, in order
+    parts: list[RunConfig]  # one per task, in order: its data, teacher, transfer set, labels, and eval folder
+    sampling: TaskSamplingConfig  # which task each step trains
+    objectives: list[ObjectiveConfig]  # the objectives (the same for every task; also in each part)
+    engine: EngineConfig  # the engine (also in each part)
+
+
+def task_config(cfg: FinetuneConfig, index: int) -> FinetuneConfig:
+    """Task `index` as a single-task config in output_dir/<name> (its own folds, teachers, transfer sets)."""
+    t = cfg.tasks[index]
+    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / t.name), task=t.task, labels=list(t.labels),
+                               tasks=[])
+
+
+def multitask_run(cfg: FinetuneConfig, fold: int, seed: int, arm: str, labels: dict[str, list[str]]) -> MultiTaskRunConfig:
+    from finetune.steps import _loop_fields, student_run
+
+    parts = []
+    for index, t in enumerate(cfg.tasks):
+        single = student_run(task_config(cfg, index), fold, seed, arm, labels[t.name])
+        out = Layout(task_config(cfg, index)).run(fold, f"multitask-{arm}", seed)
+        parts.append(dataclasses.replace(single, output_dir=str(out), name=f"multitask-{arm}"))
+    d = cfg.distill
+    out = Path(cfg.output_dir) / "multitask" / f"fold-{fold}" / f"seed-{seed}" / arm
+    return MultiTaskRunConfig(**_loop_fields(cfg, out, d.steps, seed, d.eval_every), arm=arm, fold=fold,
+                              task_names=[t.name for t in cfg.tasks], parts=parts,
+                              sampling=cfg.multitask.sampling, objectives=parts[0].objectives, engine=d.engine)
+
+
+def completed(run: MultiTaskRunConfig) -> bool:
+    return all((Path(p.output_dir) / EVAL_FILE).is_file()
+               and json.loads((Path(p.output_dir) / EVAL_FILE).read_text()).get("config_hash") == math_hash(run)
+               for p in run.parts)
+
+
+def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
+    rank0, device, place = session.place.rank == 0, session.device, session.place
+    first = cfg.parts[0]
+    teacher_model = load_teacher(first) if needs_teacher_model(first) else None
+    base, tokenizer_folder = build_model(first, teacher_model)
+    student = MultiTaskClassifier(base, {n: len(p.labels) for n, p in zip(cfg.task_names, cfg.parts)}, seed=cfg.seed)
+    tokenizer = load_tokenizer(str(tokenizer_folder))
+    sources = [training_rows(p, str(tokenizer_folder), tokenizer) for p in cfg.parts]
+    cached = set.intersection(*[set(c) for _, c, _ in sources])
+    offer = make_offer(first, student, teacher_model.config if teacher_model is not None else None, cached,
+                       sources[0][2])
+    if teacher_model is None:
+        from transformers import AutoConfig
+
+        teacher_config = AutoConfig.from_pretrained(str(resolve_model_path(first.teacher)), local_files_only=True)
+        offer = make_offer(first, student, teacher_config, cached, sources[0][2])
+    module = DistillModule(student, cfg.objectives, offer, seed=cfg.seed, teacher_width=student.config.hidden_size)
+    rows = [r for r, _, _ in sources]
+    sampler = MultiTaskSampler([len(r) for r in rows], cfg.sampling, micro_batch=cfg.engine.micro_batch,
+                               grad_accum=cfg.engine.grad_accum, rank=place.rank, world_size=place.world_size,
+                               seed=cfg.seed)
+
+    def load(pairs: list[tuple[int, int]]) -> dict:
+        task = pairs[0][0]
+        batch = rows[task].batch([i for _, i in pairs])
+        batch["task"] = task
+        return batch
+
+    batches = BatchStream(sampler, load, depth=cfg.prefetch, pin_memory=device.type == "cuda")
+    valid = [EncodedExamples(read_split(Path(p.valid_data)), tokenizer, p.labels, p.max_length) for p in cfg.parts]
+
+    def evaluate(model) -> dict:
+        out = {}
+        for t, name in enumerate(cfg.task_names):
+            model.current = t
+            for key, value in validation_metrics(model, valid[t], cfg.engine.micro_batch, device).items():
+                out[f"{name}/{key}"] = value
+        out["accuracy"] = sum(out[f"{n}/accuracy"] for n in cfg.task_names) / len(cfg.task_names)  # mean over tasks
+        return out
+
+    def finish(model, final_checkpoint, module_state, step: int, metrics: dict) -> str:
+        if not rank0:
+            return ""
+        lines = []
+        for name, part in zip(cfg.task_names, cfg.parts):
+            plain = model.task_model(name, part.labels)
+            folder = Path(part.output_dir)
+            with atomic_directory(folder / EXPORT, replace=folder.joinpath(EXPORT).exists()) as tmp:
+                save_classifier(plain, tmp, resolve_model_path(str(tokenizer_folder)))
+            record = write_predictions(part, plain, tokenizer, folder, device,
+                                       {"steps": step, "validation": metrics, "config_hash": math_hash(cfg)})
+            lines.append(f"{name} {record['metrics']['accuracy']:.4f}")
+        return f"multi-task {cfg.arm} fold {cfg.fold} seed {cfg.seed}: held-out accuracy " + ", ".join(lines)
+
+    ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=str(cfg.output_dir))
+    return loop.Job(config=cfg, ds_config=ds, module=module, batches=batches, evaluate=evaluate, finish=finish,
+                    name=f"multitask {cfg.arm} f{cfg.fold} s{cfg.seed}")
+
+
+def train_multitask(cfg: MultiTaskRunConfig) -> int:
+    if completed(cfg):
+        print(f"[finetune] {cfg.output_dir}: done (every task's eval.json present)", flush=True)
+        return 0
+    session = loop.start(cfg, STAGE)
+    with loop.building(session):
+        job = build_job(cfg, session)
+    return loop.train(session, job)
