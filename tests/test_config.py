@@ -135,6 +135,7 @@ from finetune.config import FinetuneConfig  # noqa: E402
 SHIPPED = {
     "demo_teacher.yaml": TeacherPrepConfig,
     "finetune_demo.yaml": FinetuneConfig,
+    "finetune_multitask.yaml": FinetuneConfig,
     "finetune_pkd.yaml": FinetuneConfig,
     "finetune_theseus.yaml": FinetuneConfig,
     "finetune_tinybert.yaml": FinetuneConfig,
