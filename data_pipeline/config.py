@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from kdlib.augment import AugmentConfig
 from kdlib.masking import MaskingConfig
@@ -21,6 +21,7 @@ class PipelineConfig:
     corpus: Optional[CorpusConfig] = None  # an unlabelled corpus (rows are packed to max_length)
     task: Optional[TaskConfig] = None  # or a labelled task set (one row per example, truncated)
     labels: list[str] = field(default_factory=list)  # task label names in index order (empty: sorted labels found)
+    task_type: Literal["classification", "regression"] = "classification"  # regression: labels are numbers, kept as floats
     max_length: int = 128  # tokens per row, special tokens included
     min_length: int = 8  # packed tails shorter than this are dropped
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # Tang et al. / TinyBERT augmentation
@@ -56,6 +57,10 @@ class PipelineConfig:
             raise ValueError(f"augment_unit: expected 'line' or 'document', got {self.augment_unit!r}")
         if self.task is not None and self.masking.prob > 0:
             raise ValueError("masking.prob: MLM masking applies to corpora; task sets use augment.mask_prob")
+        if self.task_type not in ("classification", "regression"):
+            raise ValueError(f"task_type: expected 'classification' or 'regression', got {self.task_type!r}")
+        if self.task_type == "regression" and (self.task is None or self.labels):
+            raise ValueError("task_type: regression needs a task set and no label list (targets are the numbers)")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels: expected distinct names, got {self.labels}")
         t, o = self.teacher.task, self.teacher_outputs

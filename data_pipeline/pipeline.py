@@ -47,7 +47,8 @@ NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads")
 
 def content_hash(cfg: PipelineConfig) -> str:
     """Hash of the config fields that determine the rows (not the output path or thread count)."""
-    unset_additions = ("augment_model",) if cfg.augment_model is None else ()  # sets built before it keep their hash
+    unset_additions = (("augment_model",) if cfg.augment_model is None else ()) + (
+        ("task_type",) if cfg.task_type == "classification" else ())  # sets built before these options keep their hash
     return kd_content_hash(cfg, NON_CONTENT_FIELDS + unset_additions)
 
 
@@ -58,7 +59,16 @@ def preflight(cfg: PipelineConfig, source: str) -> dict:
     check_against_teacher(source, teacher_config, outputs=cfg.teacher_outputs, max_length=cfg.max_length)
     records = read_task(cfg.task) if cfg.task is not None else read_corpus(cfg.corpus)
     labels = list(cfg.labels)
-    if cfg.task is not None:
+    if cfg.task is not None and cfg.task_type == "regression":
+        for ex in records:
+            try:
+                value = float(ex.label)
+            except ValueError:
+                value = float("nan")
+            if value != value or value in (float("inf"), float("-inf")):
+                raise KDError(f"{source}: field 'task_type': regression needs a finite number as the label of every "
+                              f"example; example {ex.id} has {ex.label!r}")
+    elif cfg.task is not None:
         found = sorted({ex.label for ex in records})  # also proves the input is not empty
         unknown = sorted(set(found) - set(labels)) if labels else []
         if unknown:
@@ -132,7 +142,8 @@ def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
     o = cfg.teacher_outputs
     return dict(vocab_size=info["config"]["vocab_size"], top_k=o.top_k, dense_logits=o.dense_logits,
                 hidden_layers=list(o.hidden_layers), pooled=o.pooled is not None,
-                has_labels=cfg.task is not None, has_mlm=cfg.corpus is not None and cfg.masking.prob > 0)
+                has_labels=cfg.task is not None, has_mlm=cfg.corpus is not None and cfg.masking.prob > 0,
+                regression_labels=cfg.task_type == "regression")
 
 
 def build_pipeline(p: beam.Pipeline, cfg: PipelineConfig, out: Path, info: dict) -> None:
@@ -150,7 +161,7 @@ def build_pipeline(p: beam.Pipeline, cfg: PipelineConfig, out: Path, info: dict)
     tokens = (units | "BatchForTokenizer" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
               | "Tokenize" >> beam.ParDo(TokenizeUnits(cfg)))
     if cfg.task is not None:
-        rows = tokens | "Rows" >> beam.Map(task_row, info["labels"])
+        rows = tokens | "Rows" >> beam.Map(task_row, info["labels"], cfg.task_type == "regression")
     else:
         groups = cfg.pack_groups
         rows = (tokens | "KeyPackGroup" >> beam.Map(lambda t: ((t.copy_index, stable_hash(t.source_id) % groups), t))
@@ -212,7 +223,8 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
                  "hidden_size": c.get("hidden_size"), "model_type": c.get("model_type")},
         tokenizer_fingerprint=info["tokenizer_fingerprint"], config=to_dict(cfg), config_hash=info["config_hash"],
         cached={"top_k": o.top_k, "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
-                "pooled": o.pooled, "labels": info["labels"] or None, "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
+                "pooled": o.pooled, "labels": info["labels"] or None, "task_type": cfg.task_type if cfg.task else None,
+                "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
                 "topk_id_dtype": str(id_dtype(c["vocab_size"])) if o.top_k else None},
         dtypes={f.name: f"{f.type.value_type}[]" if hasattr(f.type, "value_type") else str(f.type) for f in schema}, max_length=cfg.max_length, shards=shards,
         totals={"rows": rows, "tokens": tokens, "bytes": size,

@@ -150,11 +150,13 @@ class PackAndMask(beam.DoFn):
             yield row
 
 
-def task_row(item: TokenizedText, labels: list[str]) -> dict:
-    """One labelled example (original or augmented copy) as one row."""
+def task_row(item: TokenizedText, labels: list[str], regression: bool = False) -> dict:
+    """One labelled example (original or augmented copy) as one row: the label's index, or a regression target."""
+    label = None
+    if item.label is not None:
+        label = float(item.label) if regression else labels.index(item.label)
     return {"id": row_id(item.source_id, f"{item.copy_index}:{item.kind}", 0), "source_id": item.source_id,
-            "augmentation": item.kind, "input_ids": np.asarray(item.ids, dtype=np.int32),
-            "label": labels.index(item.label) if item.label is not None else None}
+            "augmentation": item.kind, "input_ids": np.asarray(item.ids, dtype=np.int32), "label": label}
 
 
 class TeacherShard(beam.DoFn):

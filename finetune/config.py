@@ -163,6 +163,11 @@ def phase_objectives(phases: list[PhaseConfig]) -> list[ObjectiveConfig]:
     return out
 
 
+def regression_objectives() -> list[ObjectiveConfig]:
+    """Tang et al.'s logit regression on the teacher's output, plus the targets themselves (alpha = 0.5)."""
+    return [ObjectiveConfig(name="logit_mse", weight=0.5), ObjectiveConfig(name="hard_mse", weight=0.5)]
+
+
 @dataclass
 class BaselineConfig:
     """The no-KD baseline: the same student initialisation, hard labels only, the same steps, no augmentation."""
@@ -223,6 +228,7 @@ class FinetuneConfig:
     tasks: list[NamedTask] = field(default_factory=list)  # or several: multi-task distillation (each in output_dir/<name>)
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)  # with tasks
     labels: list[str] = field(default_factory=list)  # label names in index order (empty: the sorted labels found)
+    task_type: Literal["classification", "regression"] = "classification"  # regression: numeric labels, one output
     max_length: int = 128  # tokens per example, special tokens included (longer ones are truncated)
     transfer: TransferConfig = field(default_factory=TransferConfig)  # step 2
     student: StudentSpec = field(default_factory=StudentSpec)  # where the student starts
@@ -245,6 +251,11 @@ class FinetuneConfig:
                 raise ValueError("tasks: multi-task runs distil with method kd from one teacher per task and fold")
         if self.max_length < 8:
             raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
+        if self.task_type == "regression":
+            if self.labels:
+                raise ValueError("labels: a regression task has numeric targets, not label names")
+            if self.distill.objectives == default_objectives():  # the classification default: use the regression one
+                self.distill.objectives = regression_objectives()
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels: expected distinct names, got {self.labels}")
         if self.threads < 0:

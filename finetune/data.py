@@ -25,13 +25,15 @@ ORIGINAL = "original"
 class EncodedExamples:
     """Examples tokenized once: `batch(indices)` -> input_ids, attention_mask, labels, ids."""
 
-    def __init__(self, examples: list[Example], tokenizer, labels: list[str], max_length: int):
+    def __init__(self, examples: list[Example], tokenizer, labels: list[str], max_length: int, regression: bool = False):
+        """`labels`: the label names in index order; with `regression` the targets are the examples' numbers."""
         self.ids = [ex.id for ex in examples]
         pairs = [ex.text_b or "" for ex in examples] if any(ex.text_b for ex in examples) else None
         enc = tokenize_texts(tokenizer, [ex.text for ex in examples], pairs, task=True, max_length=max_length)
         self.input_ids = [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
         self.label_names = list(labels)
-        self.labels = np.asarray([labels.index(ex.label) for ex in examples], dtype=np.int64)
+        self.labels = (np.asarray([float(ex.label) for ex in examples], dtype=np.float32) if regression else
+                       np.asarray([labels.index(ex.label) for ex in examples], dtype=np.int64))
         self.pad_id = tokenizer.pad_token_id or 0
 
     def __len__(self) -> int:
@@ -75,7 +77,8 @@ class TaskRows:
         batch = self.batcher([self.order[i] for i in indices], pad_id=self.pad_id)
         if self.hide_augmented_labels and "labels" in batch:
             hide = torch.from_numpy(self.augmented[list(indices)])
-            batch["labels"] = torch.where(hide, torch.full_like(batch["labels"], IGNORE_INDEX), batch["labels"])
+            none = float("nan") if batch["labels"].is_floating_point() else IGNORE_INDEX  # regression: NaN, no target
+            batch["labels"] = torch.where(hide, torch.full_like(batch["labels"], none), batch["labels"])
         return batch
 
 

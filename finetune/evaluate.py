@@ -19,16 +19,18 @@ from finetune.run import EVAL_FILE, EXPORT, RunConfig, write_predictions
 
 def evaluate_given_teacher(cfg, fold: int, labels: list[str], out: Path) -> None:
     """eval.json and predictions.jsonl of teacher.finetuned on this fold's held-out split (no training)."""
-    from finetune.steps import _fold_fields
+    from finetune.steps import _fold_fields, hard_objective
 
     run = RunConfig(output_dir=str(out), steps=1, seed=cfg.evaluation.seeds[0], arm="teacher", init=cfg.teacher.finetuned,
-                    objectives=[{"name": "hard_ce"}], engine=cfg.teacher.engine, **_fold_fields(cfg, fold, labels))
+                    objectives=[{"name": hard_objective(cfg)}], engine=cfg.teacher.engine,
+                    **_fold_fields(cfg, fold, labels))
     path = out / EVAL_FILE
     if path.is_file() and json.loads(path.read_text()).get("config_hash") == math_hash(run):
         return
     import torch
 
-    model = load_classifier(cfg.teacher.finetuned, labels, seed=0, new_head=False)
+    model = load_classifier(cfg.teacher.finetuned, labels, seed=0, new_head=False,
+                            regression=cfg.task_type == "regression")
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(run, model, load_tokenizer(cfg.teacher.finetuned), out, torch.device("cpu"), {"steps": 0})
 
@@ -43,11 +45,14 @@ def speed_step(cfg, labels: list[str], folds: list[int], run_folders_of) -> None
         exports = {str(f): (cfg.teacher.finetuned if f.name == "teacher" and cfg.teacher.finetuned else f / EXPORT)
                    for f in folders}
         tokenizer = load_tokenizer(str(next(iter(exports.values()))))
-        examples = EncodedExamples(read_split(Layout(cfg).split(fold, "test")), tokenizer, labels, cfg.max_length)
+        regression = cfg.task_type == "regression"
+        examples = EncodedExamples(read_split(Layout(cfg).split(fold, "test")), tokenizer, labels, cfg.max_length,
+                                   regression)
         batches = [examples.batch(list(range(i, min(i + e.speed_batch, len(examples)))))
                    for i in range(0, len(examples), e.speed_batch)]
         batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
-        models = {name: load_classifier(str(folder), labels, seed=0, new_head=False) for name, folder in exports.items()}
+        models = {name: load_classifier(str(folder), labels, seed=0, new_head=False, regression=regression)
+                  for name, folder in exports.items()}
         speeds = compare_speed(models, batches, e.speed_threads, repeats=e.speed_repeats)
         for folder in folders:
             record = json.loads((folder / EVAL_FILE).read_text())

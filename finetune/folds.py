@@ -60,10 +60,24 @@ def _stratified(examples: list[Example], parts: int, rng: np.random.Generator) -
     return out
 
 
-def make_folds(examples: list[Example], folds: int, validation_fraction: float, seed: int) -> list[Fold]:
-    """k stratified folds, each with a stratified validation split of its training part (deterministic)."""
+def _by_value(examples: list[Example], parts: int, rng: np.random.Generator) -> list[list[Example]]:
+    """Regression: examples sorted by target, cut into blocks of `parts`, each block's members dealt one per part in
+    a shuffled order, so every fold spans the range of targets."""
+    ordered = sorted(examples, key=lambda ex: (float(ex.label), ex.id))
+    out: list[list[Example]] = [[] for _ in range(parts)]
+    for start in range(0, len(ordered), parts):
+        block = ordered[start:start + parts]
+        for slot, i in zip(rng.permutation(parts), range(len(block))):
+            out[slot].append(block[i])
+    return out
+
+
+def make_folds(examples: list[Example], folds: int, validation_fraction: float, seed: int,
+               regression: bool = False) -> list[Fold]:
+    """k stratified folds (by class, or by target for regression), each with a validation split of its training
+    part (stratified by class; random for regression), deterministic."""
     rng = np.random.default_rng(seed)
-    parts = _stratified(examples, folds, rng)
+    parts = _by_value(examples, folds, rng) if regression else _stratified(examples, folds, rng)
     result = []
     for f in range(folds):
         rest = [ex for g, part in enumerate(parts) if g != f for ex in part]
@@ -71,8 +85,9 @@ def make_folds(examples: list[Example], folds: int, validation_fraction: float, 
         rest.sort(key=lambda ex: order[ex.id])  # file order: the split does not depend on dealing order
         valid_ids = set()
         local = np.random.default_rng([seed, f])
-        for label, count in sorted(class_counts(rest).items()):
-            members = [ex.id for ex in rest if ex.label == label]
+        groups = {"all": len(rest)} if regression else class_counts(rest)
+        for label, count in sorted(groups.items()):
+            members = [ex.id for ex in rest if regression or ex.label == label]
             take = max(1, math.floor(count * validation_fraction)) if count > 1 else 0
             valid_ids.update(members[i] for i in local.permutation(len(members))[:take])
         test = sorted(parts[f], key=lambda ex: order[ex.id])

@@ -22,7 +22,7 @@ def label_maps(labels: list[str]) -> dict:
 
 
 def load_classifier(ref: str, labels: list[str], *, seed: int, trust_remote_code: bool = False,
-                    new_head: bool = True) -> torch.nn.Module:
+                    new_head: bool = True, regression: bool = False) -> torch.nn.Module:
     """A sequence classifier from a folder: its own head when it has one for these labels, else a new head
     (seeded; only the classifier and pooler may be new: any other missing weight is an error)."""
     from transformers import AutoModelForSequenceClassification
@@ -34,7 +34,8 @@ def load_classifier(ref: str, labels: list[str], *, seed: int, trust_remote_code
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(folder), num_labels=len(labels), local_files_only=True, use_safetensors=True,
-            trust_remote_code=trust_remote_code, output_loading_info=True, **label_maps(labels))
+            trust_remote_code=trust_remote_code, output_loading_info=True,
+            problem_type="regression" if regression else "single_label_classification", **label_maps(labels))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{folder}: cannot load as a sequence classifier: {err}") from None
     missing = [k for k in info.get("missing_keys", []) if not (new_head and k.startswith(HEAD_PREFIXES))]
@@ -48,7 +49,8 @@ def load_classifier(ref: str, labels: list[str], *, seed: int, trust_remote_code
     return model
 
 
-def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels: list[str], seed: int):
+def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels: list[str], seed: int,
+                         regression: bool = False):
     """A classifier of the teacher's family with `shape`, teacher layers copied in per shape.init (the head and
     pooler too, when widths match), the rest seeded."""
     from transformers import AutoModelForSequenceClassification
@@ -56,6 +58,7 @@ def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels:
     torch.manual_seed(seed)
     config = student_config(teacher.config, shape)
     config.num_labels = len(labels)
+    config.problem_type = "regression" if regression else "single_label_classification"
     for key, value in label_maps(labels).items():
         setattr(config, key, value)
     model = AutoModelForSequenceClassification.from_config(config)
@@ -70,5 +73,6 @@ def save_classifier(model: torch.nn.Module, folder: Path, tokenizer_from: Path) 
     """config.json + model.safetensors + the tokenizer files, written into `folder` (already a staging folder)."""
     from kdlib.models import copy_tokenizer_files
 
+    quiet_transformers()  # its shard-writing bar says nothing our own line does not
     model.save_pretrained(str(folder), safe_serialization=True)
     copy_tokenizer_files(resolve_model_path(str(tokenizer_from)), folder)

@@ -104,13 +104,15 @@ def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
         return batch
 
     batches = BatchStream(sampler, load, depth=cfg.prefetch, pin_memory=device.type == "cuda")
-    valid = [EncodedExamples(read_split(Path(p.valid_data)), tokenizer, p.labels, p.max_length) for p in cfg.parts]
+    valid = [EncodedExamples(read_split(Path(p.valid_data)), tokenizer, p.labels, p.max_length, p.regression)
+             for p in cfg.parts]
 
     def evaluate(model) -> dict:
         out = {}
         for t, name in enumerate(cfg.task_names):
             model.current = t
-            for key, value in validation_metrics(model, valid[t], cfg.engine.micro_batch, device).items():
+            for key, value in validation_metrics(model, valid[t], cfg.engine.micro_batch, device,
+                                                 cfg.parts[t].regression).items():
                 out[f"{name}/{key}"] = value
         out["accuracy"] = sum(out[f"{n}/accuracy"] for n in cfg.task_names) / len(cfg.task_names)  # mean over tasks
         return out

@@ -29,7 +29,7 @@ from kdlib.models import load_tokenizer, resolve_model_path
 from kdlib.multi_teacher import MultiTeacherConfig, MultiTeacherSet
 from kdlib.objectives import ObjectiveConfig, validate_objectives
 from kdlib.schemas import StudentConfig
-from kdlib.task_metrics import classification_metrics
+from kdlib.task_metrics import task_metrics
 from kdlib.theseus import TheseusConfig, TheseusModel
 from kdlib.training import loop
 from kdlib.training.batches import BatchStream
@@ -72,6 +72,7 @@ class RunConfig(LoopConfig):
     online_teacher: bool = False  # run the teacher on every batch
     hard_labels: Literal["original", "all"] = "original"  # which transfer-set rows the hard loss reads
     trust_remote_code: bool = False  # model folders' own code (off by default)
+    task_type: Literal["classification", "regression"] = "classification"  # regression: one output, numeric targets
     name: Optional[str] = None  # the arm's name in eval.json and the report (default: arm), e.g. teacher-1
     more_teachers: list[str] = dataclasses.field(default_factory=list)  # multi-teacher KD: the other teachers' folders
     more_transfer_sets: list[str] = dataclasses.field(default_factory=list)  # ... and their transfer sets (same rows)
@@ -81,21 +82,25 @@ class RunConfig(LoopConfig):
         super().__post_init__()
         self.objectives = validate_objectives(self.objectives)
 
+    @property
+    def regression(self) -> bool:
+        return self.task_type == "regression"
+
 
 def build_model(cfg: RunConfig, teacher_model=None):
     """The trained model of this run (seeded) and the folder whose tokenizer it uses."""
-    if cfg.arm == "teacher":
-        return load_classifier(cfg.init, cfg.labels, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code), cfg.init
-    if cfg.method == "theseus":
+    if cfg.arm != "teacher" and cfg.method == "theseus":
         return TheseusModel(teacher_model, cfg.theseus, seed=cfg.seed), cfg.teacher
-    if cfg.student_shape is not None:
-        return student_from_teacher(teacher_model, cfg.student_shape, cfg.labels, cfg.seed), cfg.teacher
-    return load_classifier(cfg.init, cfg.labels, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code), cfg.init
+    if cfg.arm != "teacher" and cfg.student_shape is not None:
+        return student_from_teacher(teacher_model, cfg.student_shape, cfg.labels, cfg.seed, cfg.regression), cfg.teacher
+    return load_classifier(cfg.init, cfg.labels, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                           regression=cfg.regression), cfg.init
 
 
 def load_teacher(cfg: RunConfig):
     """The fine-tuned teacher, frozen (kd runs that need it: a shape student, theseus, an online teacher)."""
-    model = load_classifier(cfg.teacher, cfg.labels, seed=0, trust_remote_code=cfg.trust_remote_code, new_head=False)
+    model = load_classifier(cfg.teacher, cfg.labels, seed=0, trust_remote_code=cfg.trust_remote_code, new_head=False,
+                            regression=cfg.regression)
     model.requires_grad_(False)
     return model.eval()
 
@@ -108,7 +113,7 @@ def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
     """kd: the transfer set in canonical order (fingerprints checked); else the fold's training examples."""
     order = read_split(Path(cfg.examples))
     if cfg.transfer_set is None:
-        return EncodedExamples(order, tokenizer, cfg.labels, cfg.max_length), {"labels"}, "mean"
+        return EncodedExamples(order, tokenizer, cfg.labels, cfg.max_length, cfg.regression), {"labels"}, "mean"
     tokenizer_fp = tokenizer_fingerprint(resolve_model_path(tokenizer_folder))
     sets = [TransferSet(path, teacher_fingerprint=model_fingerprint(resolve_model_path(teacher)),
                         tokenizer_fingerprint=tokenizer_fp, verify="lazy")
@@ -135,13 +140,22 @@ def make_offer(cfg: RunConfig, model, teacher_config, cached: set, pooling: str)
                  teacher_heads=teacher_config.num_attention_heads if teacher_config is not None else 0)
 
 
-def validation_metrics(model, valid: EncodedExamples, batch_size: int, device) -> dict:
+def scores_to_predictions(logits: np.ndarray, regression: bool) -> np.ndarray:
+    """Class indices (argmax), or the one output of a regression head."""
+    return logits[:, 0] if regression else logits.argmax(-1)
+
+
+def validation_metrics(model, valid: EncodedExamples, batch_size: int, device, regression: bool = False) -> dict:
+    """Held-out metrics plus the loss the hard objective minimises (cross-entropy, or squared error)."""
     logits = predict(model, valid, batch_size, device)
     labels = valid.labels
+    predictions = scores_to_predictions(logits, regression)
+    metrics = task_metrics("regression" if regression else "classification", labels, predictions, len(valid.label_names))
+    if regression:
+        return {**metrics, "loss": float(np.mean((predictions - labels.astype(np.float64)) ** 2))}
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return {**classification_metrics(labels, logits.argmax(-1), len(valid.label_names)),
-            "loss": float(-log_probs[np.arange(len(labels)), labels].mean())}
+    return {**metrics, "loss": float(-log_probs[np.arange(len(labels)), labels].mean())}
 
 
 def exported_model(module: DistillModule):
@@ -152,14 +166,15 @@ def exported_model(module: DistillModule):
 
 def write_predictions(cfg: RunConfig, model, tokenizer, out: Path, device, extra: dict) -> dict:
     """predictions.jsonl and eval.json of `model` on the held-out fold (written last: a run is done when it exists)."""
-    test = EncodedExamples(read_split(Path(cfg.test_data)), tokenizer, cfg.labels, cfg.max_length)
+    test = EncodedExamples(read_split(Path(cfg.test_data)), tokenizer, cfg.labels, cfg.max_length, cfg.regression)
     logits = predict(model, test, cfg.engine.micro_batch, device)
-    predictions = logits.argmax(-1)
-    lines = [json.dumps({"id": i, "label": int(y), "prediction": int(p), "scores": [float(v) for v in row]})
+    predictions = scores_to_predictions(logits, cfg.regression)
+    kind = float if cfg.regression else int
+    lines = [json.dumps({"id": i, "label": kind(y), "prediction": kind(p), "scores": [float(v) for v in row]})
              for i, y, p, row in zip(test.ids, test.labels, predictions, logits)]
     atomic_write_text(out / PREDICTIONS_FILE, "\n".join(lines) + "\n")
-    record = {"arm": cfg.name or cfg.arm, "fold": cfg.fold, "seed": cfg.seed, "task_type": "classification",
-              "metrics": classification_metrics(test.labels, predictions, len(cfg.labels)),
+    record = {"arm": cfg.name or cfg.arm, "fold": cfg.fold, "seed": cfg.seed, "task_type": cfg.task_type,
+              "metrics": task_metrics(cfg.task_type, test.labels, predictions, len(cfg.labels)),
               "parameters": sum(p.numel() for p in model.parameters()), "labels": list(cfg.labels),
               "examples": len(test), "config_hash": math_hash(cfg), **extra}
     atomic_write_text(out / EVAL_FILE, json.dumps(record, indent=1) + "\n")
@@ -210,11 +225,11 @@ def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:
     sampler = DistributedBatchSampler(len(rows), micro_batch=cfg.engine.micro_batch, grad_accum=cfg.engine.grad_accum,
                                       rank=place.rank, world_size=place.world_size, seed=cfg.seed)
     batches = BatchStream(sampler, rows.batch, depth=cfg.prefetch, pin_memory=device.type == "cuda")
-    valid = EncodedExamples(read_split(Path(cfg.valid_data)), tokenizer, cfg.labels, cfg.max_length)
+    valid = EncodedExamples(read_split(Path(cfg.valid_data)), tokenizer, cfg.labels, cfg.max_length, cfg.regression)
 
     def evaluate(student) -> dict:
         view = student.successor_model() if isinstance(student, TheseusModel) else student
-        return validation_metrics(view, valid, cfg.engine.micro_batch, device)
+        return validation_metrics(view, valid, cfg.engine.micro_batch, device, cfg.regression)
 
     def finish(student, final_checkpoint, module_state, step: int, metrics: dict) -> str:
         if not rank0:
@@ -226,9 +241,8 @@ def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:
             with atomic_directory(out / PEER_EXPORT, replace=True) as tmp:
                 save_classifier(module.peer, tmp, resolve_model_path(str(tokenizer_folder)))
         record = write_predictions(cfg, model_out, tokenizer, out, device, {"steps": step, "validation": metrics})
-        m = record["metrics"]
-        return (f"{cfg.arm} fold {cfg.fold} seed {cfg.seed}: held-out accuracy {m['accuracy']:.4f}, "
-                f"macro-F1 {m['macro_f1']:.4f}; exported to {out / EXPORT}")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
+        return f"{cfg.arm} fold {cfg.fold} seed {cfg.seed}: held-out {shown}; exported to {out / EXPORT}"
 
     ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=str(out))
     return loop.Job(config=cfg, ds_config=ds, module=module, batches=batches, evaluate=evaluate, finish=finish,

@@ -39,7 +39,7 @@ def folds_step(cfg: FinetuneConfig, labels: list[str]) -> None:
     lay = Layout(cfg)
     examples = read_examples(cfg.task)
     for fold in make_folds(examples, cfg.evaluation.folds, cfg.evaluation.validation_fraction,
-                           cfg.evaluation.split_seed):
+                           cfg.evaluation.split_seed, regression=cfg.task_type == "regression"):
         write_fold(fold, lay.fold_data(fold.index))
     atomic_write_text(lay.root / FOLDS_DIR / "labels.json", json.dumps(labels) + "\n")
 
@@ -55,7 +55,19 @@ def _loop_fields(cfg: FinetuneConfig, out: Path, steps: int, seed: int, eval_eve
 def _fold_fields(cfg: FinetuneConfig, fold: int, labels: list[str]) -> dict:
     lay = Layout(cfg)
     return dict(fold=fold, examples=str(lay.split(fold, "train")), valid_data=str(lay.split(fold, "valid")),
-                test_data=str(lay.split(fold, "test")), labels=list(labels), max_length=cfg.max_length)
+                test_data=str(lay.split(fold, "test")), labels=list(labels), max_length=cfg.max_length,
+                task_type=cfg.task_type)
+
+
+def early_stop_metric(cfg: FinetuneConfig) -> dict:
+    """Validation accuracy; for regression the validation squared error (a few validation targets make Pearson
+    jump between -1 and 1)."""
+    return {"metric": "loss", "mode": "min"} if cfg.task_type == "regression" else {"metric": "accuracy", "mode": "max"}
+
+
+def hard_objective(cfg: FinetuneConfig) -> str:
+    """The loss on the labels alone (teacher fine-tuning, the baseline): cross-entropy, or squared error."""
+    return "hard_mse" if cfg.task_type == "regression" else "hard_ce"
 
 
 def teacher_seeds(cfg: FinetuneConfig) -> list[int]:
@@ -74,9 +86,9 @@ def teacher_run(cfg: FinetuneConfig, fold: int, labels: list[str], index: int = 
     t = cfg.teacher
     out = Layout(cfg).teacher(fold, index)
     return RunConfig(**_loop_fields(cfg, out, t.steps, teacher_seeds(cfg)[index], t.eval_every),
-                     early_stopping=EarlyStoppingConfig(metric="accuracy", mode="max", patience=t.patience),
+                     early_stopping=EarlyStoppingConfig(**early_stop_metric(cfg), patience=t.patience),
                      arm="teacher", name="teacher" if index == 0 else f"teacher-{index}", init=t.init,
-                     objectives=[ObjectiveConfig(name="hard_ce")], engine=t.engine,
+                     objectives=[ObjectiveConfig(name=hard_objective(cfg))], engine=t.engine,
                      trust_remote_code=t.trust_remote_code, **_fold_fields(cfg, fold, labels))
 
 
@@ -99,7 +111,8 @@ def student_run(cfg: FinetuneConfig, fold: int, seed: int, arm: str, labels: lis
     common = dict(**_loop_fields(cfg, out, d.steps, seed, d.eval_every), **_fold_fields(cfg, fold, labels),
                   engine=d.engine, teacher=teacher, init=path or teacher, trust_remote_code=cfg.student.trust_remote_code)
     if arm == "baseline":
-        return RunConfig(arm="baseline", objectives=[ObjectiveConfig(name="hard_ce")], student_shape=shape, **common)
+        return RunConfig(arm="baseline", objectives=[ObjectiveConfig(name=hard_objective(cfg))], student_shape=shape,
+                         **common)
     extra = range(1, len(teacher_seeds(cfg)))
     multi = dict(more_teachers=[teacher_folder(cfg, fold, i) for i in extra],
                  more_transfer_sets=[str(Layout(cfg).transfer(fold, i)) for i in extra],

@@ -35,7 +35,8 @@ def pipeline_config(cfg: FinetuneConfig, fold: int, labels: list[str], teacher: 
     t = cfg.transfer
     config = {"teacher": {"path": teacher, "task": "sequence_classification",
                           "trust_remote_code": cfg.teacher.trust_remote_code},
-              "output_dir": str(out), "task": task, "labels": list(labels), "max_length": cfg.max_length,
+              "output_dir": str(out), "task": task, "max_length": cfg.max_length,
+              **({"task_type": "regression"} if cfg.task_type == "regression" else {"labels": list(labels)}),
               "augment": to_dict(t.augment),
               "teacher_outputs": {"dense_logits": True, "hidden_layers": sorted(set(hidden_layers) | set(t.hidden_layers)),
                                   "pooled": pooled, "top_k": 0},

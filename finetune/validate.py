@@ -48,6 +48,41 @@ def check_labels(cfg: FinetuneConfig, source: str, found: list[str], teacher_dic
     return labels
 
 
+# Losses that read class distributions (a softmax over outputs): meaningless on a one-output regression head.
+CLASS_LOSSES = ("kd_kl", "kd_ce", "hard_ce", "kd_prob_shift", "kd_dynamic_temperature", "teacher_annealing_ce", "dml")
+
+
+def check_regression(cfg: FinetuneConfig, source: str, examples, prefix: str = "") -> list[str]:
+    """Numeric targets, enough examples for the folds, objectives that fit one output; the label list is one name."""
+    bad = next((ex for ex in examples if not _finite(ex.label)), None)
+    if bad is not None:
+        _fail(source, f"{prefix}task_type" if prefix else "task_type", f"regression needs a number as every label; "
+              f"example {bad.id} has {bad.label!r}")
+    if len(examples) < 2 * cfg.evaluation.folds:
+        _fail(source, "evaluation.folds", f"expected at most {len(examples) // 2} folds for {len(examples)} examples, "
+              f"got {cfg.evaluation.folds}")
+    for i, obj in enumerate(cfg.distill.objectives):
+        if obj.name in CLASS_LOSSES:
+            _fail(source, f"distill.objectives[{i}].name", f"{obj.name} compares class distributions; a regression "
+                  "head has one output: use logit_mse (the teacher's output) and hard_mse (the targets)")
+    if cfg.teacher.finetuned is not None:
+        import json
+
+        head = json.loads((resolve_model_path(cfg.teacher.finetuned) / "config.json").read_text()).get("id2label") or {}
+        heads = len(head) or 2  # transformers writes the head as id2label (2 labels when it says nothing)
+        if heads != 1:
+            _fail(source, "teacher.finetuned", f"a regression teacher has one output, this one has {heads}")
+    return ["score"]
+
+
+def _finite(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return value == value and abs(value) != float("inf")
+
+
 def check_folds(cfg: FinetuneConfig, source: str, counts: dict[str, int]) -> None:
     label, smallest = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
     if smallest < cfg.evaluation.folds:
@@ -126,8 +161,11 @@ def validate(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> Setup:
     teacher_folder = resolve_model_path(teacher_ref)
     teacher_dict = check_model_folder(teacher_folder)
     check_against_teacher(source, teacher_dict, max_length=cfg.max_length)
-    labels = check_labels(cfg, source, sorted(counts), teacher_dict, field_prefix)
-    check_folds(cfg, source, counts)
+    if cfg.task_type == "regression":
+        labels = check_regression(cfg, source, examples, field_prefix)
+    else:
+        labels = check_labels(cfg, source, sorted(counts), teacher_dict, field_prefix)
+        check_folds(cfg, source, counts)
     student = check_student(cfg, source, teacher_folder, teacher_dict)
     needs = plan_needs(cfg, source, teacher_dict, student)
     return Setup(labels=labels, needs=needs, examples=len(examples))

@@ -75,3 +75,18 @@ def write_topic_task(path: Path, examples: int = 30, seed: int = 1) -> Path:
         lines.append(json.dumps({"sentence": " ".join(words), "topic": topic}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_score_task(path: Path, examples: int = 40, seed: int = 2) -> Path:
+    """A tiny regression task: the score is the number of positive minus negative words (JSON lines)."""
+    import json
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(examples):
+        good, bad = rng.randint(0, 3), rng.randint(0, 3)
+        words = [rng.choice(FILLER) for _ in range(4)] + rng.sample(POSITIVE, good) + rng.sample(NEGATIVE, bad)
+        rng.shuffle(words)
+        lines.append(json.dumps({"text": " ".join(words), "score": f"{good - bad + rng.uniform(-0.2, 0.2):.3f}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -260,6 +260,6 @@ def cached_batch_keys(manifest) -> list[str]:
         keys.append("teacher_pooled")
     if cached.get("mlm"):
         keys.append("mlm_labels")
-    if cached.get("labels"):
+    if cached.get("labels") or cached.get("task_type") == "regression":  # class indices, or regression targets
         keys.append("labels")
     return keys

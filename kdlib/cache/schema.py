@@ -23,7 +23,8 @@ def _arrow(dtype: np.dtype) -> pa.DataType:
 
 
 def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, hidden_layers: list[int] = (),
-               pooled: bool = False, has_labels: bool = False, has_mlm: bool = False) -> pa.Schema:
+               pooled: bool = False, has_labels: bool = False, has_mlm: bool = False,
+               regression_labels: bool = False) -> pa.Schema:
     """The fixed schema for one transfer set; every shard of it has exactly these columns."""
     fields = [
         pa.field("id", pa.string(), nullable=False),  # stable row id
@@ -32,7 +33,8 @@ def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, h
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),  # (T,) token ids the teacher saw
     ]
     if has_labels:
-        fields.append(pa.field("label", pa.int32()))  # index into the manifest's label list
+        # index into the manifest's label list, or a regression target
+        fields.append(pa.field("label", pa.float32() if regression_labels else pa.int32()))
     if has_mlm:
         fields.append(pa.field("mlm_positions", pa.list_(pa.int32())))  # masked positions
         fields.append(pa.field("mlm_labels", pa.list_(pa.int32())))  # original ids at those positions

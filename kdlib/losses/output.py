@@ -93,6 +93,19 @@ def mlm_ce(student_logits: Tensor, labels: Tensor, mask: Optional[Tensor], *, ig
     return _label_ce(student_logits, labels, mask, ignore_index)
 
 
+@register_loss("hard_mse", kind="output", paper="standard regression loss on the labels (a one-output head, e.g. STS-B)")
+def hard_mse(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """mean_rows (z_s[:, 0] - y)^2 over rows whose target is finite (NaN marks a row without a hard target,
+    e.g. an augmented copy that teaches by the teacher's output only)."""
+    if student_logits.dim() != 2 or student_logits.shape[-1] != 1 or labels.shape != student_logits.shape[:1]:
+        raise ValueError(f"hard_mse: expected student_logits (B, 1) and labels (B,), got "
+                         f"{tuple(student_logits.shape)} and {tuple(labels.shape)}")
+    y = labels.to(student_logits.dtype)
+    keep = torch.isfinite(y)
+    diff = torch.where(keep, student_logits[:, 0] - torch.where(keep, y, torch.zeros_like(y)), torch.zeros_like(y))
+    return (diff ** 2).sum() / keep.sum().clamp(min=1)
+
+
 @register_loss("logit_mse", kind="output",
                paper="Tang et al. 2019, Distilling Task-Specific Knowledge from BERT into Simple Neural Networks")
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor]) -> Tensor:
