@@ -158,6 +158,25 @@ def validation_metrics(model, valid: EncodedExamples, batch_size: int, device, r
     return {**metrics, "loss": float(-log_probs[np.arange(len(labels)), labels].mean())}
 
 
+def phase_curves(cfg: RunConfig, out: Path) -> Optional[Path]:
+    """loss_phases.png for a run with phases: each objective drawn over the steps of its own phase only (outside
+    it its weight is 0), so each phase's losses read on their own scale. None for a run without phases."""
+    from kdlib.metrics import read_metrics
+    from kdlib.plots import loss_curve
+
+    windows = {o.name: o.weight_schedule.milestones for o in cfg.objectives
+               if o.weight_schedule is not None and o.weight_schedule.name == "window"}
+    if not windows:
+        return None
+    records = []
+    for r in read_metrics(out / "metrics.jsonl"):
+        if r.get("kind") != "train":
+            continue
+        progress = (r["step"] - 1) / cfg.steps  # record n is the step computed at index n - 1
+        records.append({"step": r["step"], **{k: r[k] for k, (lo, hi) in windows.items() if lo <= progress < hi}})
+    return loss_curve(records, list(windows), out / "loss_phases.png", title="loss per phase")
+
+
 def exported_model(module: DistillModule):
     """The plain model an export holds: Theseus' successor alone, else the student itself."""
     student = module.student
@@ -241,6 +260,7 @@ def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:
             with atomic_directory(out / PEER_EXPORT, replace=True) as tmp:
                 save_classifier(module.peer, tmp, resolve_model_path(str(tokenizer_folder)))
         record = write_predictions(cfg, model_out, tokenizer, out, device, {"steps": step, "validation": metrics})
+        phase_curves(cfg, out)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
         return f"{cfg.arm} fold {cfg.fold} seed {cfg.seed}: held-out {shown}; exported to {out / EXPORT}"
 

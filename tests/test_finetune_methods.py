@@ -104,6 +104,7 @@ def test_two_phases_switch_objectives_at_the_configured_step(augmented, tmp_path
               {"name": "prediction", "steps": 7, "objectives": [{"name": "kd_kl", "params": {"temperature": 1.0}}]}]
     cfg = run_config(data, tmp_path / "phases", phases=phases, objectives=[])
     assert cfg.steps == 12 and train_run(cfg) == 0
+    assert (tmp_path / "phases/loss_phases.png").read_bytes()[:4] == b"\x89PNG"
     log = records(tmp_path / "phases/metrics.jsonl")
     for r in log:  # record `step` n is the n-th optimizer step, computed at step index n - 1
         first = r["step"] <= 5
