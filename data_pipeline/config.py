@@ -22,6 +22,7 @@ class PipelineConfig:
     task: Optional[TaskConfig] = None  # or a labelled task set (one row per example, truncated)
     labels: list[str] = field(default_factory=list)  # task label names in index order (empty: sorted labels found)
     task_type: Literal["classification", "regression"] = "classification"  # regression: labels are numbers, kept as floats
+    keep_text: bool = False  # task sets: store each row's (augmented) text, so a student with its own tokenizer can use it
     max_length: int = 128  # tokens per row, special tokens included
     min_length: int = 8  # packed tails shorter than this are dropped
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # Tang et al. / TinyBERT augmentation
@@ -57,6 +58,8 @@ class PipelineConfig:
             raise ValueError(f"augment_unit: expected 'line' or 'document', got {self.augment_unit!r}")
         if self.task is not None and self.masking.prob > 0:
             raise ValueError("masking.prob: MLM masking applies to corpora; task sets use augment.mask_prob")
+        if self.keep_text and self.task is None:
+            raise ValueError("keep_text: applies to task sets (corpus rows are packed across documents)")
         if self.task_type not in ("classification", "regression"):
             raise ValueError(f"task_type: expected 'classification' or 'regression', got {self.task_type!r}")
         if self.task_type == "regression" and (self.task is None or self.labels):

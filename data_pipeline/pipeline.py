@@ -48,7 +48,8 @@ NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads")
 def content_hash(cfg: PipelineConfig) -> str:
     """Hash of the config fields that determine the rows (not the output path or thread count)."""
     unset_additions = (("augment_model",) if cfg.augment_model is None else ()) + (
-        ("task_type",) if cfg.task_type == "classification" else ())  # sets built before these options keep their hash
+        ("task_type",) if cfg.task_type == "classification" else ()) + (
+        ("keep_text",) if not cfg.keep_text else ())  # sets built before these options keep their hash
     return kd_content_hash(cfg, NON_CONTENT_FIELDS + unset_additions)
 
 
@@ -143,7 +144,7 @@ def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
     return dict(vocab_size=info["config"]["vocab_size"], top_k=o.top_k, dense_logits=o.dense_logits,
                 hidden_layers=list(o.hidden_layers), pooled=o.pooled is not None,
                 has_labels=cfg.task is not None, has_mlm=cfg.corpus is not None and cfg.masking.prob > 0,
-                regression_labels=cfg.task_type == "regression")
+                regression_labels=cfg.task_type == "regression", keep_text=cfg.keep_text)
 
 
 def build_pipeline(p: beam.Pipeline, cfg: PipelineConfig, out: Path, info: dict) -> None:
@@ -224,6 +225,7 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
         tokenizer_fingerprint=info["tokenizer_fingerprint"], config=to_dict(cfg), config_hash=info["config_hash"],
         cached={"top_k": o.top_k, "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
                 "pooled": o.pooled, "labels": info["labels"] or None, "task_type": cfg.task_type if cfg.task else None,
+                "text": cfg.keep_text,
                 "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
                 "topk_id_dtype": str(id_dtype(c["vocab_size"])) if o.top_k else None},
         dtypes={f.name: f"{f.type.value_type}[]" if hasattr(f.type, "value_type") else str(f.type) for f in schema}, max_length=cfg.max_length, shards=shards,

@@ -38,6 +38,8 @@ class TokenizedText:
     ids: tuple[int, ...]  # token ids without special tokens (corpus) or with them (task)
     word_starts: tuple[bool, ...]  # True where a token begins a word (for whole-word masking)
     label: str | None = None
+    text: str | None = None  # the (augmented) text itself, for task sets that keep it (keep_text)
+    text_b: str | None = None  # its second segment (pair tasks)
 
 
 def pack_group(items: list[TokenizedText], *, max_length: int, min_length: int, cls_id: int, sep_id: int) -> list[dict]:

@@ -122,7 +122,8 @@ class TokenizeUnits(beam.DoFn):
         for i, u in enumerate(batch):
             yield TokenizedText(unit_id=u["unit_id"], source_id=u["source_id"], copy_index=u.get("copy_index", 0),
                                 kind=u.get("kind", "original"), ids=tuple(enc["input_ids"][i]),
-                                word_starts=word_starts(enc.word_ids(i)), label=u["label"])
+                                word_starts=word_starts(enc.word_ids(i)), label=u["label"],
+                                **({"text": u["text"], "text_b": u.get("text_b")} if self.cfg.keep_text else {}))
 
 
 class PackAndMask(beam.DoFn):
@@ -155,8 +156,11 @@ def task_row(item: TokenizedText, labels: list[str], regression: bool = False) -
     label = None
     if item.label is not None:
         label = float(item.label) if regression else labels.index(item.label)
-    return {"id": row_id(item.source_id, f"{item.copy_index}:{item.kind}", 0), "source_id": item.source_id,
-            "augmentation": item.kind, "input_ids": np.asarray(item.ids, dtype=np.int32), "label": label}
+    row = {"id": row_id(item.source_id, f"{item.copy_index}:{item.kind}", 0), "source_id": item.source_id,
+           "augmentation": item.kind, "input_ids": np.asarray(item.ids, dtype=np.int32), "label": label}
+    if item.text is not None:  # keep_text: another tokenizer can encode the row again
+        row.update(text=item.text, text_b=item.text_b)
+    return row
 
 
 class TeacherShard(beam.DoFn):

@@ -77,6 +77,7 @@ class TransferConfig:
     num_shards: int = 4  # Parquet shards per transfer set
     batch_size: int = 32  # sequences per teacher forward
     torch_threads: int = 1  # torch threads per pipeline worker
+    tokenize_per_model: bool = False  # keep each row's text so a student with another tokenizer encodes it itself
 
     def __post_init__(self) -> None:
         _positive(self, "num_shards", "batch_size")

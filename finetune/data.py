@@ -49,11 +49,13 @@ class TaskRows:
     """A task transfer set read in the canonical order; augmented rows' hard labels hidden unless asked for."""
 
     def __init__(self, transfer: TransferSet, example_order: list[str], pad_id: int, hard_labels: str = "original",
-                 batcher=None):
+                 batcher=None, retokenize=None):
         """`batcher(indices, pad_id)` serves the batches (default: the set's own; multi-teacher KD: the combined
-        sets' MultiTeacherSet.batch, over the same rows)."""
+        sets' MultiTeacherSet.batch, over the same rows). `retokenize=(tokenizer, max_length)`: the rows' kept
+        text is encoded by that (the student's own) tokenizer, once, and replaces the teacher's token ids."""
         self.transfer, self.pad_id = transfer, pad_id
         self.batcher = batcher or transfer.batch
+        self.own_ids: dict[int, np.ndarray] = {}
         position = {eid: i for i, eid in enumerate(example_order)}
         keys, augmented = [], []
         for index in range(len(transfer)):
@@ -67,14 +69,28 @@ class TaskRows:
             augmented.append(not is_original)
         keys.sort()
         self.order = [k[-1] for k in keys]
+        if retokenize is not None:
+            self._encode(*retokenize)
         self.augmented = np.asarray([augmented[i] for i in self.order], dtype=bool)
         self.hide_augmented_labels = hard_labels == "original"
+
+    def _encode(self, tokenizer, max_length: int) -> None:
+        rows = [self.transfer.row(i) for i in range(len(self.transfer))]
+        if "text" not in rows[0]:
+            raise CacheError(f"{self.transfer.path}: the transfer set keeps no text (build it with keep_text: true, "
+                             "i.e. transfer.tokenize_per_model: true), so another tokenizer cannot encode its rows")
+        pairs = [r["text_b"] or "" for r in rows] if any(r["text_b"] for r in rows) else None
+        enc = tokenize_texts(tokenizer, [r["text"] for r in rows], pairs, task=True, max_length=max_length)
+        self.own_ids = {i: np.asarray(ids, dtype=np.int32) for i, ids in enumerate(enc["input_ids"])}
 
     def __len__(self) -> int:
         return len(self.order)
 
     def batch(self, indices: list[int]) -> dict:
         batch = self.batcher([self.order[i] for i in indices], pad_id=self.pad_id)
+        if self.own_ids:  # the student's own token ids for the same texts (teacher outputs are per sequence)
+            batch["input_ids"], batch["attention_mask"] = pad_sequences([self.own_ids[self.order[i]] for i in indices],
+                                                                        self.pad_id)
         if self.hide_augmented_labels and "labels" in batch:
             hide = torch.from_numpy(self.augmented[list(indices)])
             none = float("nan") if batch["labels"].is_floating_point() else IGNORE_INDEX  # regression: NaN, no target

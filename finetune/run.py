@@ -73,6 +73,7 @@ class RunConfig(LoopConfig):
     hard_labels: Literal["original", "all"] = "original"  # which transfer-set rows the hard loss reads
     trust_remote_code: bool = False  # model folders' own code (off by default)
     task_type: Literal["classification", "regression"] = "classification"  # regression: one output, numeric targets
+    tokenize_per_model: bool = False  # the transfer set's text is encoded by this model's own tokenizer
     name: Optional[str] = None  # the arm's name in eval.json and the report (default: arm), e.g. teacher-1
     more_teachers: list[str] = dataclasses.field(default_factory=list)  # multi-teacher KD: the other teachers' folders
     more_transfer_sets: list[str] = dataclasses.field(default_factory=list)  # ... and their transfer sets (same rows)
@@ -114,16 +115,20 @@ def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
     order = read_split(Path(cfg.examples))
     if cfg.transfer_set is None:
         return EncodedExamples(order, tokenizer, cfg.labels, cfg.max_length, cfg.regression), {"labels"}, "mean"
-    tokenizer_fp = tokenizer_fingerprint(resolve_model_path(tokenizer_folder))
+    # the set was tokenized by the teacher's tokenizer; a student with its own encodes the kept text itself
+    tokenizer_fp = tokenizer_fingerprint(resolve_model_path(cfg.teacher if cfg.tokenize_per_model else tokenizer_folder))
+    retokenize = (tokenizer, cfg.max_length) if cfg.tokenize_per_model else None
     sets = [TransferSet(path, teacher_fingerprint=model_fingerprint(resolve_model_path(teacher)),
                         tokenizer_fingerprint=tokenizer_fp, verify="lazy")
             for path, teacher in zip([cfg.transfer_set] + cfg.more_transfer_sets, [cfg.teacher] + cfg.more_teachers)]
     first = sets[0]
     if len(sets) == 1:
-        rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels)
+        rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels,
+                        retokenize=retokenize)
         return rows, set(cached_batch_keys(first.manifest)), first.manifest.cached.get("pooled") or "mean"
     combined = MultiTeacherSet(sets, cfg.multi_teacher)  # checks the sets hold the same rows
-    rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels, batcher=combined.batch)
+    rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels, batcher=combined.batch,
+                    retokenize=retokenize)
     return rows, set(combined.batch_keys()), "mean"
 
 

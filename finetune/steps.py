@@ -56,7 +56,7 @@ def _fold_fields(cfg: FinetuneConfig, fold: int, labels: list[str]) -> dict:
     lay = Layout(cfg)
     return dict(fold=fold, examples=str(lay.split(fold, "train")), valid_data=str(lay.split(fold, "valid")),
                 test_data=str(lay.split(fold, "test")), labels=list(labels), max_length=cfg.max_length,
-                task_type=cfg.task_type)
+                task_type=cfg.task_type, tokenize_per_model=cfg.transfer.tokenize_per_model)
 
 
 def early_stop_metric(cfg: FinetuneConfig) -> dict:

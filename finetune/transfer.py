@@ -41,7 +41,7 @@ def pipeline_config(cfg: FinetuneConfig, fold: int, labels: list[str], teacher: 
               "teacher_outputs": {"dense_logits": True, "hidden_layers": sorted(set(hidden_layers) | set(t.hidden_layers)),
                                   "pooled": pooled, "top_k": 0},
               "batch_size": t.batch_size, "num_shards": t.num_shards, "torch_threads": t.torch_threads,
-              "seed": cfg.evaluation.split_seed}
+              "seed": cfg.evaluation.split_seed, "keep_text": t.tokenize_per_model}
     if t.augment_model is not None:
         config["augment_model"] = {"path": t.augment_model, "task": "masked_lm"}
     return config

@@ -109,9 +109,10 @@ def check_student(cfg: FinetuneConfig, source: str, teacher_folder, teacher_dict
     folder = resolve_model_path(cfg.student.path)
     student_dict = check_model_folder(folder)
     mine, theirs = tokenizer_fingerprint(folder), tokenizer_fingerprint(teacher_folder)
-    if mine != theirs:
+    if mine != theirs and not cfg.transfer.tokenize_per_model:
         _fail(source, "student.path", f"{folder} has tokenizer {mine}, the teacher {teacher_folder} has {theirs}; "
-              "the transfer set holds the teacher's token ids, so the student must share its tokenizer")
+              "the transfer set holds the teacher's token ids, so the student must share its tokenizer (or set "
+              "transfer.tokenize_per_model: true: the set keeps its text and the student encodes it itself)")
     positions = student_dict.get("max_position_embeddings")
     if positions is not None and cfg.max_length > positions:
         _fail(source, "max_length", f"expected at most the student's {positions} position embeddings, got "
@@ -141,6 +142,16 @@ def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tu
     except ValueError as err:
         where, _, message = str(err).partition(": ")
         _fail(source, f"distill.{where}", message)
+    if cfg.transfer.tokenize_per_model:  # the student's positions are not the teacher's: per-sequence targets only
+        if d.online_teacher:
+            _fail(source, "distill.online_teacher", "with transfer.tokenize_per_model the teacher cannot run on the "
+                  "student's token ids; use cached, per-sequence teacher outputs")
+        for i, plan in enumerate(plans):
+            if plan.scope != "batch" or any(PROVIDERS[n].teacher_reads - {"logits"} and n != "teacher_pooled"
+                                            for n in plan.inputs):
+                _fail(source, f"distill.objectives[{i}]", f"{plan.name} compares the models position by position or "
+                      "layer by layer; with transfer.tokenize_per_model their tokens differ: use per-sequence "
+                      "objectives (kd_kl, hard_ce, logit_mse, rkd_*, ...)")
     hidden, pooled = set(), None
     for plan in plans:
         if "teacher_pooled" in plan.inputs:

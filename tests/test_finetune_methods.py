@@ -209,3 +209,43 @@ def test_multi_teacher_targets_are_the_weighted_average_of_the_teachers(tmp_path
     assert not np.allclose(by_id[0][batch["ids"][0]], by_id[1][batch["ids"][0]])  # two different teachers
     report = json.loads((run / "report/report.json").read_text())
     assert {"teacher", "teacher-1", "kd", "baseline"} <= set(report["arms"])
+
+
+def test_a_student_with_its_own_tokenizer_reads_the_kept_text(augmented, tmp_path, capsys):
+    """transfer.tokenize_per_model: the set keeps each row's text, the student's tokenizer encodes it; per-position
+    objectives are refused (the two models' tokens differ)."""
+    import shutil
+
+    from kdlib.models import load_tokenizer
+    from kdlib.tokenize import tokenize_texts
+
+    _, data = augmented
+    root = tmp_path
+    student = root / "student"
+    shutil.copytree(Path(data["teacher"]["init"]), student)
+    vocab = (student / "vocab.txt").read_text().splitlines()
+    (student / "vocab.txt").write_text("\n".join(v for v in vocab if v != "the") + "\n")  # "the" -> t ##h ##e
+    (student / "tokenizer.json").unlink()
+    own = {**data, "output_dir": str(root / "run"), "student": {"path": str(student)},
+           "transfer": {**data["transfer"], "tokenize_per_model": True},
+           "distill": {**data["distill"], "objectives": OBJECTIVES[:2], "layer_map": None}}
+    path = write_config(own, root / "config.yaml")
+    assert main(["--config", str(path), "--fold", "0", "--arm", "kd"]) == 0
+    kd = student_run(from_dict(FinetuneConfig, own), 0, 0, "kd", ["neg", "pos"])
+    from finetune.run import training_rows
+
+    tokenizer = load_tokenizer(str(student))
+    rows, _, _ = training_rows(kd, str(student), tokenizer)
+    ts = TransferSet(root / "run/fold-0/transfer_set")
+    batch = rows.batch([0, 1, 2])
+    texts = [ts.row(rows.order[i])["text"] for i in range(3)]
+    want = tokenize_texts(tokenizer, texts, None, task=True, max_length=own["max_length"])["input_ids"]
+    for i in range(3):
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, :n].tolist() == want[i]
+        assert batch["input_ids"][i, :n].tolist() != list(ts.row(rows.order[i])["input_ids"])  # not the teacher's ids
+    assert json.loads((root / "run/fold-0/seed-0/kd/eval.json").read_text())["examples"] == 20
+    bad = {**own, "output_dir": str(root / "bad"),
+           "distill": {**own["distill"], "objectives": [{"name": "pkd_patient"}], "layer_map": {"name": "skip"}}}
+    assert main(["--config", str(write_config(bad, root / "bad.yaml")), "--check"]) == 2
+    assert "with transfer.tokenize_per_model their tokens differ" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def _arrow(dtype: np.dtype) -> pa.DataType:
 
 def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, hidden_layers: list[int] = (),
                pooled: bool = False, has_labels: bool = False, has_mlm: bool = False,
-               regression_labels: bool = False) -> pa.Schema:
+               regression_labels: bool = False, keep_text: bool = False) -> pa.Schema:
     """The fixed schema for one transfer set; every shard of it has exactly these columns."""
     fields = [
         pa.field("id", pa.string(), nullable=False),  # stable row id
@@ -35,6 +35,9 @@ def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, h
     if has_labels:
         # index into the manifest's label list, or a regression target
         fields.append(pa.field("label", pa.float32() if regression_labels else pa.int32()))
+    if keep_text:
+        fields.append(pa.field("text", pa.string()))  # the row's (augmented) text, as the teacher's tokenizer read it
+        fields.append(pa.field("text_b", pa.string()))  # its second segment, or null
     if has_mlm:
         fields.append(pa.field("mlm_positions", pa.list_(pa.int32())))  # masked positions
         fields.append(pa.field("mlm_labels", pa.list_(pa.int32())))  # original ids at those positions
