@@ -14,13 +14,12 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STEPS = ("folds", "teacher", "transfer", "distill", "speed", "report")
-
 
 def main(argv: list[str] | None = None) -> int:
     from kdlib.cli import config_parser, parse_overrides
     from kdlib.config import load_config
     from kdlib.errors import KDError
+    from finetune.layout import STEPS
 
     parser = config_parser(__doc__.splitlines()[0])
     parser.add_argument("step", nargs="?", choices=STEPS + ("all",), default="all", help="the step to run (default: all)")

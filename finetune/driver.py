@@ -8,11 +8,9 @@ from typing import Callable, Optional
 
 from kdlib.errors import ConfigError
 from finetune.config import FinetuneConfig
-from finetune.layout import Layout
+from finetune.layout import STEPS, Layout
 from finetune.steps import (arms_of, distill_step, fold_run_folders, folds_step, run_folders, save_config, teacher_step,
                             transfer_step)
-
-STEPS = ("folds", "teacher", "transfer", "distill", "speed", "report")
 
 
 def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -> list:
