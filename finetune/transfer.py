@@ -54,9 +54,7 @@ def build_transfer_set(cfg: FinetuneConfig, fold: int, labels: list[str], teache
     path = out.parent / f"{out.name}.yaml"  # beside the set: fold-K/transfer_set.yaml (-1, -2, ... for more teachers)
     atomic_write_text(path, "# written by python -m finetune (step transfer)\n" + yaml.safe_dump(config, sort_keys=False))
     print(f"[finetune] fold {fold}: transfer set {out} (python -m data_pipeline --config {path})", flush=True)
-    env = {k: v for k, v in os.environ.items()  # a task run in this process exported its rendezvous: not the pipeline's
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["TOKENIZERS_PARALLELISM"] = "false"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     code = subprocess.call([sys.executable, "-m", "data_pipeline", "--config", str(path)], env=env)
     if code != 0:
         raise KDError(f"fold {fold}: python -m data_pipeline --config {path} failed with exit status {code} "

@@ -210,13 +210,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_saved_environment: dict[str, Optional[str]] = {}  # what init_distributed replaced, put back by shutdown
+
+
 def init_distributed(backend: str = "auto") -> DistEnv:
-    """Start the process group (env:// rendezvous) once per process; returns this process's place."""
+    """Start the process group (env:// rendezvous) once per process; returns this process's place.
+
+    The rendezvous variables it exports (what env:// reads) are put back by `shutdown`, so a later job in
+    the same process, or a process it starts (a launcher, a pipeline), does not inherit this job's rank."""
     import deepspeed
     import torch
     import torch.distributed as dist
 
     place = dist_env()
+    if not _saved_environment:
+        _saved_environment.update({k: os.environ.get(k) for k in RENDEZVOUS_VARS})
     os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
                       MASTER_ADDR=place.master_addr, MASTER_PORT=place.master_port)
     if backend == "auto":
@@ -244,6 +253,12 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in _saved_environment.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_environment.clear()
     for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
                  "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
         if hasattr(groups, name):

@@ -161,8 +161,8 @@ def test_kill_9_and_resume_give_the_same_weights(augmented, tmp_path):
     kd = copy / "fold-0/seed-0/kd"
     straight = load_file(str(kd / "export/model.safetensors"))
     shutil.rmtree(kd)
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}  # this process's own, from main() above
-    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    assert not any(k in env for k in RENDEZVOUS), "a finished run left its rendezvous in the environment"
     log = tmp_path / "killed.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "finetune", *command], env=env, stdout=sink,

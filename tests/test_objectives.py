@@ -10,7 +10,7 @@ from kdlib.objectives import ObjectiveConfig, evaluate_objective, total_loss, va
 from kdlib.schedules import ScheduleConfig
 
 EXPECTED = {
-    "attention_kl", "attention_mse", "bert_emd", "distilbert_cosine", "dml", "embedding_mse", "fsp", "hard_ce",
+    "attention_kl", "attention_mse", "bert_emd", "distilbert_cosine", "dml", "embedding_mse", "fsp", "hard_ce", "hard_mse",
     "hidden_mse", "kd_ce", "kd_dynamic_temperature", "kd_kl", "kd_prob_shift", "kd_topk", "logit_mse",
     "minilmv2_relations", "mlm_ce", "nst_mmd", "pkd_patient", "rkd_angle", "rkd_distance",
     "teacher_annealing_ce", "value_relation_kl",
@@ -24,7 +24,7 @@ def test_registry_contents_and_docstrings():
         assert " -- " in spec.formula, name  # "formula -- source" on the first docstring line
         assert spec.paper and spec.kind in ("output", "intermediate", "relational", "mutual")
         token_level = "mask" in inspect.signature(spec.fn).parameters
-        assert token_level or name in ("pkd_patient", "rkd_distance", "rkd_angle", "bert_emd"), name
+        assert token_level or name in ("pkd_patient", "rkd_distance", "rkd_angle", "bert_emd", "hard_mse"), name
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -95,8 +95,9 @@ def mlm_ce(student_logits: Tensor, labels: Tensor, mask: Optional[Tensor], *, ig
 
 @register_loss("hard_mse", kind="output", paper="standard regression loss on the labels (a one-output head, e.g. STS-B)")
 def hard_mse(student_logits: Tensor, labels: Tensor) -> Tensor:
-    """mean_rows (z_s[:, 0] - y)^2 over rows whose target is finite (NaN marks a row without a hard target,
-    e.g. an augmented copy that teaches by the teacher's output only)."""
+    """mean_rows (z_s[:, 0] - y)^2 over rows with a finite target -- the standard regression loss (e.g. STS-B).
+
+    NaN marks a row without a hard target (an augmented copy that teaches by the teacher's output only)."""
     if student_logits.dim() != 2 or student_logits.shape[-1] != 1 or labels.shape != student_logits.shape[:1]:
         raise ValueError(f"hard_mse: expected student_logits (B, 1) and labels (B,), got "
                          f"{tuple(student_logits.shape)} and {tuple(labels.shape)}")
