@@ -38,6 +38,7 @@ from kdlib.io import atomic_write_text, replace_directory, staging_path
 from kdlib.models import check_model_folder, resolve_model_path
 from kdlib.outputs import check_output_folder, output_lock
 from kdlib.readers import read_corpus, read_task
+from kdlib.readers.tasks import label_number
 from kdlib.schemas import check_against_teacher
 
 BUILD = "build.json"
@@ -62,11 +63,7 @@ def preflight(cfg: PipelineConfig, source: str) -> dict:
     labels = list(cfg.labels)
     if cfg.task is not None and cfg.task_type == "regression":
         for ex in records:
-            try:
-                value = float(ex.label)
-            except ValueError:
-                value = float("nan")
-            if value != value or value in (float("inf"), float("-inf")):
+            if label_number(ex.label) is None:
                 raise KDError(f"{source}: field 'task_type': regression needs a finite number as the label of every "
                               f"example; example {ex.id} has {ex.label!r}")
     elif cfg.task is not None:

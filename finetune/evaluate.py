@@ -9,23 +9,19 @@ from pathlib import Path
 from kdlib.io import atomic_write_text
 from kdlib.models import load_tokenizer
 from kdlib.speed import compare_speed
-from kdlib.training.config import math_hash
 from finetune.data import EncodedExamples
 from finetune.folds import read_split
 from finetune.layout import Layout
 from finetune.models import load_classifier
-from finetune.run import EVAL_FILE, EXPORT, RunConfig, write_predictions
+from finetune.run import EVAL_FILE, EXPORT, write_predictions
 
 
 def evaluate_given_teacher(cfg, fold: int, labels: list[str], out: Path) -> None:
     """eval.json and predictions.jsonl of teacher.finetuned on this fold's held-out split (no training)."""
-    from finetune.steps import _fold_fields, hard_objective
+    from finetune.steps import completed, teacher_run
 
-    run = RunConfig(output_dir=str(out), steps=1, seed=cfg.evaluation.seeds[0], arm="teacher", init=cfg.teacher.finetuned,
-                    objectives=[{"name": hard_objective(cfg)}], engine=cfg.teacher.engine,
-                    **_fold_fields(cfg, fold, labels))
-    path = out / EVAL_FILE
-    if path.is_file() and json.loads(path.read_text()).get("config_hash") == math_hash(run):
+    run = teacher_run(cfg, fold, labels)  # the teacher arm's config, its init the given folder: nothing is trained
+    if completed(run):
         return
     import torch
 

@@ -31,7 +31,8 @@ from finetune.layout import Layout
 from finetune.models import save_classifier
 from finetune.multitask_model import MultiTaskClassifier, MultiTaskSampler
 from finetune.run import (EVAL_FILE, EXPORT, STAGE, RunConfig, build_model, load_teacher, make_offer,
-                          needs_teacher_model, training_rows, validation_metrics, write_predictions)
+                          needs_teacher_model, teacher_config_of, training_rows, validation_metrics,
+                          write_predictions)
 
 
 @dataclasses.dataclass
@@ -84,14 +85,9 @@ def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
     tokenizer = load_tokenizer(str(tokenizer_folder))
     sources = [training_rows(p, str(tokenizer_folder), tokenizer) for p in cfg.parts]
     cached = set.intersection(*[set(c) for _, c, _ in sources])
-    offer = make_offer(first, student, teacher_model.config if teacher_model is not None else None, cached,
-                       sources[0][2])
-    if teacher_model is None:
-        from transformers import AutoConfig
-
-        teacher_config = AutoConfig.from_pretrained(str(resolve_model_path(first.teacher)), local_files_only=True)
-        offer = make_offer(first, student, teacher_config, cached, sources[0][2])
-    module = DistillModule(student, cfg.objectives, offer, seed=cfg.seed, teacher_width=student.config.hidden_size)
+    teacher_config = teacher_config_of(first, teacher_model)  # every task's teacher has the same shape (one config)
+    offer = make_offer(first, student, teacher_config, cached, sources[0][2])
+    module = DistillModule(student, cfg.objectives, offer, seed=cfg.seed, teacher_width=teacher_config.hidden_size)
     rows = [r for r, _, _ in sources]
     sampler = MultiTaskSampler([len(r) for r in rows], cfg.sampling, micro_batch=cfg.engine.micro_batch,
                                grad_accum=cfg.engine.grad_accum, rank=place.rank, world_size=place.world_size,

@@ -132,6 +132,17 @@ def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
     return rows, set(combined.batch_keys()), "mean"
 
 
+def teacher_config_of(cfg: RunConfig, teacher_model):
+    """The teacher's transformers config: the loaded teacher's, else read from its folder (None: no teacher)."""
+    if teacher_model is not None:
+        return teacher_model.config
+    if cfg.teacher is None:
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(resolve_model_path(cfg.teacher)), local_files_only=True)
+
+
 def make_offer(cfg: RunConfig, model, teacher_config, cached: set, pooling: str) -> Offer:
     pairs: tuple = ()
     t_layers = teacher_config.num_hidden_layers if teacher_config is not None else 0
@@ -221,11 +232,7 @@ def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:
     model, tokenizer_folder = build_model(cfg, teacher_model)
     tokenizer = load_tokenizer(str(tokenizer_folder))
     rows, cached, pooling = training_rows(cfg, str(tokenizer_folder), tokenizer)
-    teacher_config = teacher_model.config if teacher_model is not None else None
-    if teacher_config is None and cfg.teacher is not None:
-        from transformers import AutoConfig
-
-        teacher_config = AutoConfig.from_pretrained(str(resolve_model_path(cfg.teacher)), local_files_only=True)
+    teacher_config = teacher_config_of(cfg, teacher_model)
     offer = make_offer(cfg, model, teacher_config, cached, pooling)
     peer = None
     if cfg.arm != "teacher" and cfg.method == "kd":  # deep mutual learning: a second student, seed + 2

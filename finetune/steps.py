@@ -87,7 +87,7 @@ def teacher_run(cfg: FinetuneConfig, fold: int, labels: list[str], index: int = 
     out = Layout(cfg).teacher(fold, index)
     return RunConfig(**_loop_fields(cfg, out, t.steps, teacher_seeds(cfg)[index], t.eval_every),
                      early_stopping=EarlyStoppingConfig(**early_stop_metric(cfg), patience=t.patience),
-                     arm="teacher", name="teacher" if index == 0 else f"teacher-{index}", init=t.init,
+                     arm="teacher", name="teacher" if index == 0 else f"teacher-{index}", init=t.init or t.finetuned,
                      objectives=[ObjectiveConfig(name=hard_objective(cfg))], engine=t.engine,
                      trust_remote_code=t.trust_remote_code, **_fold_fields(cfg, fold, labels))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from kdlib.errors import ConfigError
 from kdlib.fingerprints import tokenizer_fingerprint
 from kdlib.models import check_model_folder, resolve_model_path
+from kdlib.readers.tasks import label_number
 from kdlib.schemas import check_against_teacher
 from kdlib.training.inputs import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
@@ -54,7 +55,7 @@ CLASS_LOSSES = ("kd_kl", "kd_ce", "hard_ce", "kd_prob_shift", "kd_dynamic_temper
 
 def check_regression(cfg: FinetuneConfig, source: str, examples, prefix: str = "") -> list[str]:
     """Numeric targets, enough examples for the folds, objectives that fit one output; the label list is one name."""
-    bad = next((ex for ex in examples if not _finite(ex.label)), None)
+    bad = next((ex for ex in examples if label_number(ex.label) is None), None)
     if bad is not None:
         _fail(source, f"{prefix}task_type" if prefix else "task_type", f"regression needs a number as every label; "
               f"example {bad.id} has {bad.label!r}")
@@ -73,14 +74,6 @@ def check_regression(cfg: FinetuneConfig, source: str, examples, prefix: str = "
         if heads != 1:
             _fail(source, "teacher.finetuned", f"a regression teacher has one output, this one has {heads}")
     return ["score"]
-
-
-def _finite(text: str) -> bool:
-    try:
-        value = float(text)
-    except ValueError:
-        return False
-    return value == value and abs(value) != float("inf")
 
 
 def check_folds(cfg: FinetuneConfig, source: str, counts: dict[str, int]) -> None:

@@ -205,3 +205,17 @@ def test_folds_are_stratified_and_deterministic():
     for fold in one:
         assert sum(e.label == "b" for e in fold.test) == 2 and sum(e.label == "a" for e in fold.test) == 4
         assert len(fold.valid) == 2 and {e.label for e in fold.valid} == {"a", "b"}  # floor(16 x 0.1), floor(8 x 0.1) -> 1
+
+
+def test_an_already_fine_tuned_teacher_is_scored_without_training(plain, tmp_path):
+    """teacher.finetuned: no teacher run; the given classifier is scored on each held-out fold (here the plain
+    run's own fold-0 teacher, so its held-out metrics must come out the same)."""
+    run, _, data = plain
+    given = {**data, "output_dir": str(tmp_path / "run"), "teacher": {"finetuned": str(run / "fold-0/teacher/export")}}
+    path = write_config(given, tmp_path / "config.yaml")
+    assert main(["teacher", "--config", str(path), "--fold", "0"]) == 0
+    mine = json.loads((tmp_path / "run/fold-0/teacher/eval.json").read_text())
+    theirs = json.loads((run / "fold-0/teacher/eval.json").read_text())
+    assert mine["metrics"] == theirs["metrics"] and mine["steps"] == 0
+    assert not (tmp_path / "run/fold-0/teacher/checkpoints").exists()
+    assert main(["teacher", "--config", str(path), "--fold", "0"]) == 0  # done: skipped

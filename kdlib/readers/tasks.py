@@ -1,6 +1,7 @@
 """Labelled task sets (CSV, TSV, JSONL, fastText `__label__` lines) for task-specific distillation."""
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -55,6 +56,15 @@ class TaskConfig:
             isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1
         ):
             raise ValueError(f"max_examples: expected null or an integer >= 1, got {self.max_examples!r}")
+
+
+def label_number(label: str) -> Optional[float]:
+    """A regression label as a finite float, or None when it is not one (the callers name the example)."""
+    try:
+        value = float(label)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def read_fasttext(path: Path, encoding: str = "utf-8") -> Iterator[Example]:
