@@ -71,8 +71,9 @@ class PipelineConfig:
             raise ValueError(f"teacher_outputs.top_k: vocabulary outputs need a masked_lm or causal_lm teacher, got task {t!r}")
         if o.dense_logits and t != "sequence_classification":
             raise ValueError(f"teacher_outputs.dense_logits: needs a sequence_classification teacher, got task {t!r}")
-        if not (o.top_k or o.dense_logits or o.hidden_layers or o.pooled):
-            raise ValueError("teacher_outputs: nothing to cache (set top_k, dense_logits, hidden_layers or pooled)")
+        if not (o.top_k or o.dense_logits or o.hidden_layers or o.pooled or o.qkv_layers):
+            raise ValueError("teacher_outputs: nothing to cache (set top_k, dense_logits, hidden_layers, qkv_layers "
+                             "or pooled)")
         if self.augment_model is not None and self.augment_model.task != "masked_lm":
             raise ValueError(f"augment_model.task: the TinyBERT MLM swap needs a masked_lm model, got "
                              f"{self.augment_model.task!r}")

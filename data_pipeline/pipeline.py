@@ -30,8 +30,9 @@ from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource,
                                       build_vocabulary, pos_pairs, task_row)
 from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, read_manifest,
                          remove_partial_files, row_schema, verify_shards, write_manifest)
-from kdlib.cache.shards import SHARD_DIR
-from kdlib.config import content_hash as kd_content_hash, save_resolved, to_dict
+from kdlib.cache.shards import SHARD_DIR, column_bytes_per_position
+from kdlib.cache.vectors import merge_fidelity
+from kdlib.config import config_hash, save_resolved, to_dict
 from kdlib.errors import CacheError, KDError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import atomic_write_text, replace_directory, staging_path
@@ -51,7 +52,15 @@ def content_hash(cfg: PipelineConfig) -> str:
     unset_additions = (("augment_model",) if cfg.augment_model is None else ()) + (
         ("task_type",) if cfg.task_type == "classification" else ()) + (
         ("keep_text",) if not cfg.keep_text else ())  # sets built before these options keep their hash
-    return kd_content_hash(cfg, NON_CONTENT_FIELDS + unset_additions)
+    values = {k: v for k, v in to_dict(cfg).items() if k not in NON_CONTENT_FIELDS + unset_additions}
+    outputs = values["teacher_outputs"]
+    if not outputs["qkv_layers"]:
+        del outputs["qkv_layers"]
+    if outputs["vector_encoding"] == "fp16":
+        del outputs["vector_encoding"]
+    if values["masking"]["rows"] == 1.0:
+        del values["masking"]["rows"]
+    return config_hash(values)
 
 
 def preflight(cfg: PipelineConfig, source: str) -> dict:
@@ -140,6 +149,7 @@ def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
     o = cfg.teacher_outputs
     return dict(vocab_size=info["config"]["vocab_size"], top_k=o.top_k, dense_logits=o.dense_logits,
                 hidden_layers=list(o.hidden_layers), pooled=o.pooled is not None,
+                qkv_layers=list(o.qkv_layers), vector_encoding=o.vector_encoding,
                 has_labels=cfg.task is not None, has_mlm=cfg.corpus is not None and cfg.masking.prob > 0,
                 regression_labels=cfg.task_type == "regression", keep_text=cfg.keep_text)
 
@@ -207,9 +217,13 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
         raise CacheError(f"{out}: the pipeline produced no rows (is every text shorter than min_length={cfg.min_length}?)")
     positions = sum(s.fidelity.get("positions", 0) for s in shards)
     o = cfg.teacher_outputs
+    topk = positions and o.top_k
     fidelity = {"positions": positions,
-                "mean_kept_mass": sum(s.fidelity.get("kept_mass", 0.0) for s in shards) / positions if positions else None,
-                "mean_kl": sum(s.fidelity.get("kl", 0.0) for s in shards) / positions if positions else None}
+                "mean_kept_mass": sum(s.fidelity.get("kept_mass", 0.0) for s in shards) / positions if topk else None,
+                "mean_kl": sum(s.fidelity.get("kl", 0.0) for s in shards) / positions if topk else None}
+    if o.hidden_layers or o.qkv_layers:
+        fidelity["vectors"] = merge_fidelity([s.fidelity.get("vectors", {}) for s in shards])
+        fidelity["vector_encoding"] = o.vector_encoding
     schema = row_schema(**schema_kwargs(cfg, info))
     rows, tokens = sum(s.rows for s in shards), sum(s.tokens for s in shards)
     size = sum(s.bytes for s in shards)
@@ -221,13 +235,16 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
                  "hidden_size": c.get("hidden_size"), "model_type": c.get("model_type")},
         tokenizer_fingerprint=info["tokenizer_fingerprint"], config=to_dict(cfg), config_hash=info["config_hash"],
         cached={"top_k": o.top_k, "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
+                **({"qkv_layers": list(o.qkv_layers)} if o.qkv_layers else {}),
+                **({"vector_encoding": o.vector_encoding} if o.hidden_layers or o.qkv_layers else {}),
                 "pooled": o.pooled, "labels": info["labels"] or None, "task_type": cfg.task_type if cfg.task else None,
                 "text": cfg.keep_text,
                 "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
                 "topk_id_dtype": str(id_dtype(c["vocab_size"])) if o.top_k else None},
         dtypes={f.name: f"{f.type.value_type}[]" if hasattr(f.type, "value_type") else str(f.type) for f in schema}, max_length=cfg.max_length, shards=shards,
         totals={"rows": rows, "tokens": tokens, "bytes": size,
-                "bytes_per_position": size / tokens if tokens else None, "seconds": round(seconds, 1)},
+                "bytes_per_position": size / tokens if tokens else None, "seconds": round(seconds, 1),
+                "bytes_per_position_by_column": column_bytes_per_position(out, shards, tokens)},
         fidelity=fidelity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -278,7 +295,9 @@ def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> 
     print(f"[data_pipeline] {t['rows']} rows, {t['tokens']:,} tokens in {len(manifest.shards)} shards, "
           f"{t['bytes'] / 1e6:.1f} MB ({t['bytes_per_position']:.1f} bytes/position), {t['seconds']}s"
           + (f"; top-{cfg.teacher_outputs.top_k} kept mass {f['mean_kept_mass']:.4f}, KL {f['mean_kl']:.4f}"
-             if f["positions"] else ""))
+             if f["mean_kept_mass"] is not None else "")
+          + "".join(f"; {name} ({f['vector_encoding']}) cosine {v['mean_cosine']:.5f}, relative error "
+                    f"{v['mean_relative_error']:.5f}" for name, v in f.get("vectors", {}).items()))
     return manifest
 
 

@@ -126,6 +126,12 @@ class TokenizeUnits(beam.DoFn):
                                 **({"text": u["text"], "text_b": u.get("text_b")} if self.cfg.keep_text else {}))
 
 
+def masked_row(row_id: str, seed: int, fraction: float) -> bool:
+    """Whether a packed row is masked: all of them at fraction 1, else a stable draw from the row's id (its own
+    hash, so the masks of the rows that are masked do not depend on the fraction)."""
+    return fraction >= 1.0 or stable_hash(f"{seed}:rows:{row_id}") % 1_000_000 < fraction * 1_000_000
+
+
 class PackAndMask(beam.DoFn):
     """Pack one hash group of corpus units into max_length rows, then apply seeded MLM masking."""
 
@@ -144,10 +150,12 @@ class PackAndMask(beam.DoFn):
         for row in pack_group(list(items), max_length=self.cfg.max_length, min_length=self.cfg.min_length,
                               cls_id=self.cls_id, sep_id=self.sep_id):
             starts = row.pop("word_starts")
-            if m.prob > 0:
+            if m.prob > 0 and masked_row(row["id"], self.cfg.seed, m.rows):
                 rng = np.random.default_rng(stable_hash(f"{self.cfg.seed}:{row['id']}"))  # per row: order-free
                 masked, positions, labels = mask_tokens(row["input_ids"], rng, m, self.tokens, starts)
                 row.update(input_ids=masked, mlm_positions=positions, mlm_labels=labels)
+            elif m.prob > 0:  # a plain-text row: the teacher's representations of unmasked text
+                row.update(mlm_positions=np.zeros(0, dtype=np.int32), mlm_labels=np.zeros(0, dtype=np.int32))
             yield row
 
 
@@ -211,18 +219,26 @@ class TeacherShard(beam.DoFn):
         yield info.name
 
     def _forward(self, batch: list[dict], fidelity: dict, rng: np.random.Generator, quota: int) -> list[dict]:
-        from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, topk_fidelity
+        from kdlib.cache.vectors import fidelity_sums, merge_sums, vector_names
+        from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_fidelity
 
         outputs = self.cfg.teacher_outputs
         ids, mask = pad_sequences([r["input_ids"] for r in batch], self.pad_id)
         raw = teacher_forward(self.model, ids, mask, outputs)
         want = quota - fidelity["positions"]
-        if outputs.top_k and want > 0:
+        if want > 0:
             real = mask.flatten().nonzero().squeeze(-1).numpy()
             pick = np.sort(rng.choice(real, size=min(want, len(real), max(1, quota // 4)), replace=False))
-            kept, kl = topk_fidelity(raw["logits"].reshape(-1, raw["logits"].shape[-1])[torch.from_numpy(pick)], outputs.top_k)
             fidelity["positions"] += len(pick)
-            fidelity["kept_mass"] += float(kept.double().sum())
-            fidelity["kl"] += float(kl.double().sum())
+            if outputs.top_k:
+                kept, kl = topk_fidelity(raw["logits"].reshape(-1, raw["logits"].shape[-1])[torch.from_numpy(pick)],
+                                         outputs.top_k)
+                fidelity["kept_mass"] += float(kept.double().sum())
+                fidelity["kl"] += float(kl.double().sum())
+            vectors = fidelity.setdefault("vectors", {})
+            for name in vector_names(outputs.hidden_layers, outputs.qkv_layers):
+                x = teacher_vectors(raw, name)
+                part = fidelity_sums(x.reshape(-1, x.shape[-1])[torch.from_numpy(pick)].numpy(), outputs.vector_encoding)
+                vectors[name] = merge_sums(vectors.get(name), part)
         values = rows_from_outputs(raw, ids, mask, outputs, self.vocab_size)
         return [dict(r, **v) for r, v in zip(batch, values)]

@@ -11,8 +11,8 @@ import torch
 
 from kdlib.errors import ModelLoadError
 from kdlib.models import check_model_folder, quiet_transformers, resolve_model_path
-from kdlib.schemas import StudentConfig, init_layer_map
-from kdlib.student_shape import copy_teacher_layers, student_config
+from kdlib.schemas import StudentConfig
+from kdlib.student_shape import init_from_teacher, student_config
 
 HEAD_PREFIXES = ("classifier.", "bert.pooler.")  # weights a masked-LM or bare encoder folder may lack
 
@@ -62,9 +62,7 @@ def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels:
     for key, value in label_maps(labels).items():
         setattr(config, key, value)
     model = AutoModelForSequenceClassification.from_config(config)
-    layers = init_layer_map(shape, teacher.config.num_hidden_layers)
-    if layers:
-        copy_teacher_layers(model, teacher, layers)
+    init_from_teacher(model, teacher, shape)
     model.train()
     return model
 

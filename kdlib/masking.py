@@ -21,10 +21,13 @@ class MaskingConfig:
     whole_word: bool = True  # select whole words (all their word pieces together)
     mask_fraction: float = 0.8  # selected tokens replaced by [MASK]
     random_fraction: float = 0.1  # selected tokens replaced by a random token (the rest stay unchanged)
+    rows: float = 1.0  # fraction of packed rows masked; the others stay plain text (representation targets)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob < 1.0:
             raise ValueError(f"prob: expected a probability in [0, 1), got {self.prob}")
+        if isinstance(self.rows, bool) or not 0.0 < self.rows <= 1.0:
+            raise ValueError(f"rows: expected a fraction in (0, 1], got {self.rows!r}")
         for name in ("mask_fraction", "random_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")

@@ -21,7 +21,9 @@ class TeacherOutputsConfig:
     dense_logits: bool = False  # all logits of a classifier teacher (task transfer sets)
     hidden_layers: list[int] = field(default_factory=list)  # hidden states to keep (0 = embeddings, L = last layer)
     pooled: Optional[Literal["mean", "cls"]] = None  # a pooled sentence embedding (mean over the mask, or [CLS])
-    fidelity_positions: int = 2048  # positions sampled to measure the kept mass and KL of the top-k
+    qkv_layers: list[int] = field(default_factory=list)  # layers (1-based) whose attention query/key/value to keep (MiniLM, TinyBERT attention)
+    vector_encoding: Literal["fp16", "int8"] = "fp16"  # how hidden / Q/K/V vectors are stored (kdlib/cache/vectors.py)
+    fidelity_positions: int = 2048  # positions sampled to measure what the top-k and the vector encoding lose
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -30,20 +32,53 @@ class TeacherOutputsConfig:
             raise ValueError(f"hidden_layers: expected layer indices >= 0, got {self.hidden_layers}")
         if len(set(self.hidden_layers)) != len(self.hidden_layers):
             raise ValueError(f"hidden_layers: expected distinct layers, got {self.hidden_layers}")
+        if any(layer < 1 for layer in self.qkv_layers):
+            raise ValueError(f"qkv_layers: expected transformer layers >= 1 (attention has no layer 0), got {self.qkv_layers}")
+        if len(set(self.qkv_layers)) != len(self.qkv_layers):
+            raise ValueError(f"qkv_layers: expected distinct layers, got {self.qkv_layers}")
+        if self.vector_encoding not in ("fp16", "int8"):
+            raise ValueError(f"vector_encoding: expected fp16 or int8, got {self.vector_encoding!r}")
         if self.fidelity_positions < 0:
             raise ValueError(f"fidelity_positions: expected >= 0, got {self.fidelity_positions}")
 
 
 @dataclass
+class BottleneckConfig:
+    """MobileBERT's block shape (Sun et al. 2020), for student.architecture=bottleneck."""
+
+    intra_size: Optional[int] = None  # width inside each block: attention and FFNs (None: a quarter of hidden_size)
+    feedforward_networks: int = 4  # stacked FFNs per block (MobileBERT: 4; 1 is a plain block)
+    embedding_size: Optional[int] = None  # word-embedding width (None: hidden_size, so the teacher's table fits as is)
+    trigram_input: bool = False  # MobileBERT's kernel-3 convolution over the embeddings (for a small embedding_size)
+    shared_query_key: bool = True  # query and key read one shared bottleneck (MobileBERT), value the full-width input
+    normalization: Literal["layer_norm", "no_norm"] = "layer_norm"  # no_norm: MobileBERT's faster elementwise affine
+
+    def __post_init__(self) -> None:
+        for name in ("intra_size", "embedding_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: expected a positive integer or null, got {value}")
+        if self.feedforward_networks < 1:
+            raise ValueError(f"feedforward_networks: expected a positive integer, got {self.feedforward_networks}")
+
+
+@dataclass
 class StudentConfig:
-    """The student's shape, and how (whether) it is initialised from teacher layers."""
+    """The student's shape, and how (whether) it is initialised from the teacher.
+
+    init: random; every_other (DistilBERT: teacher layers 2, 4, ...) or explicit (init_layers), copied at the
+    teacher's width; svd: those layers compressed into a narrower width, heads and FFN (kdlib.student_width);
+    embeddings (bottleneck only): the teacher's embeddings and MLM head, fresh blocks (kdlib.bottleneck).
+    """
 
     num_layers: int = 3  # transformer layers
-    hidden_size: Optional[int] = None  # width (None: the teacher's width)
+    hidden_size: Optional[int] = None  # width (None: the teacher's); for bottleneck the width between blocks
     num_attention_heads: Optional[int] = None  # heads (None: the teacher's)
-    intermediate_size: Optional[int] = None  # feed-forward width (None: the teacher's)
-    init: Literal["random", "every_other", "explicit"] = "random"  # every_other: DistilBERT; explicit: init_layers
-    init_layers: list[int] = field(default_factory=list)  # teacher layers (1-based) copied into student layers, for init=explicit
+    intermediate_size: Optional[int] = None  # feed-forward width (None: the teacher's; bottleneck: 4 x intra_size)
+    init: Literal["random", "every_other", "explicit", "svd", "embeddings"] = "random"  # what is copied from the teacher (above)
+    init_layers: list[int] = field(default_factory=list)  # teacher layer (1-based) per student layer (explicit, svd)
+    architecture: Literal["bert", "bottleneck"] = "bert"  # bert: the teacher's config family; bottleneck: MobileBERT
+    bottleneck: Optional[BottleneckConfig] = None  # block shape for architecture=bottleneck (null: the defaults)
 
     def __post_init__(self) -> None:
         if self.num_layers <= 0:
@@ -52,22 +87,37 @@ class StudentConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: expected a positive integer or null, got {value}")
-        if self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"num_attention_heads: expected a divisor of hidden_size {self.hidden_size}, "
+        if self.architecture == "bottleneck":
+            self.bottleneck = self.bottleneck or BottleneckConfig()
+            if self.init not in ("random", "embeddings"):
+                raise ValueError(f"init: a bottleneck student has no teacher-shaped layers to copy: expected random or "
+                                 f"embeddings, got {self.init!r}")
+        elif self.bottleneck is not None:
+            raise ValueError("bottleneck: only used with architecture=bottleneck")
+        elif self.init == "embeddings":
+            raise ValueError("init: embeddings is for architecture=bottleneck (a bert student copies whole layers: "
+                             "every_other, explicit or svd)")
+        attention_width = self.bottleneck.intra_size if self.bottleneck is not None else self.hidden_size
+        if attention_width and self.num_attention_heads and attention_width % self.num_attention_heads:
+            field_name = "bottleneck.intra_size" if self.bottleneck is not None else "hidden_size"
+            raise ValueError(f"num_attention_heads: expected a divisor of {field_name} {attention_width}, "
                              f"got {self.num_attention_heads}")
         if self.init == "explicit" and len(self.init_layers) != self.num_layers:
             raise ValueError(f"init_layers: init=explicit needs one teacher layer per student layer "
                              f"({self.num_layers}), got {len(self.init_layers)}")
-        if self.init != "explicit" and self.init_layers:
-            raise ValueError(f"init_layers: only used with init=explicit, got init={self.init!r}")
+        if self.init == "svd" and self.init_layers and len(self.init_layers) != self.num_layers:
+            raise ValueError(f"init_layers: init=svd needs one teacher layer per student layer ({self.num_layers}) "
+                             f"or none (every other), got {len(self.init_layers)}")
+        if self.init not in ("explicit", "svd") and self.init_layers:
+            raise ValueError(f"init_layers: only used with init=explicit or svd, got init={self.init!r}")
         # Whether a width fits init from teacher layers needs the teacher: see check_against_teacher.
 
 
 def init_layer_map(student: StudentConfig, teacher_layers: int) -> list[int]:
     """Teacher layers (1-based) that initialise student layers 1..N, per the init rule."""
-    if student.init == "every_other":
+    if student.init == "every_other" or (student.init == "svd" and not student.init_layers):
         return [2 * (i + 1) for i in range(student.num_layers)]  # DistilBERT: 2, 4, 6, ...
-    if student.init == "explicit":
+    if student.init in ("explicit", "svd"):
         return list(student.init_layers)
     return []
 
@@ -94,14 +144,53 @@ def check_against_teacher(source: str, teacher_config: dict, *, outputs: Teacher
             bad = [h for h in outputs.hidden_layers if h > layers]
             if bad:
                 fail(f"{outputs_path}.hidden_layers", f"the teacher has layers 0..{layers}, got {bad}")
+            bad = [h for h in outputs.qkv_layers if h > layers]
+            if bad:
+                fail(f"{outputs_path}.qkv_layers", f"the teacher has attention layers 1..{layers}, got {bad}")
     if student is not None and layers is not None:
-        wanted = init_layer_map(student, layers)
-        if wanted and max(wanted) > layers:
-            fail(f"{student_path}.num_layers" if student.init == "every_other" else f"{student_path}.init_layers",
-                 f"init={student.init} needs teacher layers {wanted} but the teacher has {layers} "
-                 f"(every_other allows at most {layers // 2} student layers)")
-        if wanted and min(wanted) < 1:
-            fail(f"{student_path}.init_layers", f"teacher layers are numbered 1..{layers}, got {wanted}")
-        if wanted and student.hidden_size not in (None, width):
-            fail(f"{student_path}.hidden_size", f"copying teacher layers needs the teacher's width {width}, "
-                 f"got {student.hidden_size} (use init=random for a narrower student)")
+        _check_student(fail, student, student_path, teacher_config)
+
+
+def _check_student(fail, student: StudentConfig, path: str, teacher: dict) -> None:
+    """The student's shape against the teacher's config.json: which teacher layers and widths init can use."""
+    layers, width = teacher.get("num_hidden_layers"), teacher.get("hidden_size")
+    heads, ffn = teacher.get("num_attention_heads"), teacher.get("intermediate_size")
+    wanted = init_layer_map(student, layers)
+    if wanted and max(wanted) > layers:
+        fail(f"{path}.init_layers" if student.init_layers else f"{path}.num_layers",
+             f"init={student.init} needs teacher layers {wanted} but the teacher has {layers} "
+             f"(every_other allows at most {layers // 2} student layers)")
+    if wanted and min(wanted) < 1:
+        fail(f"{path}.init_layers", f"teacher layers are numbered 1..{layers}, got {wanted}")
+    if student.init in ("every_other", "explicit"):
+        if student.hidden_size not in (None, width):
+            fail(f"{path}.hidden_size", f"copying teacher layers needs the teacher's width {width}, "
+                 f"got {student.hidden_size} (use init=svd, or init=random, for a narrower student)")
+        if ffn is not None and student.intermediate_size not in (None, ffn):
+            fail(f"{path}.intermediate_size", f"copying teacher layers needs the teacher's feed-forward width {ffn}, "
+                 f"got {student.intermediate_size} (init=svd keeps the teacher's largest units)")
+    if student.init == "svd":
+        mine = student.hidden_size or width
+        if width is not None and mine > width:
+            fail(f"{path}.hidden_size", f"init=svd compresses the teacher's width {width}: expected at most {width}, "
+                 f"got {mine}")
+        if ffn is not None and (student.intermediate_size or ffn) > ffn:
+            fail(f"{path}.intermediate_size", f"init=svd keeps teacher feed-forward units: expected at most {ffn}, "
+                 f"got {student.intermediate_size}")
+        my_heads = student.num_attention_heads or heads
+        if heads and width and my_heads and (my_heads > heads or mine // my_heads > width // heads):
+            fail(f"{path}.num_attention_heads", f"init=svd keeps teacher heads: expected at most the teacher's {heads} "
+                 f"heads of at most {width // heads} dimensions, got {my_heads} heads of {mine // my_heads}")
+    if student.architecture == "bottleneck":
+        block = student.bottleneck
+        outer = student.hidden_size or width
+        intra = block.intra_size or (outer // 4 if outer else None)
+        my_heads = student.num_attention_heads or heads
+        if intra and my_heads and intra % my_heads:
+            fail(f"{path}.bottleneck.intra_size", f"expected a multiple of the {my_heads} attention heads "
+                 f"(attention runs inside the bottleneck), got {intra}")
+        if student.init == "embeddings" and student.hidden_size not in (None, width):
+            fail(f"{path}.hidden_size", f"init=embeddings copies the teacher's embeddings and MLM head, so the width "
+                 f"between blocks must be the teacher's {width}, got {student.hidden_size}")
+        if block.embedding_size is not None and outer and block.embedding_size > outer:
+            fail(f"{path}.bottleneck.embedding_size", f"expected at most the width {outer}, got {block.embedding_size}")

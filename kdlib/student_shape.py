@@ -1,9 +1,12 @@
-"""A student of the teacher's config family: the teacher's config.json with the shape fields replaced,
-and teacher layers copied into it (DistilBERT's every-other initialisation, or an explicit list).
+"""A student built from the teacher's config: the teacher's config.json with the shape fields replaced
+(or, for architecture=bottleneck, a MobileBERT config derived from it), and teacher weights copied in:
+DistilBERT's every-other layers, an explicit list, or (init=svd) those layers compressed into a
+narrower width (kdlib.student_width).
 
 Shared by every stage that builds a student from a teacher: pretrain (masked-LM students) and
 finetune (classifier students, BERT-PKD's skip initialisation). Nothing here knows about heads: the
-caller builds the model class it needs from `student_config` and calls `copy_teacher_layers`.
+caller builds the model class it needs from `student_config` and calls `copy_teacher_layers`
+(pretrain: `init_from_teacher`, which also handles a bottleneck student's embeddings).
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ import re
 import torch
 from torch import nn
 
-from kdlib.schemas import StudentConfig
+from kdlib.schemas import StudentConfig, init_layer_map
 
 _LAYER = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")
 
 
 def student_config(teacher_config, student: StudentConfig):
-    """A copy of the teacher's transformers config with the student's shape."""
+    """A copy of the teacher's transformers config with the student's shape (a MobileBertConfig for bottleneck)."""
+    if student.architecture == "bottleneck":
+        from kdlib.bottleneck import bottleneck_config
+
+        return bottleneck_config(teacher_config, student)
     cfg = teacher_config.__class__.from_dict(teacher_config.to_dict())
     cfg.num_hidden_layers = student.num_layers
     if student.hidden_size is not None:
@@ -32,11 +39,23 @@ def student_config(teacher_config, student: StudentConfig):
     return cfg
 
 
+def _same_shape(student: nn.Module, teacher: nn.Module) -> bool:
+    a, b = student.config, teacher.config
+    return a.hidden_size == b.hidden_size and a.intermediate_size == b.intermediate_size
+
+
 def copy_teacher_layers(student: nn.Module, teacher: nn.Module, teacher_layers: list[int],
                         skip_missing: tuple[str, ...] = ()) -> None:
     """Student layer i <- teacher layer teacher_layers[i] (1-based); every non-layer weight copied as is.
     Weights whose name starts with one of `skip_missing` keep their own values when the teacher lacks
-    them (a new task head on a student of a masked-LM teacher)."""
+    them (a new task head on a student of a masked-LM teacher). A student narrower than the teacher (or with
+    fewer FFN units) gets the weights compressed (init=svd, kdlib.student_width); at the teacher's width and
+    feed-forward size that is exactly this copy."""
+    if not _same_shape(student, teacher):
+        from kdlib.student_width import compress_teacher
+
+        compress_teacher(student, teacher, teacher_layers, skip_missing)
+        return
     source = teacher.state_dict()
     target = student.state_dict()
     with torch.no_grad():
@@ -48,3 +67,21 @@ def copy_teacher_layers(student: nn.Module, teacher: nn.Module, teacher_layers: 
             if key not in source or source[key].shape != tensor.shape:
                 raise ValueError(f"cannot initialise student weight {name} from teacher weight {key}")
             tensor.copy_(source[key])
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module, shape: StudentConfig,
+                      skip_missing: tuple[str, ...] = ()) -> None:
+    """Whatever `shape.init` copies from the teacher into a freshly built student (nothing for init=random)."""
+    if shape.init == "embeddings":
+        from kdlib.bottleneck import copy_teacher_embeddings
+
+        copy_teacher_embeddings(student, teacher)
+        return
+    layers = init_layer_map(shape, teacher.config.num_hidden_layers)
+    if layers:
+        copy_teacher_layers(student, teacher, layers, skip_missing)
+
+
+def needs_teacher(shape: StudentConfig) -> bool:
+    """Whether building this student reads the teacher's weights."""
+    return shape.init != "random"

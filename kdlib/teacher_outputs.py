@@ -11,13 +11,17 @@ import numpy as np
 import torch
 
 from kdlib.cache.schema import id_dtype
+from kdlib.cache.vectors import SCALE_SUFFIX, encode, vector_names
 from kdlib.schemas import TeacherOutputsConfig
 
 
 def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: TeacherOutputsConfig):
-    """One forward pass under inference_mode; returns the raw tensors the config asks for."""
+    """One forward pass under inference_mode; returns the raw tensors the config asks for (Q/K/V of the
+    `qkv_layers` captured from the attention blocks' projections, as the online teacher's are)."""
+    from kdlib.training.internals import capture_qkv
+
     want_hidden = bool(outputs.hidden_layers) or outputs.pooled is not None
-    with torch.inference_mode():
+    with torch.inference_mode(), capture_qkv(model, enabled=bool(outputs.qkv_layers)) as qkv:
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden)
     result = {}
     logits = getattr(out, "logits", None)
@@ -26,7 +30,17 @@ def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if want_hidden:
         hidden = out.hidden_states if getattr(out, "hidden_states", None) is not None else (out.last_hidden_state,)
         result["hidden_states"] = hidden
+    if outputs.qkv_layers:
+        result["qkv"] = {layer: qkv[layer] for layer in outputs.qkv_layers}
     return result
+
+
+def teacher_vectors(raw: dict, name: str) -> torch.Tensor:
+    """(B, T, H) float32 values of a cached vector column (hidden_<l>, query_<l>, key_<l>, value_<l>)."""
+    kind, layer = name.rsplit("_", 1)
+    if kind == "hidden":
+        return raw["hidden_states"][int(layer)].float()
+    return raw["qkv"][int(layer)][kind].float()
 
 
 def topk_with_lse(logits_btv: torch.Tensor, k: int):
@@ -70,10 +84,13 @@ def rows_from_outputs(raw: dict, input_ids: torch.Tensor, attention_mask: torch.
         dense = raw["logits"].numpy().astype(np.float32)
         for i in range(len(lengths)):
             rows[i]["logits"] = dense[i]
-    for layer in outputs.hidden_layers:
-        h = raw["hidden_states"][layer].float().numpy().astype(np.float16)
+    for name in vector_names(outputs.hidden_layers, outputs.qkv_layers):
+        h = teacher_vectors(raw, name).numpy()
         for i, n in enumerate(lengths):
-            rows[i][f"hidden_{layer}"] = h[i, :n].reshape(-1)
+            stored = encode(h[i, :n], outputs.vector_encoding)
+            rows[i][name] = stored["values"]
+            if "scale" in stored:
+                rows[i][name + SCALE_SUFFIX] = stored["scale"]
     if outputs.pooled is not None:
         last = raw["hidden_states"][-1].float()
         if outputs.pooled == "cls":

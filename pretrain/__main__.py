@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)  # the deepspeed launcher passes it; we read LOCAL_RANK
     parser.add_argument("--check", action="store_true",
                         help="validate the config (for WORLD_SIZE ranks) and exit: what launchers run before submitting")
+    parser.add_argument("--export-init", metavar="DIR", default=None,
+                        help="write the untrained student (step 0 of this config) to DIR and exit: a baseline to evaluate")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, PretrainConfig, parse_overrides(args.set))
@@ -32,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         setup = validate(cfg, args.config)
         if args.check:
             print(f"{args.config}: valid for {setup.place.world_size} rank(s)")
+            return 0
+        if args.export_init:
+            from pretrain.init_export import export_init
+
+            print(f"untrained student written to {export_init(cfg, setup, args.export_init)}")
             return 0
         from pretrain.train import train
 

@@ -2,9 +2,10 @@
 
 Weights come from the final checkpoint: for ZeRO 1-3 through DeepSpeed's own fp32 consolidation
 (zero_to_fp32), which gathers every rank's partition of the fp32 master weights; for ZeRO 0 from
-the module itself. Projection weights (training-only) are stripped; the tokenizer files are copied
-from the teacher folder; README.md is a model card naming the teacher, the transfer set, the
-objectives and the steps.
+the module itself. They load into the class the student was built as (`student_config`: the
+teacher's family, or MobileBERT for architecture=bottleneck). Projection weights (training-only)
+are stripped; the tokenizer files are copied from the teacher folder; README.md is a model card
+naming the teacher, the transfer set, the objectives and the steps.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ transfer set{' plus an online teacher' if cfg.online_teacher else ''}).
 | optimizer steps | {step} |
 | global batch (sequences) | {cfg.global_batch_per_rank * setup.place.world_size} |
 | initialisation | {cfg.student.init} |
+| architecture | {cfg.student.architecture} (width {model.config.hidden_size}) |
 | config hash | `{cfg.math_hash()}` |
 
 ## Objectives

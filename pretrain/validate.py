@@ -19,7 +19,7 @@ from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import sha256_file
 from kdlib.models import check_model_folder, resolve_model_path
 from kdlib.schemas import check_against_teacher
-from kdlib.training.inputs import Offer
+from kdlib.training.inputs import Offer, cached_reads
 from kdlib.training.loop import check_run_folder
 from kdlib.training.module import plan_objectives
 from pretrain.config import PretrainConfig
@@ -88,10 +88,11 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
                   pooling=manifest.cached.get("pooled") or "mean", student_heads=student_heads,
                   teacher_heads=teacher_heads)
     try:
-        plan_objectives(cfg.objectives, offer)
+        plans = plan_objectives(cfg.objectives, offer)
     except ValueError as err:
         field, _, message = str(err).partition(": ")
         _fail(source, field, message)
+    transfer.read_only(cached_reads(plans, offer))  # decode the columns the objectives read, nothing else
     place = dist_env()
     train_rows = len(transfer) - cfg.eval_rows
     global_batch = cfg.global_batch_per_rank * place.world_size

@@ -129,6 +129,7 @@ def test_hash_is_stable_and_resolved_config_is_saved(tmp_path):
     assert config_hash(load_config(saved, Outer)) == config_hash(a)
 
 
+from evaluate.config import EvaluateConfig  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 
 # Each shipped config and the class that reads it; a new file in configs/ must be added here.
@@ -144,13 +145,18 @@ SHIPPED = {
     "pretrain_demo.yaml": PretrainConfig,
     "pretrain_online_minilm.yaml": PretrainConfig,
     "pretrain_zero3_bf16.yaml": PretrainConfig,
+    "evaluate_demo.yaml": EvaluateConfig,
+    "recipes/transfer_set.yaml": PipelineConfig,
+    **{f"recipes/{name}.yaml": PretrainConfig for name in ("distilbert", "tinybert", "minilm", "minilmv2", "bert_emd",
+                                                           "pooled", "sentence", "shape_width_svd",
+                                                           "shape_bottleneck")},
 }
 
 
 def test_every_shipped_config_validates():
     from pathlib import Path
 
-    shipped = sorted(p.name for p in Path("configs").glob("*.yaml"))
+    shipped = sorted(p.relative_to("configs").as_posix() for p in Path("configs").rglob("*.yaml"))
     assert shipped == sorted(SHIPPED), "every file in configs/ needs an entry in SHIPPED"
     for name, cls in SHIPPED.items():
         load_config(Path("configs") / name, cls)

@@ -129,6 +129,10 @@ def expected(name: str, r, cfg) -> torch.Tensor:
         "dml": lambda: sum(f(r.s_logits, r.peer, r.labels, r.mask)),
         "rkd_distance": lambda: f(r.s_pooled, r.t_pooled),
         "rkd_angle": lambda: f(r.s_pooled, r.t_pooled),
+        "pooled_mse": lambda: f(r.s_pooled, r.t_pooled, r.proj),
+        "pooled_cosine": lambda: f(r.s_pooled, r.t_pooled, r.proj),
+        "pooled_contrastive": lambda: f(r.s_pooled, r.t_pooled, r.proj),
+        "pooled_relation_kl": lambda: f(r.s_pooled, r.t_pooled),
         "hidden_mse": lambda: mean_over_pairs(lambda t, s: f(r.s_h[s], r.t_h[t], r.mask, r.proj)),
         "distilbert_cosine": lambda: mean_over_pairs(lambda t, s: f(r.s_h[s], r.t_h[t], r.mask, r.proj)),
         "nst_mmd": lambda: mean_over_pairs(lambda t, s: f(r.s_h[s], r.t_h[t], r.mask)),
@@ -199,8 +203,8 @@ def test_cached_teacher_outputs_serve_losses_without_an_online_teacher(paths, tm
 
 @pytest.mark.parametrize("objective, overrides, message", [
     ("attention_mse", {"online_teacher": False},
-     "objectives[0]': attention_mse needs teacher attention scores (teacher_attention_scores): set online_teacher: true; "
-     "the transfer set does not cache them"),
+     "objectives[0]': attention_mse needs teacher attention scores (teacher_attention_scores): set online_teacher: true, "
+     "or make the transfer set with teacher_outputs.qkv_layers including ["),
     ("kd_kl", {"online_teacher": False}, "kd_kl needs dense teacher logits (teacher_logits): set online_teacher: true, "
      "or make the transfer set with teacher_outputs.dense_logits: true"),
     ("hidden_mse", {"online_teacher": False, "layer_map": {"name": "explicit", "pairs": [[3, 1]]}},

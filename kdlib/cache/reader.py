@@ -28,6 +28,7 @@ import torch
 
 from kdlib.cache.manifest import (Manifest, check_fingerprints, check_shard_digest, missing_shard, read_manifest,
                                   verify_shards)
+from kdlib.cache.vectors import SCALE_SUFFIX, decode, is_vector_column, vector_names
 from kdlib.errors import CacheError
 from kdlib.padding import pad_flat, pad_sequences, row_lengths
 
@@ -116,6 +117,15 @@ class TransferSet:
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    def read_only(self, keys) -> None:
+        """Decode only the columns that fill these batch keys from now on (a set caching every layer's hidden
+        states and Q/K/V is gigabytes; a recipe reads a few of them). Call before the first read."""
+        with self._lock:
+            if self._open:
+                raise RuntimeError("read_only: shards are already open; choose the columns before reading")
+            names = pq.read_schema(self.path / self.manifest.shards[0].file).names
+            self._columns = columns_for(keys, names)
 
     def _check_sizes(self) -> None:
         """Each shard exists with the recorded size: a stat per shard, no read."""
@@ -211,7 +221,7 @@ def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, 
         batch["mlm_labels"] = torch.from_numpy(_scatter_labels(columns["mlm_positions"], columns["mlm_labels"], B, T))
     if "label" in columns:
         batch["labels"] = torch.tensor([IGNORE_INDEX if v is None else v for v in columns["label"]])
-    if top_k:
+    if top_k and "topk_ids" in columns:  # (a reader may decode only some columns: TransferSet.read_only)
         batch.update(
             topk_ids=torch.from_numpy(pad_flat(columns["topk_ids"], lengths, T, dtype=np.int64, width=top_k,
                                                name="topk_ids")),
@@ -220,9 +230,12 @@ def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, 
             teacher_lse=torch.from_numpy(pad_flat(columns["lse"], lengths, T, dtype=np.float32, name="lse")))
     if "logits" in columns:
         batch["teacher_logits"] = _stack(columns["logits"])
-    for name in [k for k in columns if k.startswith("hidden_")]:
-        batch[f"teacher_{name}"] = torch.from_numpy(pad_flat(columns[name], lengths, T, dtype=np.float32,
-                                                             width=hidden_size, name=name))
+    for name in [k for k in columns if is_vector_column(k)]:  # hidden_<l>, query_<l>, key_<l>, value_<l>
+        values = pad_flat(columns[name], lengths, T, dtype=np.float32, width=hidden_size, name=name)
+        if name + SCALE_SUFFIX in columns:  # int8 with a scale per position (kdlib/cache/vectors.py)
+            scale = pad_flat(columns[name + SCALE_SUFFIX], lengths, T, dtype=np.float32, name=name + SCALE_SUFFIX)
+            values = decode(values, scale)
+        batch[f"teacher_{name}"] = torch.from_numpy(values)
     if "pooled" in columns:
         batch["teacher_pooled"] = _stack(columns["pooled"])
     return batch
@@ -255,7 +268,7 @@ def cached_batch_keys(manifest) -> list[str]:
         keys += ["topk_ids", "topk_logits", "teacher_lse"]
     if cached.get("dense_logits"):
         keys.append("teacher_logits")
-    keys += [f"teacher_hidden_{layer}" for layer in cached.get("hidden_layers") or []]
+    keys += [f"teacher_{name}" for name in vector_names(cached.get("hidden_layers") or [], cached.get("qkv_layers") or [])]
     if cached.get("pooled"):
         keys.append("teacher_pooled")
     if cached.get("mlm"):
@@ -263,3 +276,23 @@ def cached_batch_keys(manifest) -> list[str]:
     if cached.get("labels") or cached.get("task_type") == "regression":  # class indices, or regression targets
         keys.append("labels")
     return keys
+
+
+_BASE_COLUMNS = ("id", "source_id", "augmentation", "input_ids")
+_KEY_COLUMNS = {"mlm_labels": ("mlm_positions", "mlm_labels"), "labels": ("label",),
+                "topk_ids": ("topk_ids",), "topk_logits": ("topk_logits",), "teacher_lse": ("lse",),
+                "teacher_logits": ("logits",), "teacher_pooled": ("pooled",)}
+
+
+def columns_for(keys, names: list[str]) -> list[str]:
+    """The shard columns (of `names`, in their order) that fill these batch keys (cached_batch_keys names)."""
+    wanted = set(_BASE_COLUMNS)
+    for key in keys:
+        if key in _KEY_COLUMNS:
+            wanted.update(_KEY_COLUMNS[key])
+        elif is_vector_column(key.removeprefix("teacher_")):
+            name = key.removeprefix("teacher_")
+            wanted.update((name, name + SCALE_SUFFIX))
+        else:
+            raise ValueError(f"no transfer-set column fills batch key {key!r}")
+    return [name for name in names if name in wanted]

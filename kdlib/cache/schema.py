@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from kdlib.cache.vectors import vector_fields, vector_names
+
 FORMAT_VERSION = 1
 
 
@@ -24,7 +26,8 @@ def _arrow(dtype: np.dtype) -> pa.DataType:
 
 def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, hidden_layers: list[int] = (),
                pooled: bool = False, has_labels: bool = False, has_mlm: bool = False,
-               regression_labels: bool = False, keep_text: bool = False) -> pa.Schema:
+               regression_labels: bool = False, keep_text: bool = False, qkv_layers: list[int] = (),
+               vector_encoding: str = "fp16") -> pa.Schema:
     """The fixed schema for one transfer set; every shard of it has exactly these columns."""
     fields = [
         pa.field("id", pa.string(), nullable=False),  # stable row id
@@ -47,8 +50,8 @@ def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, h
         fields.append(pa.field("lse", pa.list_(pa.float32())))  # (T,) full-vocabulary log-sum-exp
     if dense_logits:
         fields.append(pa.field("logits", pa.list_(pa.float32())))  # (C,) classifier logits
-    for layer in hidden_layers:
-        fields.append(pa.field(f"hidden_{layer}", pa.list_(pa.float16())))  # (T*H,) hidden state of that layer
+    for name in vector_names(hidden_layers, qkv_layers):  # (T*H,) hidden state / Q / K / V of a layer
+        fields.extend(vector_fields(name, vector_encoding))
     if pooled:
         fields.append(pa.field("pooled", pa.list_(pa.float32())))  # (H,) sentence embedding
     return pa.schema(fields)

@@ -74,3 +74,18 @@ def remove_partial_files(directory: str | os.PathLike) -> int:
     for path in leftovers:
         path.unlink(missing_ok=True)
     return len(leftovers)
+
+
+def column_bytes_per_position(directory: str | os.PathLike, shards: list[ShardInfo], tokens: int) -> dict:
+    """Compressed bytes per real position of each top-level column, measured from the shards' Parquet
+    metadata (what each cached target costs on disk; a list column's offsets are counted with it)."""
+    sizes: dict[str, int] = {}
+    for shard in shards:
+        meta = pq.ParquetFile(Path(directory) / shard.file).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                name = chunk.path_in_schema.split(".")[0]
+                sizes[name] = sizes.get(name, 0) + chunk.total_compressed_size
+    return {name: round(size / tokens, 3) for name, size in sizes.items()} if tokens else {}

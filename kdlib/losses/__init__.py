@@ -4,7 +4,7 @@ Importing this package imports every loss module, which registers the losses.
 """
 from kdlib.losses.registry import (KINDS, LossSpec, UnknownLossError, get_loss, get_spec, known_losses,
                                    register_loss)
-from kdlib.losses import output, adaptive, topk, intermediate, attention, relational, emd  # noqa: F401  (registration)
+from kdlib.losses import output, adaptive, topk, intermediate, attention, relational, emd, embedding  # noqa: F401  (registration)
 from kdlib.losses.output import (hard_ce, kd_ce, kd_kl, logit_mse, mlm_ce, soft_kd_per_position,
                                  teacher_annealing_ce)
 from kdlib.losses.adaptive import (cwsm_weights, dynamic_temperature, flsw_weights, kd_dynamic_temperature,
@@ -15,6 +15,7 @@ from kdlib.losses.intermediate import (distilbert_cosine, embedding_mse, fsp, fs
 from kdlib.losses.attention import attention_kl, attention_mse, minilmv2_relations, value_relation_kl
 from kdlib.losses.relational import dml, rkd_angle, rkd_distance
 from kdlib.losses.emd import bert_emd
+from kdlib.losses.embedding import pooled_contrastive, pooled_cosine, pooled_mse, pooled_relation_kl
 
 __all__ = [
     "KINDS", "LossSpec", "UnknownLossError", "get_loss", "get_spec", "known_losses", "register_loss",
@@ -23,5 +24,5 @@ __all__ = [
     "probability_shift", "MISSING_MASS_MODES", "kd_topk", "topk_kd_error_bound", "distilbert_cosine",
     "embedding_mse", "fsp", "fsp_matrix", "hidden_mse", "make_projection", "nst_mmd", "pkd_patient",
     "attention_kl", "attention_mse", "minilmv2_relations", "value_relation_kl", "dml", "rkd_angle",
-    "rkd_distance", "bert_emd",
+    "rkd_distance", "bert_emd", "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl",
 ]

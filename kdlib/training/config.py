@@ -60,6 +60,10 @@ def math_hash(config) -> str:
     data = {k: v for k, v in to_dict(config).items() if k not in BOOKKEEPING}
     if data.get("early_stopping", 0) is None:  # absent and unset hash alike: older checkpoints stay resumable
         del data["early_stopping"]
+    for shape in (data.get("student"), data.get("student_shape")):  # the plain BERT shape hashes as before
+        if isinstance(shape, dict) and shape.get("architecture") == "bert" and shape.get("bottleneck") is None:
+            shape.pop("architecture", None)
+            shape.pop("bottleneck", None)
     engine = data.get("engine")
     if engine is not None:
         engine["optim"]["decay_steps"] = config.engine.optim.decay_steps or config.steps

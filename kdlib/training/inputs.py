@@ -80,12 +80,6 @@ class Provider:
 
 # ---------------------------------------------------------------- availability checks
 
-def _online(cache_hint: str = "the transfer set does not cache them") -> Callable:
-    def check(offer: Offer, layers: list[int]) -> Optional[str]:
-        return None if offer.online_teacher else f"set online_teacher: true; {cache_hint}"
-    return check
-
-
 def _same_heads(offer: Offer, layers: list[int]) -> Optional[str]:
     if offer.student_heads == offer.teacher_heads or not (offer.student_heads and offer.teacher_heads):
         return None
@@ -111,6 +105,17 @@ def _teacher_hidden_check(offer: Offer, layers: list[int]) -> Optional[str]:
         return None
     return (f"set online_teacher: true, or make the transfer set with teacher_outputs.hidden_layers "
             f"including {missing}")
+
+
+def _teacher_qkv_check(parts: tuple[str, ...]) -> Callable:
+    """Q/K/V (or what is computed from them) of the mapped teacher layers: online, or cached per layer."""
+    def check(offer: Offer, layers: list[int]) -> Optional[str]:
+        missing = sorted({t for t in layers for part in parts if f"teacher_{part}_{t}" not in offer.cached})
+        if offer.online_teacher or not missing:
+            return None
+        return (f"set online_teacher: true, or make the transfer set with teacher_outputs.qkv_layers "
+                f"including {missing}")
+    return check
 
 
 def _either(online_or_cache_key: str, how: str) -> Callable:
@@ -144,6 +149,23 @@ def _teacher_hidden(x: StepInputs, layer: int) -> Tensor:
     if x.teacher is not None:
         return x.teacher.hidden(layer)
     return x.batch[f"teacher_hidden_{layer}"]
+
+
+def _teacher_views(x: StepInputs):
+    """The teacher's attention views: the online teacher's, else built once per micro-batch from the cached
+    Q/K/V columns (the same AttentionViews code computes scores, probabilities and per-head values)."""
+    if x.teacher is not None:
+        return x.teacher.views
+    if "teacher_views" not in x.memo:
+        from kdlib.training.internals import AttentionViews
+
+        qkv: dict[int, dict[str, Tensor]] = {}
+        for key, value in x.batch.items():
+            kind, _, layer = key.removeprefix("teacher_").rpartition("_")
+            if key.startswith("teacher_") and kind in ("query", "key", "value") and layer.isdigit():
+                qkv.setdefault(int(layer), {})[kind] = value
+        x.memo["teacher_views"] = AttentionViews(qkv, x.offer.teacher_heads, x.batch["attention_mask"])
+    return x.memo["teacher_views"]
 
 
 def _teacher_logits(x: StepInputs, site: Site) -> Tensor:
@@ -197,10 +219,16 @@ def _transport_plan(x: StepInputs, site: Site):
 
 _TOPK_HOW = "make it with teacher_outputs.top_k > 0"
 _STUDENT_QKV = dict(student_reads=frozenset({"qkv"}))
-_TEACHER_QKV = dict(available=_online(), teacher_reads=frozenset({"qkv"}))
-# per-head maps (scores, probabilities, values) compare head h of the student with head h of the teacher
 _STUDENT_HEADS = dict(available=_same_heads, student_reads=frozenset({"qkv"}))
-_TEACHER_HEADS = dict(available=_all(_online(), _same_heads), teacher_reads=frozenset({"qkv"}))
+
+
+def _teacher_qkv(*parts: str) -> dict:
+    return dict(available=_teacher_qkv_check(parts), teacher_reads=frozenset({"qkv"}))
+
+
+def _teacher_heads(*parts: str) -> dict:
+    """Per-head maps (scores, probabilities, values) compare head h of the student with head h of the teacher."""
+    return dict(available=_all(_teacher_qkv_check(parts), _same_heads), teacher_reads=frozenset({"qkv"}))
 
 PROVIDERS: dict[str, Provider] = {
     # outputs
@@ -254,27 +282,30 @@ PROVIDERS: dict[str, Provider] = {
     # attention, per mapped pair of transformer layers
     "student_attention_scores": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.scores(s.student_layer),
                                          **_STUDENT_HEADS, what="student attention scores"),
-    "teacher_attention_scores": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.scores(s.teacher_layer),
-                                         **_TEACHER_HEADS, what="teacher attention scores"),
+    "teacher_attention_scores": Provider(ATTENTION_PAIR, lambda x, s: _teacher_views(x).scores(s.teacher_layer),
+                                         **_teacher_heads("query", "key"), what="teacher attention scores"),
     "student_attention_probs": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.probs(s.student_layer),
                                         **_STUDENT_HEADS, what="student attention probabilities"),
-    "teacher_attention_probs": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.probs(s.teacher_layer),
-                                        **_TEACHER_HEADS, what="teacher attention probabilities"),
+    "teacher_attention_probs": Provider(ATTENTION_PAIR, lambda x, s: _teacher_views(x).probs(s.teacher_layer),
+                                        **_teacher_heads("query", "key"), what="teacher attention probabilities"),
     "student_values": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.values(s.student_layer), **_STUDENT_HEADS,
                                what="student per-head values"),
-    "teacher_values": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.values(s.teacher_layer), **_TEACHER_HEADS,
+    "teacher_values": Provider(ATTENTION_PAIR, lambda x, s: _teacher_views(x).values(s.teacher_layer),
+                               **_teacher_heads("value"),
                                what="teacher per-head values"),
     "student_query": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.query(s.student_layer), **_STUDENT_QKV,
                               what="student queries"),
-    "teacher_query": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.query(s.teacher_layer), **_TEACHER_QKV,
+    "teacher_query": Provider(ATTENTION_PAIR, lambda x, s: _teacher_views(x).query(s.teacher_layer),
+                              **_teacher_qkv("query"),
                               what="teacher queries"),
     "student_key": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.key(s.student_layer), **_STUDENT_QKV,
                             what="student keys"),
-    "teacher_key": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.key(s.teacher_layer), **_TEACHER_QKV,
+    "teacher_key": Provider(ATTENTION_PAIR, lambda x, s: _teacher_views(x).key(s.teacher_layer), **_teacher_qkv("key"),
                             what="teacher keys"),
     "student_value": Provider(ATTENTION_PAIR, lambda x, s: x.student.views.value(s.student_layer), **_STUDENT_QKV,
                               what="student values"),
-    "teacher_value": Provider(ATTENTION_PAIR, lambda x, s: x.teacher.views.value(s.teacher_layer), **_TEACHER_QKV,
+    "teacher_value": Provider(ATTENTION_PAIR, lambda x, s: _teacher_views(x).value(s.teacher_layer),
+                              **_teacher_qkv("value"),
                               what="teacher values"),
     # BERT-EMD: every layer against every layer, the transport plan from the learned layer weights
     "layer_cost": Provider(ALL_LAYERS, _layer_cost, _emd_check, student_reads=frozenset({"hidden"}),
@@ -382,3 +413,25 @@ def projection_groups(plans: list[ObjectivePlan]) -> list[str]:
 def gather(plan: ObjectivePlan, site: Site, x: StepInputs) -> dict:
     """The loss's keyword inputs at one site."""
     return {name: PROVIDERS[name].get(x, site) for name in plan.inputs}
+
+
+def cached_reads(plans: list[ObjectivePlan], offer: Offer) -> frozenset:
+    """The cached batch keys these plans can read, so a reader decodes only those columns: every small key
+    the transfer set has (top-k, logits, pooled, labels), and of the per-position vectors (hidden_<l>,
+    query/key/value_<l>, the bulk of a set caching intermediate targets) only the mapped teacher layers
+    of the plans that read that kind from the teacher."""
+    from kdlib.cache.vectors import is_vector_column
+
+    keep = {key for key in offer.cached if not is_vector_column(key.removeprefix("teacher_"))}
+    if offer.online_teacher:
+        return frozenset(keep)
+    for plan in plans:
+        kinds = set()
+        for name in plan.inputs:
+            kinds |= PROVIDERS[name].teacher_reads
+        if plan.scope == BATCH or not kinds:
+            continue
+        layers = plan.teacher_layers()
+        parts = (["hidden"] if "hidden" in kinds else []) + (["query", "key", "value"] if "qkv" in kinds else [])
+        keep |= {f"teacher_{part}_{t}" for t in layers for part in parts} & offer.cached
+    return frozenset(keep)

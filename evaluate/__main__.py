@@ -1,0 +1,22 @@
+"""`python -m evaluate --config X.yaml [--set key=value ...]`: score model folders against a teacher.
+
+Writes evaluation.json, evaluation.md and evaluation.png into output_dir. Exit status 0 done, 2 a user
+error (config, a missing model folder, a transfer set without held-out text), named before any work.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdlib.cli import run_stage
+    from evaluate.config import EvaluateConfig
+    from evaluate.run import run
+
+    return run_stage(__doc__.splitlines()[0], EvaluateConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
