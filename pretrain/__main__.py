@@ -2,6 +2,7 @@
 
 Parse, validate (before any process group exists), train, exit: 0 done, 2 a user error (config,
 fingerprints, checkpoint mismatch), 75 preempted after a checkpoint (requeue to resume).
+`--check` validates only; `--export-init DIR` writes the untrained student (a baseline to evaluate).
 """
 
 from __future__ import annotations

