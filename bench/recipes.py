@@ -131,6 +131,8 @@ def plot(summary: dict, teacher: dict, untrained: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from kdlib.plots import finish_bar_chart
+
     keys = [(k, label) for k, label in METRICS if k != "masked_kl"]
     x = np.arange(len(keys))
     width = 0.8 / max(len(summary), 1)
@@ -142,12 +144,8 @@ def plot(summary: dict, teacher: dict, untrained: dict, path: Path) -> None:
         ax.hlines(100 * untrained[k] / teacher[k], j - 0.1, j + 0.9, colors="black", linestyles="dashed",
                   label="untrained" if j == 0 else None)
     ax.set_xticks(x + 0.4 - width / 2, [label for _, label in keys])
-    ax.set_ylabel("% of teacher")
-    ax.legend(fontsize=8, ncol=4)
-    ax.set_title("General-distillation recipes, same budget (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_bar_chart(fig, ax, path, ylabel="% of teacher",
+                     title="General-distillation recipes, same budget (mean ± std over seeds)")
 
 
 def main(argv=None) -> None:

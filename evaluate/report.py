@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlib.io import atomic_target, atomic_write_text
+from kdlib.io import atomic_write_text, json_safe
+from kdlib.plots import finish_bar_chart
 
 # (key, column title, decimals of the value, how it relates to the teacher: "percent", "ratio" or None)
 METRICS = (
@@ -47,17 +48,6 @@ def relate(metrics: dict[str, dict], teacher: str) -> None:
                                         for key, _, _, kind in METRICS if kind == "percent"}
         speed, base = values["sequences_per_s"], reference["sequences_per_s"]
         record["speedup_vs_teacher"] = speed / base if math.isfinite(speed) and math.isfinite(base) else math.nan
-
-
-def plain(value):
-    """JSON-safe copy: nan/inf become null (JSON has no nan)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
 
 
 def _cell(record: dict, key: str, decimals: int, kind) -> str:
@@ -133,14 +123,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar_label(bars, labels=[f"{h:.0f}" if math.isfinite(h) else "n/a" for h in heights], fontsize=7)
     ax.axhline(100.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(np.arange(len(keys)), [title.replace("masked ", "masked\n") for _, title in keys], fontsize=8)
-    ax.set_ylabel("% of teacher")
-    ax.set_title(f"evaluation against {result['teacher']}")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    finish_bar_chart(fig, ax, path, ylabel="% of teacher", title=f"evaluation against {result['teacher']}")
 
 
 def write_evaluation(result: dict, output_dir: str | os.PathLike) -> Path:
@@ -149,6 +132,6 @@ def write_evaluation(result: dict, output_dir: str | os.PathLike) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     plot(result, output_dir / "evaluation.png")
     atomic_write_text(output_dir / "evaluation.json",
-                      json.dumps(plain({**result, "display_decimals": DECIMALS}), indent=2, allow_nan=False) + "\n")
+                      json.dumps(json_safe({**result, "display_decimals": DECIMALS}), indent=2, allow_nan=False) + "\n")
     atomic_write_text(output_dir / "evaluation.md", markdown(result))
     return output_dir / "evaluation.md"

@@ -26,7 +26,8 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 
 from kdlib.errors import ReaderError
-from kdlib.io import atomic_target, atomic_write_bytes, atomic_write_text
+from kdlib.io import atomic_write_bytes, atomic_write_text, json_safe
+from kdlib.plots import finish_bar_chart
 from kdlib.metrics import read_metrics
 from kdlib.plots import loss_curve
 from kdlib.task_metrics import TASK_TYPES, percent_of, summarize, task_metrics
@@ -253,17 +254,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "unnamed"
 
 
-def _plain(value):
-    """JSON-safe copy: nan/inf become null (JSON has no nan); report.md shows them as n/a."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _num(value: float, spec: str, suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}" if math.isfinite(value) else "n/a"
 
@@ -335,14 +325,7 @@ def _metrics_plot(result: dict, path: Path, title: str) -> None:
                       capsize=3, label=arm)
         ax.bar_label(bars, labels=[_num(s["mean"], ".3f") for s in summaries], label_type="center", fontsize=7)
     ax.set_xticks(np.arange(len(names)), names)
-    ax.set_ylabel("mean over folds × seeds (± std)")
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    finish_bar_chart(fig, ax, path, ylabel="mean over folds × seeds (± std)", title=title)
 
 
 def _loss_plots(records: list[dict], report_dir: Path) -> dict[str, str]:
@@ -411,6 +394,6 @@ def write_report(report_dir: str | os.PathLike, run_folders: Iterable[str | os.P
         atomic_write_bytes(report_dir / rel, data)
     runs = [{k: r[k] for k in ("arm", "fold", "seed", "metrics", "parameters", "speed", "folder")} for r in records]
     document = {"title": title, **result, "runs": runs, "files": files, "display_decimals": DECIMALS}
-    atomic_write_text(report_dir / "report.json", json.dumps(_plain(document), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(report_dir / "report.json", json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
     atomic_write_text(report_dir / "report.md", _markdown(title, result, files))
     return report_dir / "report.md"

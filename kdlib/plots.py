@@ -37,3 +37,20 @@ def loss_curve(records: list[dict], keys: list[str], path: str | os.PathLike, ti
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+def finish_bar_chart(fig, ax, path: str | os.PathLike, *, ylabel: str, title: str) -> Path:
+    """The common end of every report's bar chart: labels, a y grid, the legend, written atomically as PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

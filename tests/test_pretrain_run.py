@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from kdlib.metrics import read_metrics
-from tests.transfer_fixture import (REPO, base_config, build_transfer_set, free_port, run_pretrain, stage_env,
-                                    start_pretrain, wait_for_step, write_config)
+from tests.transfer_fixture import (REPO, base_config, build_transfer_set, free_port, probe_export_in_clean_process,
+                                    run_pretrain, stage_env, start_pretrain, wait_for_step, write_config)
 
 # First-step loss of the fixture run (kd_topk + 0.5 * mlm_ce, 2 ranks x 2 micro-batches of 8), pinned.
 PINNED_FIRST_LOSS = 7.8618409633636475
@@ -81,21 +81,7 @@ def test_export_loads_without_project_code_and_matches_the_trainer(runs, stage):
     assert not any(k.startswith("projections") for k in load_file(str(folder / "model.safetensors")))
     card = (folder / "README.md").read_text()
     assert "kd_topk" in card and "mlm_ce" in card and "| optimizer steps | 6 |" in card
-    script = (
-        "import sys, torch\n"
-        "from safetensors.torch import load_file\n"
-        "from transformers import AutoModel, AutoModelForMaskedLM\n"
-        f"probe = load_file({str(out / 'probe_logits.safetensors')!r})\n"
-        f"m = AutoModelForMaskedLM.from_pretrained({str(folder)!r}).eval()\n"
-        f"AutoModel.from_pretrained({str(folder)!r})\n"
-        "with torch.no_grad():\n"
-        "    logits = m(input_ids=probe['input_ids'], attention_mask=probe['attention_mask']).logits\n"
-        "assert not any(name.startswith(('kdlib', 'pretrain')) for name in sys.modules)\n"
-        "print((logits - probe['logits']).abs().max().item())\n")
-    env = {k: v for k, v in stage_env().items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd="/", env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert float(proc.stdout.strip().splitlines()[-1]) <= 1e-6
+    assert probe_export_in_clean_process(out) <= 1e-6
 
 
 @pytest.mark.parametrize("stage", [2, 3])

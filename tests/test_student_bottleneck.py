@@ -6,8 +6,6 @@ attention transfer against an online teacher, and exported as a folder plain tra
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from pretrain.config import PretrainConfig
 from pretrain.student import build_student
 from pretrain.train import train
 from pretrain.validate import validate
-from tests.transfer_fixture import base_config, build_transfer_set, free_port, stage_env
+from tests.transfer_fixture import base_config, build_transfer_set, free_port, probe_export_in_clean_process
 
 SHAPE = {"num_layers": 4, "architecture": "bottleneck", "init": "embeddings",
          "bottleneck": {"intra_size": 8, "feedforward_networks": 2}}  # teacher: 4 layers, width 32, 4 heads
@@ -150,18 +148,4 @@ def test_pretrain_trains_a_bottleneck_student_with_feature_map_and_attention_tra
     weights = load_file(str(folder / "model.safetensors"))
     assert not any(k.startswith("projections") for k in weights)  # widths match: no projection was ever made
     assert json.loads((folder / "config.json").read_text())["model_type"] == "mobilebert"
-    script = (
-        "import sys, torch\n"
-        "from safetensors.torch import load_file\n"
-        "from transformers import AutoModelForMaskedLM\n"
-        f"probe = load_file({str(out / 'probe_logits.safetensors')!r})\n"
-        f"m = AutoModelForMaskedLM.from_pretrained({str(folder)!r}).eval()\n"
-        "assert type(m).__name__ == 'MobileBertForMaskedLM'\n"
-        "with torch.no_grad():\n"
-        "    logits = m(input_ids=probe['input_ids'], attention_mask=probe['attention_mask']).logits\n"
-        "assert not any(name.startswith(('kdlib', 'pretrain')) for name in sys.modules)\n"
-        "print((logits - probe['logits']).abs().max().item())\n")
-    env = {k: v for k, v in stage_env().items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd="/", env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert float(proc.stdout.strip().splitlines()[-1]) == 0.0  # the trained module's own logits, bit for bit
+    assert probe_export_in_clean_process(out, expect_class='MobileBertForMaskedLM') == 0.0  # the trained module's own logits, bit for bit

@@ -240,3 +240,25 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
             raise AssertionError(f"job ended (code {proc.returncode}) before step {step}")
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def probe_export_in_clean_process(run_dir: Path, expect_class: str | None = None) -> float:
+    """Load run_dir/export with plain transformers in a process that cannot import this project, run it on the
+    trainer's probe batch and return the max |logit difference| to the probe (what the trained module gave)."""
+    folder = run_dir / "export"
+    script = (
+        "import sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        "from transformers import AutoModel, AutoModelForMaskedLM\n"
+        f"probe = load_file({str(run_dir / 'probe_logits.safetensors')!r})\n"
+        f"m = AutoModelForMaskedLM.from_pretrained({str(folder)!r}).eval()\n"
+        f"AutoModel.from_pretrained({str(folder)!r})\n"
+        + (f"assert type(m).__name__ == {expect_class!r}, type(m).__name__\n" if expect_class else "")
+        + "with torch.no_grad():\n"
+        "    logits = m(input_ids=probe['input_ids'], attention_mask=probe['attention_mask']).logits\n"
+        "assert not any(name.startswith(('kdlib', 'pretrain')) for name in sys.modules)\n"
+        "print((logits - probe['logits']).abs().max().item())\n")
+    env = {k: v for k, v in stage_env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd="/", env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return float(proc.stdout.strip().splitlines()[-1])
