@@ -22,7 +22,6 @@ $PY -m launch local --nproc 2 --config configs/pretrain_demo.yaml  # same contra
 echo "== 5/5  evaluation: the student, its untrained initialisation and the teacher side by side (held-out text)"
 $PY -m pretrain --config configs/pretrain_demo.yaml --export-init runs/demo/pretrain_untrained
 $PY -m evaluate --config configs/evaluate_demo.yaml
-grep '^|' runs/demo/evaluation/evaluation.md
 echo "   (runs/demo/evaluation/evaluation.md, evaluation.png)"
 
 echo "== done. The student loads with plain transformers:"
