@@ -31,4 +31,4 @@ model = AutoModelForMaskedLM.from_pretrained("runs/demo/pretrain/export", local_
 print(f"  AutoModelForMaskedLM.from_pretrained('runs/demo/pretrain/export'): {type(model).__name__}, "
       f"{model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 PYEOF
-echo "   Next: task distillation with `make demo-task` (python -m finetune --config configs/finetune_demo.yaml); SLURM jobs with python -m launch slurm (README)."
+echo "   Next: task distillation with 'make demo-task' (python -m finetune --config configs/finetune_demo.yaml); SLURM jobs with python -m launch slurm (README)."
