@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from kdlib.cache.schema import id_dtype
-from kdlib.cache.vectors import SCALE_SUFFIX, encode, vector_names
+from kdlib.cache.vectors import SCALE_SUFFIX, encode, vector_column, vector_names
 from kdlib.schemas import TeacherOutputsConfig
 
 
@@ -37,10 +37,10 @@ def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def teacher_vectors(raw: dict, name: str) -> torch.Tensor:
     """(B, T, H) float32 values of a cached vector column (hidden_<l>, query_<l>, key_<l>, value_<l>)."""
-    kind, layer = name.rsplit("_", 1)
+    kind, layer = vector_column(name)
     if kind == "hidden":
-        return raw["hidden_states"][int(layer)].float()
-    return raw["qkv"][int(layer)][kind].float()
+        return raw["hidden_states"][layer].float()
+    return raw["qkv"][layer][kind].float()
 
 
 def topk_with_lse(logits_btv: torch.Tensor, k: int):

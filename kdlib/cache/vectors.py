@@ -27,9 +27,15 @@ _VECTOR = re.compile(r"^(hidden|query|key|value)_(\d+)$")
 SCALE_SUFFIX = "_scale"
 
 
+def vector_column(name: str) -> tuple[str, int] | None:
+    """(kind, layer) of a cached per-position vector column ("value_4" -> ("value", 4)), None for any other."""
+    match = _VECTOR.match(name)
+    return (match[1], int(match[2])) if match else None
+
+
 def is_vector_column(name: str) -> bool:
     """A cached per-position vector (not its scale column)."""
-    return _VECTOR.match(name) is not None
+    return vector_column(name) is not None
 
 
 def vector_names(hidden_layers, qkv_layers) -> list[str]:

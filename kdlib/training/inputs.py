@@ -157,13 +157,14 @@ def _teacher_views(x: StepInputs):
     if x.teacher is not None:
         return x.teacher.views
     if "teacher_views" not in x.memo:
+        from kdlib.cache.vectors import vector_column
         from kdlib.training.internals import AttentionViews
 
         qkv: dict[int, dict[str, Tensor]] = {}
         for key, value in x.batch.items():
-            kind, _, layer = key.removeprefix("teacher_").rpartition("_")
-            if key.startswith("teacher_") and kind in ("query", "key", "value") and layer.isdigit():
-                qkv.setdefault(int(layer), {})[kind] = value
+            column = vector_column(key.removeprefix("teacher_")) if key.startswith("teacher_") else None
+            if column is not None and column[0] != "hidden":
+                qkv.setdefault(column[1], {})[column[0]] = value
         x.memo["teacher_views"] = AttentionViews(qkv, x.offer.teacher_heads, x.batch["attention_mask"])
     return x.memo["teacher_views"]
 
