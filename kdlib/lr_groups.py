@@ -66,7 +66,7 @@ def _check_rate(name: str, value: float, *, low: float, low_open: bool, high: fl
 
 
 def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learning_rate: float,
-                 weight_decay: float, layer_decay: float = 1.0, num_layers: int) -> list[dict]:
+                 weight_decay: float, layer_decay: float = 1.0, num_layers: int, by_depth: bool = False) -> list[dict]:
     """Optimizer param groups {"params", "lr", "weight_decay"}; parameters with requires_grad=False are left out.
 
     layer_decay == 1: exactly kdlib.engine.initialize's two groups (matrices with weight decay, then
@@ -75,6 +75,8 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learni
     layer_decay < 1: one group per (depth, decay / no decay) that has parameters, by depth from the
     embeddings up, decay before no decay; parameters keep their named_parameters order within a group.
     The "lr" of a group is its peak rate; see `scheduler_with_group_lrs` for DeepSpeed's schedulers.
+    by_depth: the per-depth groups whatever the decay, each with its "depth" (kdlib.progressive scales rates
+    by depth while training).
     """
     _check_rate("learning_rate", learning_rate, low=0.0, low_open=True)
     _check_rate("weight_decay", weight_decay, low=0.0, low_open=False)
@@ -82,7 +84,7 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learni
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers: expected an integer >= 0, got {num_layers!r}")
     trained = [(name, p) for name, p in named_parameters if p.requires_grad]
-    if layer_decay == 1.0:
+    if layer_decay == 1.0 and not by_depth:
         for name, _ in trained:
             layer_depth(name, num_layers)  # a wrong num_layers is an error whatever the decay
         decay = [p for _, p in trained if p.ndim >= 2]
@@ -99,7 +101,8 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learni
             if members:
                 groups.append({"params": members,
                                "lr": float(learning_rate) * float(layer_decay) ** (num_layers + 1 - depth),
-                               "weight_decay": float(weight_decay) if decays else 0.0})
+                               "weight_decay": float(weight_decay) if decays else 0.0,
+                               **({"depth": depth} if by_depth else {})})
     return groups
 
 

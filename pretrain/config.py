@@ -15,6 +15,7 @@ from kdlib.engine import EngineConfig
 from kdlib.layer_maps import LayerMapConfig
 from kdlib.models import ModelConfig
 from kdlib.objectives import ObjectiveConfig, validate_objectives
+from kdlib.progressive import ProgressiveConfig
 from kdlib.schemas import StudentConfig
 from kdlib.training.config import LoopConfig, math_hash
 
@@ -31,12 +32,17 @@ class PretrainConfig(LoopConfig):
     layer_map: Optional[LayerMapConfig] = None  # which teacher layer teaches which student layer (emd: learned)
     engine: EngineConfig = field(default_factory=EngineConfig)  # DeepSpeed: ZeRO stage, precision, batch, optimizer
     eval_rows: int = 256  # the last rows of the transfer set: held out, never trained on, for top-1 agreement
+    progressive: Optional[ProgressiveConfig] = None  # MobileBERT's layer-by-layer stages before joint training
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.objectives = validate_objectives(self.objectives)
         if self.eval_rows < 1:
             raise ValueError(f"eval_rows: expected a positive integer, got {self.eval_rows}")
+        if self.progressive is not None:
+            if self.engine.zero_stage == 3:
+                raise ValueError("progressive: gates each layer's gradients on its parameters, which ZeRO-3 partitions "
+                                 "away; use engine.zero_stage 0-2")
 
     @property
     def global_batch_per_rank(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kdlib.models import ModelConfig, load_model
+from kdlib.progressive import ProgressiveTransfer
 from kdlib.training import loop
 from kdlib.training.batches import BatchStream
 from kdlib.training.internals import run_model
@@ -33,8 +34,9 @@ def build_module(cfg: PretrainConfig, setup: Setup) -> DistillModule:
     student = build_student(cfg.teacher, setup.teacher_config, cfg.student, cfg.seed)
     peer = partial(build_student, cfg.teacher, setup.teacher_config, cfg.student, cfg.seed + 2)
     emd_temperature = cfg.layer_map.emd_temperature if cfg.layer_map is not None else 1.0
+    progressive = ProgressiveTransfer(cfg.progressive, cfg.student.num_layers) if cfg.progressive is not None else None
     return DistillModule(student, cfg.objectives, setup.offer, teacher_width=setup.teacher_config.hidden_size,
-                         seed=cfg.seed, peer_factory=peer, emd_temperature=emd_temperature)
+                         seed=cfg.seed, peer_factory=peer, emd_temperature=emd_temperature, progressive=progressive)
 
 
 def online_teacher(cfg: PretrainConfig, setup: Setup, module: DistillModule, device):

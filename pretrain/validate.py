@@ -18,6 +18,7 @@ from kdlib.errors import ConfigError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import sha256_file
 from kdlib.models import check_model_folder, resolve_model_path
+from kdlib.progressive import coverage_problem
 from kdlib.schemas import check_against_teacher
 from kdlib.training.inputs import Offer, cached_reads
 from kdlib.training.loop import check_run_folder
@@ -92,6 +93,14 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     except ValueError as err:
         field, _, message = str(err).partition(": ")
         _fail(source, field, message)
+    if cfg.progressive is not None:
+        problem = coverage_problem(plans, cfg.student.num_layers)
+        if problem:
+            _fail(source, "progressive", problem)
+        stages = cfg.progressive.steps_per_layer * cfg.student.num_layers
+        if stages >= cfg.steps and dist_env().rank == 0:  # allowed: a run may be stopped early and extended later
+            print(f"{source}: note: steps={cfg.steps} ends within the progressive stages ({stages} steps); there is "
+                  f"no joint phase, and layers whose stage is not reached stay as initialised", flush=True)
     transfer.read_only(cached_reads(plans, offer))  # decode the columns the objectives read, nothing else
     place = dist_env()
     train_rows = len(transfer) - cfg.eval_rows

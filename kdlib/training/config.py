@@ -58,8 +58,9 @@ def reads_total_steps(config) -> list[str]:
 def math_hash(config) -> str:
     """Hash of everything that changes what a step computes (see the module docstring)."""
     data = {k: v for k, v in to_dict(config).items() if k not in BOOKKEEPING}
-    if data.get("early_stopping", 0) is None:  # absent and unset hash alike: older checkpoints stay resumable
-        del data["early_stopping"]
+    for name in ("early_stopping", "progressive"):  # absent and unset hash alike: older checkpoints stay resumable
+        if data.get(name, 0) is None:
+            del data[name]
     for shape in (data.get("student"), data.get("student_shape")):  # the plain BERT shape hashes as before
         if isinstance(shape, dict) and shape.get("architecture") == "bert" and shape.get("bottleneck") is None:
             shape.pop("architecture", None)

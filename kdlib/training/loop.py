@@ -134,8 +134,10 @@ class Trainer:
         self.rank0 = session.place.rank == 0
         self.out = Path(self.cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self.progressive = getattr(job.module, "progressive", None)
         self.engine = ds.initialize(job.module, job.ds_config, self.cfg.engine.optim,
-                                    num_layers=job.module.student.config.num_hidden_layers)
+                                    num_layers=job.module.student.config.num_hidden_layers,
+                                    by_depth=self.progressive is not None)
         self.module = self.engine.module
         self.names = [o.name for o in self.cfg.objectives]
         self.hash = math_hash(self.cfg)
@@ -239,7 +241,12 @@ class Trainer:
         try:
             while self.step < cfg.steps and not self.stopped_early():
                 started = time.perf_counter()
-                lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                stage = {}
+                if self.progressive is None:
+                    lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                else:  # the layer in training at its scheduled rate, the others scaled (kdlib.progressive)
+                    lr = self.progressive.apply_rates(self.engine.optimizer.param_groups, self.step)
+                    stage = {"layer_in_training": self.progressive.layer_at(self.step) or 0}  # 0: joint phase
                 losses, tokens, stop = self.train_step()
                 seconds = time.perf_counter() - started
                 self.tokens_seen += tokens
@@ -247,7 +254,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.write({"kind": "train", "step": self.step, "loss": losses[0],
                                    **dict(zip(self.names, losses[1:])), "lr": lr, "tokens": tokens,
-                                   "tokens_per_s": tokens / seconds, "epoch": job.batches.sampler.state.epoch})
+                                   "tokens_per_s": tokens / seconds, "epoch": job.batches.sampler.state.epoch,
+                                   **stage})
                     bar.set_postfix(loss=f"{losses[0]:.4f}", tok_s=f"{tokens / seconds:,.0f}")
                 bar.update(1)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:

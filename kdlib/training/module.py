@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlib.objectives import ObjectiveConfig, evaluate_objective
+from kdlib.progressive import ProgressiveTransfer
 from kdlib.training.inputs import ALL_LAYERS, ObjectivePlan, Offer, StepInputs, gather, plan_objective, \
     projection_groups, reads
 from kdlib.training.internals import ModelView, run_model
@@ -92,7 +93,7 @@ class DistillModule(nn.Module):
 
     def __init__(self, student: nn.Module, objectives: list[ObjectiveConfig], offer: Offer, *,
                  teacher_width: int, seed: int, peer_factory: Optional[Callable[[], nn.Module]] = None,
-                 emd_temperature: float = 1.0):
+                 emd_temperature: float = 1.0, progressive: Optional[ProgressiveTransfer] = None):
         super().__init__()
         self.objectives, self.offer = objectives, offer
         self.plans = plan_objectives(objectives, offer)
@@ -105,6 +106,9 @@ class DistillModule(nn.Module):
         self.heads = student.config.num_attention_heads
         self.emd = EmdState(offer.teacher_layers, offer.student_layers, emd_temperature) \
             if any(p.scope == ALL_LAYERS for p in self.plans) else None
+        self.progressive = progressive  # MobileBERT's layer-by-layer stages (kdlib.progressive), or None
+        if progressive is not None:
+            progressive.gate_gradients(self, student.config.num_hidden_layers)
 
     def teacher_needs(self) -> tuple[bool, bool]:
         """(hidden states, Q/K/V) the online teacher must return for these objectives."""
@@ -121,10 +125,15 @@ class DistillModule(nn.Module):
         peer = run_model(self.peer, ids, mask, hidden=False, qkv=False, heads=self.heads) if self.peer else None
         x = StepInputs(batch, self.offer, student=mine, teacher=teacher, peer=peer, projections=self.projections,
                        emd=self.emd, step=step, total_steps=total_steps)
+        layer = self.progressive.begin(step) if self.progressive is not None else None
         parts: dict[str, Tensor] = {}
         for obj, plan in zip(self.objectives, self.plans):
+            sites = self.progressive.sites(plan, layer) if self.progressive is not None else plan.sites
+            if not sites:  # off in this progressive stage
+                parts[obj.name] = torch.zeros((), device=ids.device)
+                continue
             values = []
-            for site in plan.sites:
+            for site in sites:
                 value = evaluate_objective(obj, gather(plan, site, x), step, total_steps)
                 values.append(sum(value) if isinstance(value, tuple) else value)  # dml: both students' losses
             parts[obj.name] = values[0] if len(values) == 1 else torch.stack(values).mean()
