@@ -50,6 +50,8 @@ def _only_selected(model, select: torch.Tensor) -> Iterator[bool]:
 
     The vocabulary projection is most of a small masked LM's cost (30522 x 384 per token for MiniLM) and
     85% of its outputs would be thrown away. Yields False when the model has no separate output embeddings.
+    A head that reads the projection's weight without calling it (MobileBERT's) is not narrowed: the caller
+    tells by the logits' shape.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
@@ -65,9 +67,9 @@ def _only_selected(model, select: torch.Tensor) -> Iterator[bool]:
 @torch.inference_mode()
 def masked_log_probs(model, ids: torch.Tensor, mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     """(N, V) float32 log-softmax of the model's logits at the selected positions (row-major order)."""
-    with _only_selected(model, select) as narrowed:
+    with _only_selected(model, select):
         logits = model(input_ids=ids, attention_mask=mask).logits
-    if not narrowed:
+    if logits.dim() == 3:  # (B, T, V): the head was not narrowed
         logits = logits[select]
     return torch.log_softmax(logits.float(), dim=-1)
 

@@ -331,3 +331,28 @@ def test_config_errors_name_the_field(world):
                                                                                         "transfer_set", "output_dir")},
                                              "heldout": {"max_length": SEQ, "seed": 3}})
         evaluate_models(changed, reference=world["reference"])
+
+
+def test_masked_log_probs_of_a_head_that_is_not_narrowed_are_the_selected_positions():
+    """MobileBERT's head multiplies by its decoder's weight without calling the decoder, so the narrowing hook
+    never runs; the selected rows must still come out, equal to the full logits at those positions."""
+    from transformers import MobileBertConfig, MobileBertForMaskedLM
+
+    from evaluate.scores import masked_log_probs
+
+    torch.manual_seed(0)
+    config = MobileBertConfig(vocab_size=50, hidden_size=16, embedding_size=16, true_hidden_size=8,
+                              intra_bottleneck_size=8, intermediate_size=16, num_hidden_layers=2,
+                              num_attention_heads=2, num_feedforward_networks=1, max_position_embeddings=32)
+    model = MobileBertForMaskedLM(config).eval()
+    ids = torch.randint(5, 50, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[0, [1, 4]] = True
+    select[1, 2] = True
+    got = masked_log_probs(model, ids, mask, select)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)[select]
+    assert got.shape == (3, 50)
+    assert torch.allclose(got.double(), full, atol=1e-5, rtol=0)  # float32 log-softmax of values of size ~4
