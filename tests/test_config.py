@@ -152,7 +152,7 @@ SHIPPED = {
     "chain/student.yaml": PretrainConfig,
     "chain/direct.yaml": PretrainConfig,
     "chain/evaluate.yaml": EvaluateConfig,
-    "recipes/evaluate_bottleneck.yaml": EvaluateConfig,
+    "evaluate_bottleneck.yaml": EvaluateConfig,
     **{f"recipes/{name}.yaml": PretrainConfig for name in ("distilbert", "tinybert", "minilm", "minilmv2", "bert_emd",
                                                            "pooled", "sentence", "shape_width_svd",
                                                            "shape_bottleneck")},
