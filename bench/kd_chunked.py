@@ -31,7 +31,7 @@ def inputs(vocab: int, positions: int, hidden: int, seed: int = 0) -> dict:
     w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
     b = torch.zeros(vocab)
     teacher = torch.randn(positions, TOPK, generator=g) * 2
-    ids = torch.stack([torch.randperm(vocab, generator=g)[:TOPK] for _ in range(positions)])
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:TOPK].clone() for _ in range(positions)])  # clone: free each permutation
     lse = torch.logsumexp(teacher, -1) + 0.5  # a teacher with ~61% of its mass in its top 32
     labels = torch.full((positions,), -100, dtype=torch.long)
     picked = torch.randperm(positions, generator=g)[: int(0.15 * positions)]
@@ -83,8 +83,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     variants = ["plain", "kd", "chunked256", "chunked1024"]
+    vocabs = [int(v) for v in args.vocab.split(",")]
+    # memory first: a child's ru_maxrss starts at its parent's high-water mark (Linux keeps it across exec)
+    peaks = {vocab: {v: peak_in_fresh_process(v, vocab, args.positions, args.hidden) for v in variants}
+             for vocab in vocabs}
     results = {}
-    for vocab in (int(v) for v in args.vocab.split(",")):
+    for vocab in vocabs:
         x = inputs(vocab, args.positions, args.hidden)
         for v in variants:  # warm-up
             step(v, x)
@@ -94,8 +98,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 step(v, x)
                 times[v].append(time.perf_counter() - t0)
-        peaks = {v: peak_in_fresh_process(v, vocab, args.positions, args.hidden) for v in variants}
-        results[vocab] = {v: {"ms": 1000 * statistics.median(times[v]), "peak_mib": peaks[v]} for v in variants}
+        results[vocab] = {v: {"ms": 1000 * statistics.median(times[v]), "peak_mib": peaks[vocab][v]} for v in variants}
     print(f"{args.positions} positions x hidden {args.hidden}, top-{TOPK} rest-bucket KD, float32, 2 threads, "
           f"median of {args.rounds} interleaved rounds; peak = resident-set growth over one step in a fresh process\n")
     print("| vocabulary | variant | ms | peak MiB | ms / plain | ms / kd | peak / plain | peak / kd |")
