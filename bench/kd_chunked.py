@@ -57,20 +57,15 @@ def step(variant: str, x: dict) -> None:
     loss.backward()
 
 
-def high_water_kib() -> int:
-    """This process's resident-set peak (VmHWM). Not ru_maxrss: Linux carries the parent's peak across exec."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-
-
 def peak_in_fresh_process(variant: str, vocab: int, positions: int, hidden: int) -> float:
     """MiB the resident set grows by over one step (after a warm-up step), in its own process."""
-    code = ("import torch, json; from bench.kd_chunked import inputs, step, high_water_kib; "
+    code = ("import torch, json; from bench.kd_chunked import inputs, step; "
+            "from kdlib.speed import resident_peak_kib; "
             f"x = inputs({vocab}, {positions}, {hidden}); torch.set_num_threads(2); "
             f"step('{variant}', inputs(64, 4, {hidden})); "
-            "before = high_water_kib(); "
+            "before = resident_peak_kib(); "
             f"step('{variant}', x); "
-            "print(json.dumps((high_water_kib() - before) / 1024))")
+            "print(json.dumps((resident_peak_kib() - before) / 1024))")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

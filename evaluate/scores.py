@@ -45,21 +45,21 @@ def selection(positions: list[np.ndarray], shape: tuple[int, int]) -> torch.Tens
 
 
 @contextmanager
-def _only_selected(model, select: torch.Tensor) -> Iterator[bool]:
+def _only_selected(model, select: torch.Tensor) -> Iterator[None]:
     """While active, the output projection sees only the selected positions: (B, T, H) -> (N, H).
 
     The vocabulary projection is most of a small masked LM's cost (30522 x 384 per token for MiniLM) and
-    85% of its outputs would be thrown away. Yields False when the model has no separate output embeddings.
-    A head that reads the projection's weight without calling it (MobileBERT's) is not narrowed: the caller
+    85% of its outputs would be thrown away. Nothing is narrowed for a model without separate output
+    embeddings, or whose head reads the projection's weight without calling it (MobileBERT's): the caller
     tells by the logits' shape.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        yield False
+        yield
         return
     handle = head.register_forward_pre_hook(lambda _module, args: (args[0][select],) + tuple(args[1:]))
     try:
-        yield True
+        yield
     finally:
         handle.remove()
 

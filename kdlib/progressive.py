@@ -100,10 +100,14 @@ class ProgressiveTransfer:
         """Depth `depth` is the part in training with `layer` (every depth in the joint phase)."""
         return layer is None or depth == layer or (layer == 1 and depth == 0)
 
+    def below(self, depth: int, layer: Optional[int]) -> bool:
+        """Depth `depth` lies under the part in training (frozen, or at the softened rate)."""
+        return not self.trains(depth, layer) and depth < layer
+
     def rate_factor(self, depth: int, layer: Optional[int]) -> float:
         if self.trains(depth, layer) or depth > self.num_layers:
             return 1.0
-        return self.config.lower_layers_lr if depth < layer else 0.0
+        return self.config.lower_layers_lr if self.below(depth, layer) else 0.0
 
     def apply_rates(self, param_groups: list[dict], step: int) -> float:
         """Scale each group's scheduled rate for `step`; returns the rate of the layer in training (the
@@ -127,7 +131,7 @@ class ProgressiveTransfer:
 
     def _gate(self, depth: int):
         def gate(grad: torch.Tensor) -> torch.Tensor:
-            if not self.trains(depth, self.current) and depth < self.current:
+            if self.below(depth, self.current):
                 return torch.zeros_like(grad)
             return grad
 

@@ -19,6 +19,13 @@ from typing import Iterator, Mapping
 import torch
 
 
+def resident_peak_kib() -> int:
+    """This process's resident-set peak in KiB (Linux VmHWM). Not ru_maxrss: Linux carries a parent's peak
+    across exec, so a child started by a large process would see no growth of its own."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of parameter values; a tied weight (input embeddings = output decoder) is counted once,
     because `Module.parameters()` yields each shared tensor once."""

@@ -97,12 +97,13 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
         problem = coverage_problem(plans, cfg.student.num_layers)
         if problem:
             _fail(source, "progressive", problem)
-        stages = cfg.progressive.steps_per_layer * cfg.student.num_layers
-        if stages >= cfg.steps and dist_env().rank == 0:  # allowed: a run may be stopped early and extended later
-            print(f"{source}: note: steps={cfg.steps} ends within the progressive stages ({stages} steps); there is "
-                  f"no joint phase, and layers whose stage is not reached stay as initialised", flush=True)
     transfer.read_only(cached_reads(plans, offer))  # decode the columns the objectives read, nothing else
     place = dist_env()
+    if cfg.progressive is not None:
+        stages = cfg.progressive.steps_per_layer * cfg.student.num_layers
+        if stages >= cfg.steps and place.rank == 0:  # allowed: a run may be stopped early and extended later
+            print(f"{source}: note: steps={cfg.steps} ends within the progressive stages ({stages} steps); there is "
+                  f"no joint phase, and layers whose stage is not reached stay as initialised", flush=True)
     train_rows = len(transfer) - cfg.eval_rows
     global_batch = cfg.global_batch_per_rank * place.world_size
     if train_rows < global_batch:

@@ -236,8 +236,7 @@ def test_no_tensor_larger_than_one_chunk_of_logits(mm):
 
 MEMORY_SCRIPT = """
 import sys, torch
-def high_water():  # KiB; VmHWM belongs to this process image (ru_maxrss keeps the parent's peak across exec)
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+from kdlib.speed import resident_peak_kib
 from kdlib.losses.chunked import chunked_kd_topk
 from kdlib.losses.topk import kd_topk
 N, H, V, K, CHUNK = 2048, 32, 30522, 8, 256
@@ -255,9 +254,9 @@ def step(n, v, chunked):
     return kd_topk((h[:n] @ W[:v].T + b[:v])[None], i[None], z[:n][None], lse[:n][None], None)
 chunked = sys.argv[1] == "chunked"
 step(4, 64, chunked).backward()  # one-time allocations (thread pools, dispatch caches) before the baseline
-before = high_water()
+before = resident_peak_kib()
 step(N, V, chunked).backward()
-print(high_water() - before)
+print(resident_peak_kib() - before)
 """
 
 
