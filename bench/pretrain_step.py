@@ -1,20 +1,30 @@
-"""Cost of distillation over plain training, measured side by side on the same batches.
+"""Cost of distillation over plain training, measured side by side on the same batches, at two vocabularies.
 
-    python -m bench.pretrain_step [--batch 16 --length 128 --rounds 5 --threads 0]
+    python -m bench.pretrain_step [--vocab 30522,128000] [--batch 16 --length 128 --rounds 3 --threads 0]
+                                  [--no-memory]
 
-Ratios (targets from the issue):
-  kd_step / mlm_step                              KD from the cached top-k + MLM vs a plain masked-LM step  (<= 1.15)
-  online_step / (teacher_forward + mlm_step)      cached KD + online hidden-state loss vs its two parts     (<= 1.10)
-A 3-layer MiniLM-shaped student (hidden 384, 12 heads, vocabulary 30522) and a 6-layer MiniLM-shaped
-teacher (random weights: timing does not depend on them). The batch is synthetic text in the real
-transfer-set format: the top-k ids/logits and log-sum-exp come from the teacher's forward, collated by
-kdlib.cache.collate_rows. Variants run interleaved, one of each per round; the median round is reported.
+Per vocabulary, the variants run interleaved, one of each per round, and the median round is reported:
+  mlm_step         a plain masked-LM student step (transformers' own loss on full logits)
+  kd_dense         KD from the cached top-k (`kd_topk` rest bucket) + `mlm_ce`, dense logits (chunked_logits: off)
+  kd_chunked       the same with the output layer chunked (chunked_logits: auto, the default)
+  teacher_forward  the frozen teacher's forward pass (hidden states kept)
+  online_step      kd_chunked + an online hidden-state loss on the teacher's forward
+Ratios (targets from the KD-cost issue): kd / mlm <= 1.10; online_step / (teacher_forward + mlm_step) <= 1.05.
+Peak memory: the growth of the resident set over one step of each variant, each in a fresh process
+(glibc told to return large blocks, so the peak follows live tensors); target kd <= 1.2x mlm.
+A 3-layer MiniLM-shaped student (hidden 384, 12 heads) and a 6-layer teacher of the same width (random
+weights: timing does not depend on them); the batch is synthetic text in the real transfer-set format
+(top-32 ids/logits and log-sum-exp from the teacher's forward, collated by kdlib.cache.collate_rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -28,18 +38,19 @@ from kdlib.training.inputs import Offer
 from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 
-VOCAB, HIDDEN, HEADS, FFN = 30522, 384, 12, 1536
+HIDDEN, HEADS, FFN, CHUNK = 384, 12, 1536, 256
+VARIANTS = ("mlm_step", "kd_dense", "kd_chunked", "teacher_forward", "online_step")
 
 
-def bert(layers: int, seed: int):
+def bert(layers: int, seed: int, vocab: int):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    return BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers,
+    return BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=layers,
                                       num_attention_heads=HEADS, intermediate_size=FFN))
 
 
-def make_batch(teacher, batch: int, length: int, top_k: int, seed: int) -> dict:
+def make_batch(teacher, vocab: int, batch: int, length: int, top_k: int, seed: int) -> dict:
     """Variable-length rows with 15% [MASK] positions and the teacher's top-k, collated like the trainer."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(length * 3 // 4, length + 1, size=batch)
@@ -47,10 +58,10 @@ def make_batch(teacher, batch: int, length: int, top_k: int, seed: int) -> dict:
     ids = torch.zeros((batch, length), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        ids[i, :n] = torch.from_numpy(rng.integers(1000, VOCAB, size=n))
+        ids[i, :n] = torch.from_numpy(rng.integers(1000, vocab, size=n))
         mask[i, :n] = 1
     outputs = TeacherOutputsConfig(top_k=top_k)
-    rows = rows_from_outputs(teacher_forward(teacher, ids, mask, outputs), ids, mask, outputs, VOCAB)
+    rows = rows_from_outputs(teacher_forward(teacher, ids, mask, outputs), ids, mask, outputs, vocab)
     for i, (row, n) in enumerate(zip(rows, lengths)):
         positions = np.sort(rng.choice(np.arange(1, n - 1), size=max(1, int(0.15 * n)), replace=False))
         row.update(id=str(i), input_ids=ids[i, :n].numpy().copy(), mlm_positions=positions,
@@ -59,26 +70,19 @@ def make_batch(teacher, batch: int, length: int, top_k: int, seed: int) -> dict:
     return collate_rows(rows, top_k=top_k, hidden_size=HIDDEN)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--top-k", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    teacher, student = bert(6, 0).eval(), bert(3, 1)
+def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, dict]:
+    """(variant name -> one step, the batch) on one student, teacher and optimizer."""
+    teacher, student = bert(6, 0, vocab).eval(), bert(3, 1, vocab)
     teacher.requires_grad_(False)
-    batch = make_batch(teacher, args.batch, args.length, args.top_k, 0)
-    tokens = int(batch["attention_mask"].sum())
-    cached = [ObjectiveConfig("kd_topk"), ObjectiveConfig("mlm_ce", weight=0.5)]
+    batch = make_batch(teacher, vocab, batch_size, length, top_k, 0)
+    cached = [ObjectiveConfig("kd_topk", params={"missing_mass": "rest_bucket"}), ObjectiveConfig("mlm_ce", weight=0.5)]
     topk = frozenset({"topk_ids", "topk_logits", "teacher_lse", "mlm_labels"})
-    kd = DistillModule(student, cached, Offer(online_teacher=False, cached=topk), teacher_width=HIDDEN, seed=0)
+    offer = Offer(online_teacher=False, cached=topk)
+    kd = {chunk: DistillModule(student, cached, offer, teacher_width=HIDDEN, seed=0, logit_chunk_size=chunk)
+          for chunk in (0, CHUNK)}
     online = DistillModule(student, cached + [ObjectiveConfig("hidden_mse")],
                            Offer(online_teacher=True, cached=topk, pairs=((2, 1), (4, 2), (6, 3))),
-                           teacher_width=HIDDEN, seed=0)
+                           teacher_width=HIDDEN, seed=0, logit_chunk_size=CHUNK)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     def update(loss):
@@ -86,39 +90,78 @@ def main(argv=None) -> None:
         loss.backward()
         opt.step()
 
-    def mlm_step():
-        update(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=batch["mlm_labels"]).loss)
-
     def teacher_step():
         with torch.no_grad():
             return run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False,
                              heads=HEADS)
 
-    def kd_step():
-        update(kd(batch)[0])
+    steps = {
+        "mlm_step": lambda: update(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           labels=batch["mlm_labels"]).loss),
+        "kd_dense": lambda: update(kd[0](batch)[0]),
+        "kd_chunked": lambda: update(kd[CHUNK](batch)[0]),
+        "teacher_forward": teacher_step,
+        "online_step": lambda: update(online(batch, teacher_step())[0]),
+    }
+    return steps, batch
 
-    def online_step():
-        update(online(batch, teacher_step())[0])
 
-    variants = {"mlm_step": mlm_step, "kd_step": kd_step, "teacher_forward": teacher_step, "online_step": online_step}
-    for fn in variants.values():  # warm-up: allocator, kernels, optimizer state
+def peak_in_fresh_process(variant: str, vocab: int, args) -> float:
+    """MiB the resident set grows by over one step (after a warm-up step), in its own process."""
+    code = ("import json, torch; from bench.pretrain_step import setup; from kdlib.speed import resident_peak_kib; "
+            f"torch.set_num_threads({torch.get_num_threads()}); "
+            f"steps, _ = setup({vocab}, {args.batch}, {args.length}, {args.top_k}); "
+            f"steps['{variant}'](); before = resident_peak_kib(); steps['{variant}'](); "
+            "print(json.dumps((resident_peak_kib() - before) / 1024))")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure(vocab: int, args) -> dict:
+    steps, batch = setup(vocab, args.batch, args.length, args.top_k)
+    for fn in steps.values():  # warm-up: allocator, kernels, optimizer state
         fn()
-    times = {name: [] for name in variants}
+    times = {name: [] for name in steps}
     for _ in range(args.rounds):
-        for name, fn in variants.items():
+        for name, fn in steps.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    print(f"batch {args.batch} x {args.length} ({tokens} real tokens), top-k {args.top_k}, "
-          f"threads {torch.get_num_threads()}, rounds {args.rounds} (median)")
-    for name, seconds in med.items():
-        print(f"  {name:16s} {seconds * 1000:9.1f} ms   {tokens / seconds:10,.0f} tokens/s")
-    kd_ratio = med["kd_step"] / med["mlm_step"]
-    online_ratio = med["online_step"] / (med["teacher_forward"] + med["mlm_step"])
-    print(f"kd_step / mlm_step                         = {kd_ratio:.3f}   (target <= 1.15)")
-    print(f"online_step / (teacher_forward + mlm_step) = {online_ratio:.3f}   (target <= 1.10)")
+    return {"tokens": int(batch["attention_mask"].sum()), "ms": {n: statistics.median(v) * 1000 for n, v in times.items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", default="30522,128000")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"batch {args.batch} x {args.length}, top-k {args.top_k}, chunk {CHUNK}, threads {torch.get_num_threads()}, "
+          f"rounds {args.rounds} (median)")
+    print("| vocabulary | step | ms | tokens/s | ms / mlm_step | peak MiB | peak / mlm_step |")
+    print("|---|---|---|---|---|---|---|")
+    summary = []
+    for vocab in (int(v) for v in args.vocab.split(",")):
+        result = measure(vocab, args)
+        ms, tokens = result["ms"], result["tokens"]
+        peaks = {} if args.no_memory else {v: peak_in_fresh_process(v, vocab, args) for v in VARIANTS}
+        for name in VARIANTS:
+            peak = f"{peaks[name]:,.0f} | {peaks[name] / peaks['mlm_step']:.2f}" if peaks else "- | -"
+            print(f"| {vocab:,} | {name} | {ms[name]:,.1f} | {tokens / ms[name] * 1000:,.0f} | "
+                  f"{ms[name] / ms['mlm_step']:.3f} | {peak} |")
+        summary.append((vocab, ms["kd_dense"] / ms["mlm_step"], ms["kd_chunked"] / ms["mlm_step"],
+                        ms["online_step"] / (ms["teacher_forward"] + ms["mlm_step"])))
+    print()
+    for vocab, dense, chunked, online in summary:
+        print(f"vocabulary {vocab:,}: kd_chunked / mlm_step = {chunked:.3f} (dense KD {dense:.3f}; target <= 1.10); "
+              f"online_step / (teacher_forward + mlm_step) = {online:.3f} (target <= 1.05)")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ class EngineConfig:
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
     deepspeed_json: Optional[str] = None  # a DeepSpeed JSON to start from; fields we also set must agree with ours
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and learning-rate schedule
+    chunked_logits: Literal["auto", "on", "off"] = "auto"  # output losses from the head's input, chunk by chunk, never holding (positions, vocabulary) logits (kdlib/losses/chunked.py); auto: on unless ZeRO-3 or a loss reading the student's logits has no chunked twin
+    logit_chunk_size: int = 256  # positions per chunk of the chunked output losses
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
@@ -76,6 +78,35 @@ class EngineConfig:
             raise ValueError(f"grad_accum: expected a positive integer, got {self.grad_accum}")
         if self.gradient_clipping < 0:
             raise ValueError(f"gradient_clipping: expected >= 0, got {self.gradient_clipping}")
+        if self.chunked_logits not in ("auto", "on", "off"):
+            raise ValueError(f"chunked_logits: expected auto, on or off, got {self.chunked_logits!r}")
+        if isinstance(self.logit_chunk_size, bool) or not isinstance(self.logit_chunk_size, int) \
+                or self.logit_chunk_size < 1:
+            raise ValueError(f"logit_chunk_size: expected a positive integer, got {self.logit_chunk_size!r}")
+
+
+def logit_chunk_size(engine: EngineConfig, objectives) -> int:
+    """Positions per chunk for the chunked output losses, or 0 for dense logits (engine.chunked_logits).
+
+    Chunking pays only when no loss needs the dense logits anyway, and ZeRO-3 partitions the output
+    projection's weight outside its module's forward, where the chunked losses read it. "on" with
+    either raises ValueError naming the field; "auto" then falls back to dense."""
+    from kdlib.losses import get_chunked, get_spec
+
+    if engine.chunked_logits == "off":
+        return 0
+    dense = [o.name for o in objectives if {"student_logits", "logits_a"} & set(get_spec(o.name).inputs())
+             and get_chunked(o.name) is None]
+    problem = None
+    if engine.zero_stage == 3:
+        problem = "ZeRO-3 partitions the output projection's weight, which the chunked losses read; use zero_stage 0-2"
+    elif dense:
+        problem = f"{', '.join(dense)} read(s) the student's full logits and have no chunked twin"
+    if problem is None:
+        return engine.logit_chunk_size
+    if engine.chunked_logits == "on":
+        raise ValueError(f"chunked_logits: on, but {problem} (set auto or off)")
+    return 0
 
 
 def deepspeed_config(cfg: EngineConfig, world_size: int, total_steps: int, *, source: str = "<config>",

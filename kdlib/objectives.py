@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-from kdlib.losses import get_spec, known_losses
+from kdlib.losses import get_chunked, get_spec, known_losses
 from kdlib.schedules import ScheduleConfig
 
 
@@ -110,13 +110,8 @@ def validate_objectives(objectives: Sequence[ObjectiveConfig]) -> list[Objective
     return objectives
 
 
-def evaluate_objective(objective: ObjectiveConfig, inputs: Mapping[str, Any], step: int = 0,
-                       total_steps: int = 1) -> Any:
-    """weight_at(step) * loss(**inputs it accepts, **params_at(step)); tuples (e.g. dml) are weighted elementwise.
-
-    ``inputs`` may hold more entries than the loss needs (one batch dict serves every objective); a
-    missing required input raises ValueError naming it.
-    """
+def _arguments(objective: ObjectiveConfig, inputs: Mapping[str, Any], step: int, total_steps: int) -> dict:
+    """The loss's keyword inputs from ``inputs`` (and the trainer's clock); ValueError naming a missing one."""
     spec = get_spec(objective.name)
     sig = inspect.signature(spec.fn)
     kwargs = {}
@@ -127,7 +122,42 @@ def evaluate_objective(objective: ObjectiveConfig, inputs: Mapping[str, Any], st
             kwargs[name] = step if name == "step" else total_steps
         elif sig.parameters[name].default is inspect.Parameter.empty:
             raise ValueError(f"objective {objective.name!r}: missing input {name!r}")
-    value = spec.fn(**kwargs, **objective.params_at(step, total_steps))
+    return kwargs
+
+
+def chunk_term(objective: ObjectiveConfig, inputs: Mapping[str, Any], step: int = 0,
+               total_steps: int = 1) -> Optional[tuple[float, Any, Any]]:
+    """(weight_at(step), ChunkTerm, the FactoredLogits it reads) when the objective reads factored student logits and its loss has a
+    chunked twin that serves these inputs; None otherwise (evaluate it with evaluate_objective)."""
+    from kdlib.losses.chunked import FactoredLogits
+
+    twin = get_chunked(objective.name)
+    kwargs = _arguments(objective, inputs, step, total_steps)
+    factored = [v for v in kwargs.values() if isinstance(v, FactoredLogits)]
+    if twin is None or len(factored) != 1:
+        return None
+    term = twin(**kwargs, **objective.params_at(step, total_steps))
+    return None if term is None else (objective.weight_at(step, total_steps), term, factored[0])
+
+
+def evaluate_objective(objective: ObjectiveConfig, inputs: Mapping[str, Any], step: int = 0,
+                       total_steps: int = 1) -> Any:
+    """weight_at(step) * loss(**inputs it accepts, **params_at(step)); tuples (e.g. dml) are weighted elementwise.
+
+    ``inputs`` may hold more entries than the loss needs (one batch dict serves every objective); a
+    missing required input raises ValueError naming it. Factored student logits
+    (kdlib.losses.chunked.FactoredLogits) go to the loss's chunked twin, or are materialised for a loss
+    without one.
+    """
+    from kdlib.losses.chunked import FactoredLogits, fused_loss
+
+    deferred = chunk_term(objective, inputs, step, total_steps)
+    if deferred is not None:
+        weight, term, logits = deferred
+        return fused_loss(logits, [term], [weight])[0]
+    kwargs = {k: v.dense() if isinstance(v, FactoredLogits) else v
+              for k, v in _arguments(objective, inputs, step, total_steps).items()}
+    value = get_spec(objective.name).fn(**kwargs, **objective.params_at(step, total_steps))
     w = objective.weight_at(step, total_steps)
     if isinstance(value, tuple):
         return tuple(w * v for v in value)

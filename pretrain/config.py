@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kdlib.engine import EngineConfig
+from kdlib.engine import EngineConfig, logit_chunk_size
 from kdlib.layer_maps import LayerMapConfig
 from kdlib.models import ModelConfig
 from kdlib.objectives import ObjectiveConfig, validate_objectives
@@ -43,6 +43,10 @@ class PretrainConfig(LoopConfig):
             if self.engine.zero_stage == 3:
                 raise ValueError("progressive: gates each layer's gradients on its parameters, which ZeRO-3 partitions "
                                  "away; use engine.zero_stage 0-2")
+        try:
+            logit_chunk_size(self.engine, self.objectives)
+        except ValueError as err:
+            raise ValueError(f"engine.{err}") from None
 
     @property
     def global_batch_per_rank(self) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kdlib.engine import logit_chunk_size
 from kdlib.models import ModelConfig, load_model
 from kdlib.progressive import ProgressiveTransfer
 from kdlib.training import loop
@@ -36,7 +37,8 @@ def build_module(cfg: PretrainConfig, setup: Setup) -> DistillModule:
     emd_temperature = cfg.layer_map.emd_temperature if cfg.layer_map is not None else 1.0
     progressive = ProgressiveTransfer(cfg.progressive, cfg.student.num_layers) if cfg.progressive is not None else None
     return DistillModule(student, cfg.objectives, setup.offer, teacher_width=setup.teacher_config.hidden_size,
-                         seed=cfg.seed, peer_factory=peer, emd_temperature=emd_temperature, progressive=progressive)
+                         seed=cfg.seed, peer_factory=peer, emd_temperature=emd_temperature, progressive=progressive,
+                         logit_chunk_size=logit_chunk_size(cfg.engine, cfg.objectives))
 
 
 def online_teacher(cfg: PretrainConfig, setup: Setup, module: DistillModule, device):

@@ -2,9 +2,10 @@
 
 Importing this package imports every loss module, which registers the losses.
 """
-from kdlib.losses.registry import (KINDS, LossSpec, UnknownLossError, get_loss, get_spec, known_losses,
-                                   register_loss)
+from kdlib.losses.registry import (KINDS, LossSpec, UnknownLossError, get_chunked, get_loss, get_spec, known_losses,
+                                   register_chunked, register_loss)
 from kdlib.losses import output, adaptive, topk, intermediate, attention, relational, emd, embedding  # noqa: F401  (registration)
+from kdlib.losses import chunked_twins  # noqa: F401,E402  (chunked twins of the output losses)
 from kdlib.losses.output import (hard_ce, kd_ce, kd_kl, logit_mse, mlm_ce, soft_kd_per_position,
                                  teacher_annealing_ce)
 from kdlib.losses.adaptive import (cwsm_weights, dynamic_temperature, flsw_weights, kd_dynamic_temperature,
@@ -18,7 +19,7 @@ from kdlib.losses.emd import bert_emd
 from kdlib.losses.embedding import pooled_contrastive, pooled_cosine, pooled_mse, pooled_relation_kl
 
 __all__ = [
-    "KINDS", "LossSpec", "UnknownLossError", "get_loss", "get_spec", "known_losses", "register_loss",
+    "KINDS", "LossSpec", "UnknownLossError", "get_chunked", "get_loss", "register_chunked", "get_spec", "known_losses", "register_loss",
     "hard_ce", "kd_ce", "kd_kl", "logit_mse", "mlm_ce", "soft_kd_per_position", "teacher_annealing_ce",
     "cwsm_weights", "dynamic_temperature", "flsw_weights", "kd_dynamic_temperature", "kd_prob_shift",
     "probability_shift", "MISSING_MASS_MODES", "kd_topk", "topk_kd_error_bound", "distilbert_cosine",

@@ -1,21 +1,26 @@
-"""Output-layer KD losses computed from the student's hidden states chunk by chunk over positions.
+"""Output-layer losses computed from the head's input chunk by chunk over positions, never holding (N, V).
 
-At a 30k-word vocabulary the student's (N, V) logits, their log-softmax and the logit gradient are the
-largest tensors of a KD step. These functions take the final hidden states ``hidden`` (N, H) at the real
-positions, the output projection ``weight`` (V, H) and ``bias`` (V,) or None, and never hold more than
-``chunk_size`` rows of (·, V) at once: a custom autograd Function computes, in its forward pass, each
-chunk's logits, the chunk's loss and its gradient with respect to those logits (by local autograd through
-the *existing* per-position loss, so the math lives in one place), and folds that gradient straight into
-grad_hidden (the chunk's rows), grad_weight (+= g^T h) and grad_bias (+= sum_rows g). Backward only scales
-the stored gradients by grad_output (the technique of Liger-Kernel's fused linear cross-entropy).
+At a 30k-128k vocabulary the student's (N, V) logits, their log-softmax and the logit gradient are the
+largest tensors of a KD step. Here the logits stay *factored*: `FactoredLogits` holds the head's input
+``hidden`` (..., H), its ``weight`` (V, H) and ``bias`` (V,) or None. A loss becomes a `ChunkTerm`: the
+rows it reads, a function giving the SUM of its per-position loss over some of those rows from their
+logits, and its denominator. `fused_loss` runs any number of terms in ONE pass over chunks of their
+rows: each chunk's logits are computed once (in float32, whatever the model's precision), every term
+adds its part, and the gradient with respect to the chunk's logits -- by local autograd through the
+*existing* per-position losses, so the math lives in one place -- is folded straight into
+grad_hidden (the chunk's rows), grad_weight (+= g^T h) and grad_bias (+= sum_rows g), accumulated in
+float32. Backward only scales the stored gradients by grad_output (the technique of Liger-Kernel's
+fused linear cross-entropy). A masked-LM step's `kd_topk` and `mlm_ce` thus share one projection.
 
-Each function returns exactly the mean the unchunked loss gives on ``hidden @ weight.T + bias``
-(``kd_topk``, ``kd_kl``, ``kd_ce``, ``mlm_ce``/``hard_ce`` with mask None), up to summation order.
-Teacher tensors are detached. Double backward is not supported: create_graph=True raises.
+The registered losses' chunked twins (kdlib/losses/chunked_twins.py) build the terms;
+`chunked_kd_topk` & co. below are the same on plain (N, H) rows. Each gives exactly the mean the
+unchunked loss gives on ``hidden @ weight.T + bias``, up to summation order. Teacher tensors are
+detached. Double backward is not supported: create_graph=True raises.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,68 +30,174 @@ from kdlib.losses._masking import check_temperature
 from kdlib.losses.output import soft_kd_per_position
 from kdlib.losses.topk import MISSING_MASS_MODES, topk_kd_per_position
 
-# (logits of one chunk (c, V), the chunk's rows in 0..N) -> SUM of the per-position loss over the chunk
+# (float32 logits of some of a term's rows (c, V), their slice in the term's 0..n) -> SUM of the loss there
 ChunkLoss = Callable[[Tensor, slice], Tensor]
 
 
-def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_loss: ChunkLoss, chunk_size: int,
-                denom: int, need: tuple[bool, bool, bool]):
-    """(loss, grad_hidden, grad_weight, grad_bias) of sum(chunk losses) / denom; grads only where ``need``."""
-    n = hidden.shape[0]
-    total = hidden.new_zeros(())
+def at_least_fp32(x: Tensor) -> Tensor:
+    """fp16 / bf16 logits in float32 (losses are computed in fp32); float32 and float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class FactoredLogits:
+    """logits = hidden @ weight.T + bias for a linear output head, not computed until someone needs them.
+
+    ``hidden`` (..., H) is the head's input at every position; `dense()` materialises the float32 logits
+    (..., V) once, for losses that have no chunked twin."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int):
+        if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"weight: expected (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected ({weight.shape[0]},) or None, got {tuple(bias.shape)}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+        self.hidden, self.weight, self.bias, self.chunk_size = hidden, weight, bias, chunk_size
+        self._dense: Optional[Tensor] = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(tuple(self.hidden.shape[:-1]) + (self.weight.shape[0],))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def dim(self) -> int:
+        return self.hidden.dim()
+
+    def rows(self) -> Tensor:
+        """(N, H): the head's input with the leading dimensions flattened."""
+        return self.hidden.reshape(-1, self.hidden.shape[-1])
+
+    def dense(self) -> Tensor:
+        if self._dense is None:
+            self._dense = at_least_fp32(F.linear(self.hidden, self.weight, self.bias))
+        return self._dense
+
+
+@dataclass
+class ChunkTerm:
+    """One loss over some rows of a FactoredLogits: sum over its rows of chunk_loss, divided by denom."""
+
+    rows: Tensor  # (n,) int64 indices into FactoredLogits.rows(), ascending, no repeats
+    chunk_loss: ChunkLoss
+    denom: int  # the mean's denominator (0: the term is 0)
+
+
+def _union(terms: Sequence[ChunkTerm]) -> tuple[Tensor, list[Tensor]]:
+    """The rows any term reads (ascending) and, per term, where its rows sit in that union."""
+    rows = [t.rows.long() for t in terms]
+    if len(rows) == 1:
+        return rows[0], [torch.arange(rows[0].numel(), device=rows[0].device)]
+    union = torch.unique(torch.cat(rows))  # sorted
+    return union, [torch.searchsorted(union, r) for r in rows]
+
+
+def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], terms: Sequence[ChunkTerm],
+                scales: Sequence[float], chunk_size: int, need: tuple[bool, bool, bool]):
+    """(values (len(terms),) float64 of sum/denom per term, grads of sum_t scale_t * value_t where ``need``)."""
+    union, where = _union(terms)
+    factors = [s / t.denom if t.denom else 0.0 for s, t in zip(scales, terms)]
+    sums = torch.zeros(len(terms), dtype=torch.float64, device=hidden.device)
     gh = torch.zeros_like(hidden) if need[0] else None
-    gw = torch.zeros_like(weight) if need[1] else None
-    gb = torch.zeros_like(bias) if need[2] else None
-    for start in range(0, n, chunk_size):
-        rows = slice(start, min(start + chunk_size, n))
-        h = hidden[rows]
+    gw = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
+                     device=weight.device) if need[1] else None
+    gb = torch.zeros(bias.shape, dtype=gw.dtype if gw is not None else torch.float32, device=bias.device) \
+        if need[2] else None
+    w, b = weight.detach(), None if bias is None else bias.detach()
+    for start in range(0, union.numel(), chunk_size):
+        stop = min(start + chunk_size, union.numel())
+        chunk_rows = union[start:stop]
+        h = hidden.detach()[chunk_rows]
         with torch.no_grad():
-            logits = F.linear(h.detach(), weight.detach(), None if bias is None else bias.detach())
+            logits = at_least_fp32(F.linear(h, w, b))
+        parts = []  # (term index, its slice, the chunk-local rows)
+        for i, pos in enumerate(where):
+            lo, hi = (int(x) for x in torch.searchsorted(pos, torch.tensor([start, stop], device=pos.device)))
+            if hi > lo:
+                parts.append((i, slice(lo, hi), pos[lo:hi] - start))
         if not any(need):
             with torch.no_grad():
-                total = total + chunk_loss(logits, rows)
+                for i, sl, local in parts:
+                    sums[i] += terms[i].chunk_loss(logits[local], sl).double()
             continue
         logits.requires_grad_(True)
         with torch.enable_grad():
-            loss = chunk_loss(logits, rows)
-            (g,) = torch.autograd.grad(loss, logits)
-        total = total + loss.detach()
-        del logits, loss  # free the chunk's graph (log-softmax etc.) before the next chunk
+            losses = [terms[i].chunk_loss(logits[local], sl) for i, sl, local in parts]
+            weighted = sum(factors[i] * loss for (i, _, _), loss in zip(parts, losses))
+            (g,) = torch.autograd.grad(weighted, logits) if parts else (torch.zeros_like(logits),)
+        for (i, _, _), loss in zip(parts, losses):
+            sums[i] += loss.detach().double()
+        del logits, losses, weighted  # free the chunk's graph (log-softmax etc.) before the next chunk
         if gh is not None:
-            gh[rows] = g @ weight.detach()
+            gh[chunk_rows] = (g.to(w.dtype) @ w).to(gh.dtype)
         if gw is not None:
-            gw.addmm_(g.t(), h.detach())
+            gw.addmm_(g.t().to(gw.dtype), h.to(gw.dtype))
         if gb is not None:
-            gb.add_(g.sum(0))
-    scale = 1.0 / max(denom, 1)
-    grads = tuple(None if x is None else x.mul_(scale) for x in (gh, gw, gb))
-    return (total * scale,) + grads
+            gb.add_(g.sum(0).to(gb.dtype))
+    values = torch.stack([sums[i] / t.denom if t.denom else sums[i] * 0 for i, t in enumerate(terms)])
+    grads = (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+    return values, grads
 
 
-class _ChunkedLinearLoss(torch.autograd.Function):
+class _FusedLinearLoss(torch.autograd.Function):
     """Gradients are produced in forward (chunk by chunk); backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_size, denom):
+    def forward(ctx, hidden, weight, bias, terms, scales, chunk_size):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        loss, gh, gw, gb = _chunk_loop(hidden, weight, bias, chunk_loss, chunk_size, denom, need)
-        ctx.save_for_backward(gh, gw, gb)
-        return loss
+        values, grads = _chunk_loop(hidden, weight, bias, terms, scales, chunk_size, need)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.present = tuple(g is not None for g in grads)
+        total = (values * torch.tensor(scales, dtype=values.dtype, device=values.device)).sum()
+        return total.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32), values
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_total, _grad_values):
         if torch.is_grad_enabled():  # create_graph=True: the second-order terms would silently be missing
             raise RuntimeError("chunked KD losses: double backward (create_graph=True) is not supported")
-        grads = tuple(None if g is None else g * grad_output for g in ctx.saved_tensors)
+        grads = tuple(g * grad_total.to(g.dtype) if present else None
+                      for g, present in zip(ctx.saved_tensors, ctx.present))
         return grads + (None, None, None)
 
 
-def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_loss: ChunkLoss, chunk_size: int,
-             denom: int) -> Tensor:
-    """Run the chunk loop through the autograd Function when a gradient is wanted, else plainly (eval)."""
+def fused_loss(logits: FactoredLogits, terms: Sequence[ChunkTerm], scales: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """(sum_t scales[t] * term_t with its gradient, the detached term values (len(terms),) float64)."""
+    hidden, weight, bias = logits.rows(), logits.weight, logits.bias
+    if not terms:
+        return hidden.new_zeros((), dtype=torch.float32), torch.zeros(0, dtype=torch.float64)
+    scales = [float(s) for s in scales]
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
-        return _ChunkedLinearLoss.apply(hidden, weight, bias, chunk_loss, chunk_size, denom)
-    return _chunk_loop(hidden, weight, bias, chunk_loss, chunk_size, denom, (False, False, False))[0]
+        total, values = _FusedLinearLoss.apply(hidden, weight, bias, list(terms), scales, logits.chunk_size)
+        return total, values.detach()
+    values, _ = _chunk_loop(hidden, weight, bias, terms, scales, logits.chunk_size, (False, False, False))
+    total = (values * torch.tensor(scales, dtype=values.dtype, device=values.device)).sum()
+    return total.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32), values
+
+
+def float_temperature(temperature) -> Optional[float]:
+    """The temperature as a float, or None when it is per position (a tensor of several values)."""
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1:
+            return None
+        temperature = float(temperature)
+    check_temperature(temperature)
+    return float(temperature)
+
+
+def _strict_temperature(temperature) -> float:
+    tau = float_temperature(temperature)
+    if tau is None:
+        raise ValueError(f"temperature: expected a float, got a tensor of shape {tuple(temperature.shape)}")
+    return tau
+
+
+def _single(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_loss: ChunkLoss, chunk_size: int,
+            n: int) -> Tensor:
+    """One term over all N rows of plain (N, H) ``hidden``: the mean of chunk_loss."""
+    rows = torch.arange(n, device=hidden.device)
+    return fused_loss(FactoredLogits(hidden, weight, bias, chunk_size), [ChunkTerm(rows, chunk_loss, n)], [1.0])[0]
 
 
 def _check_projection(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int) -> tuple[int, int]:
@@ -104,13 +215,6 @@ def _check_projection(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ch
     return hidden.shape[0], weight.shape[0]
 
 
-def _float_temperature(temperature: float) -> float:
-    if isinstance(temperature, Tensor) and temperature.numel() != 1:
-        raise ValueError(f"temperature: expected a float, got a tensor of shape {tuple(temperature.shape)}")
-    check_temperature(temperature)
-    return float(temperature)
-
-
 def chunked_kd_topk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], topk_ids: Tensor, topk_logits: Tensor,
                     teacher_lse: Tensor, *, temperature: float = 1.0,
                     missing_mass: Literal["renormalize", "rest_bucket"] = "renormalize",
@@ -120,7 +224,7 @@ def chunked_kd_topk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], topk
     Shapes: hidden (N, H), weight (V, H), bias (V,) or None, topk_ids/topk_logits (N, k), teacher_lse (N,).
     """
     n, v = _check_projection(hidden, weight, bias, chunk_size)
-    tau = _float_temperature(temperature)
+    tau = _strict_temperature(temperature)
     if missing_mass not in MISSING_MASS_MODES:
         raise ValueError(f"missing_mass: expected one of {list(MISSING_MASS_MODES)}, got {missing_mass!r}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != n:
@@ -140,13 +244,13 @@ def chunked_kd_topk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], topk
     def chunk_loss(s: Tensor, rows: slice) -> Tensor:
         return topk_kd_per_position(s, ids[rows], z[rows], lse[rows], v - k, tau, missing_mass).sum()
 
-    return _chunked(hidden, weight, bias, chunk_loss, chunk_size, n)
+    return _single(hidden, weight, bias, chunk_loss, chunk_size, n)
 
 
 def _chunked_soft(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Tensor,
                   temperature: float, chunk_size: int, form: str) -> Tensor:
     n, v = _check_projection(hidden, weight, bias, chunk_size)
-    tau = _float_temperature(temperature)
+    tau = _strict_temperature(temperature)
     if tuple(teacher_logits.shape) != (n, v):
         raise ValueError(f"teacher_logits: expected ({n}, {v}), got {tuple(teacher_logits.shape)}")
     t = teacher_logits.detach()
@@ -154,7 +258,7 @@ def _chunked_soft(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teache
     def chunk_loss(s: Tensor, rows: slice) -> Tensor:
         return soft_kd_per_position(s, t[rows].to(s.dtype), tau, form).sum()
 
-    return _chunked(hidden, weight, bias, chunk_loss, chunk_size, n)
+    return _single(hidden, weight, bias, chunk_loss, chunk_size, n)
 
 
 def chunked_kd_kl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Tensor, *,
@@ -191,4 +295,4 @@ def chunked_label_ce(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
     def chunk_loss(s: Tensor, rows: slice) -> Tensor:
         return -F.log_softmax(s, dim=-1).gather(-1, y[rows].unsqueeze(-1)).sum()
 
-    return _chunked(h, weight, bias, chunk_loss, chunk_size, h.shape[0])
+    return _single(h, weight, bias, chunk_loss, chunk_size, h.shape[0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 KINDS = ("output", "intermediate", "relational", "mutual")
 
@@ -68,6 +68,36 @@ def register_loss(name: str, *, kind: str, paper: str) -> Callable[[Callable[...
         return fn
 
     return deco
+
+
+_CHUNKED: dict[str, Callable[..., Any]] = {}
+
+
+def register_chunked(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding ``fn`` as the chunked twin of the registered loss ``name``.
+
+    A twin takes the same parameters as the loss (checked here: same names, kinds and option
+    defaults), receives the student logits as `kdlib.losses.chunked.FactoredLogits`, and returns a
+    `ChunkTerm` (or None when it cannot serve these inputs, e.g. a per-position temperature: the
+    dense loss then runs on materialised logits)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        dense = get_spec(name).fn
+        want = [(n, p.kind, p.default) for n, p in inspect.signature(dense).parameters.items()]
+        got = [(n, p.kind, p.default) for n, p in inspect.signature(fn).parameters.items()]
+        if want != got:
+            raise ValueError(f"chunked twin of {name!r}: expected the parameters of {dense.__name__} {want}, got {got}")
+        if name in _CHUNKED:
+            raise ValueError(f"loss {name!r} already has a chunked twin (in {_CHUNKED[name].__module__})")
+        _CHUNKED[name] = fn
+        return fn
+
+    return deco
+
+
+def get_chunked(name: str) -> Optional[Callable[..., Any]]:
+    """The chunked twin of loss ``name``, or None when it has none."""
+    return _CHUNKED.get(name)
 
 
 def known_losses() -> list[str]:

@@ -70,6 +70,8 @@ def math_hash(config) -> str:
         engine["optim"]["decay_steps"] = config.engine.optim.decay_steps or config.steps
         if engine["optim"].get("layer_decay") == 1.0:  # off hashes as before the option existed
             del engine["optim"]["layer_decay"]
+        for name in ("chunked_logits", "logit_chunk_size"):  # how the output layer is computed, not what
+            engine.pop(name, None)
     if reads_total_steps(config):
         data["steps"] = config.steps
     return config_hash(data)

@@ -233,7 +233,7 @@ def _teacher_heads(*parts: str) -> dict:
 
 PROVIDERS: dict[str, Provider] = {
     # outputs
-    "student_logits": Provider(BATCH, lambda x, s: x.student.logits, student_reads=frozenset({"logits"}),
+    "student_logits": Provider(BATCH, lambda x, s: x.student.loss_logits, student_reads=frozenset({"logits"}),
                                what="student logits"),
     "teacher_logits": Provider(BATCH, _teacher_logits,
                                available=_either("teacher_logits", "make the transfer set with "
@@ -247,7 +247,7 @@ PROVIDERS: dict[str, Provider] = {
                             what="cached teacher log-sum-exp"),
     "labels": Provider(BATCH, _labels, _labels_check, what="labels"),
     "mask": Provider(BATCH, _mask, what="attention mask"),
-    "logits_a": Provider(BATCH, lambda x, s: x.student.logits, student_reads=frozenset({"logits"}),
+    "logits_a": Provider(BATCH, lambda x, s: x.student.loss_logits, student_reads=frozenset({"logits"}),
                          what="student logits"),
     "logits_b": Provider(BATCH, lambda x, s: x.peer.logits, _peer_check, student_reads=frozenset({"peer"}),
                          what="a peer student's logits"),

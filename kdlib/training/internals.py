@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from kdlib.losses.chunked import FactoredLogits, at_least_fp32
+
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules (with query/key/value linears), in layer order."""
@@ -92,20 +94,66 @@ def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+# Model types whose logits are exactly get_output_embeddings()(head input): nothing after the projection
+# (no soft-capping, scaling or bias added outside it), so the projection can be left to the losses.
+FACTORABLE_HEADS = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "gpt2", "llama", "qwen2",
+                              "mistral"})
+
+
+def factorable_head(model: nn.Module) -> Optional[nn.Linear]:
+    """The model's output projection when its logits can be left factored (FACTORABLE_HEADS), else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in FACTORABLE_HEADS or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    return head if isinstance(head, nn.Linear) else None
+
+
+@contextmanager
+def factor_output_head(model: nn.Module, enabled: bool):
+    """Inside the block, the output projection sees zero positions, so the model returns (B, 0, V) logits,
+    and `store["hidden"]` holds what the projection would have read (B, T, H). Nothing is captured when
+    the projection is not called (e.g. MobileBERT multiplies by its weight directly): logits stay dense."""
+    store: dict[str, Tensor] = {}
+    head = factorable_head(model) if enabled else None
+    if head is None:
+        yield store, None
+        return
+
+    def hook(_module, args):
+        (x,) = args
+        store["hidden"] = x
+        return (x[..., :0, :],)
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield store, head
+    finally:
+        handle.remove()
+
+
 class ModelView:
     """One model's outputs for one batch, for the input providers: computed on demand, kept for the batch."""
 
-    def __init__(self, output, qkv: Optional[dict], heads: int, mask: Tensor):
+    def __init__(self, output, qkv: Optional[dict], heads: int, mask: Tensor, factored: Optional[FactoredLogits] = None):
         self.output, self.mask = output, mask
         self.views = AttentionViews(qkv, heads, mask) if qkv is not None else None
+        self.factored = factored
         self._logits: Optional[Tensor] = None
 
     @property
     def logits(self) -> Tensor:
-        """fp32 logits whatever the engine's precision (losses are computed in fp32)."""
+        """At least fp32 logits whatever the engine's precision (losses are computed in fp32 or wider)."""
+        if self.factored is not None:
+            return self.factored.dense()
         if self._logits is None:
-            self._logits = self.output.logits.float()
+            self._logits = at_least_fp32(self.output.logits)
         return self._logits
+
+    @property
+    def loss_logits(self):
+        """What the losses get: the factored logits when the head was left to them, else `logits`."""
+        return self.factored if self.factored is not None else self.logits
 
     def hidden(self, layer: int) -> Tensor:
         """(B, T, D) output of layer `layer` (0 = embeddings), as Hugging Face's hidden_states."""
@@ -116,8 +164,18 @@ class ModelView:
 
 
 def run_model(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, hidden: bool, qkv: bool,
-              heads: int) -> ModelView:
-    """Forward pass with what the objectives need captured; used for student, peer and online teacher alike."""
-    with capture_qkv(model, enabled=qkv) as store:
+              heads: int, chunk_size: int = 0) -> ModelView:
+    """Forward pass with what the objectives need captured; used for student, peer and online teacher alike.
+
+    chunk_size > 0 leaves a factorable output head's projection to the losses (kdlib.losses.chunked),
+    chunk_size positions at a time."""
+    with capture_qkv(model, enabled=qkv) as store, factor_output_head(model, chunk_size > 0) as (head_in, head):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
-    return ModelView(out, store if qkv else None, heads, attention_mask)
+    factored = None
+    if "hidden" in head_in:
+        if out.logits.shape[-2] != 0:
+            raise RuntimeError(f"{type(model).__name__}: the output projection's input was replaced, yet the "
+                               f"logits have {out.logits.shape[-2]} positions; remove its model type from "
+                               "FACTORABLE_HEADS")
+        factored = FactoredLogits(head_in["hidden"], head.weight, head.bias, chunk_size)
+    return ModelView(out, store if qkv else None, heads, attention_mask, factored)

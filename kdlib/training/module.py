@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from kdlib.objectives import ObjectiveConfig, evaluate_objective
+from kdlib.losses.chunked import fused_loss
+from kdlib.objectives import ObjectiveConfig, chunk_term, evaluate_objective
 from kdlib.progressive import ProgressiveTransfer
 from kdlib.training.inputs import ALL_LAYERS, ObjectivePlan, Offer, StepInputs, gather, plan_objective, \
     projection_groups, reads
@@ -93,7 +94,8 @@ class DistillModule(nn.Module):
 
     def __init__(self, student: nn.Module, objectives: list[ObjectiveConfig], offer: Offer, *,
                  teacher_width: int, seed: int, peer_factory: Optional[Callable[[], nn.Module]] = None,
-                 emd_temperature: float = 1.0, progressive: Optional[ProgressiveTransfer] = None):
+                 emd_temperature: float = 1.0, progressive: Optional[ProgressiveTransfer] = None,
+                 logit_chunk_size: int = 0):
         super().__init__()
         self.objectives, self.offer = objectives, offer
         self.plans = plan_objectives(objectives, offer)
@@ -107,6 +109,7 @@ class DistillModule(nn.Module):
         self.emd = EmdState(offer.teacher_layers, offer.student_layers, emd_temperature) \
             if any(p.scope == ALL_LAYERS for p in self.plans) else None
         self.progressive = progressive  # MobileBERT's layer-by-layer stages (kdlib.progressive), or None
+        self.logit_chunk_size = logit_chunk_size  # > 0: output losses with chunked twins share one chunked projection
         if progressive is not None:
             progressive.gate_gradients(self, student.config.num_hidden_layers)
 
@@ -121,24 +124,37 @@ class DistillModule(nn.Module):
             self.student.set_step(step, total_steps)
         if hasattr(self.student, "select"):  # a student that routes by batch (multi-task: the batch's task head)
             self.student.select(batch)
-        mine = run_model(self.student, ids, mask, hidden=self.want_hidden, qkv=self.want_qkv, heads=self.heads)
+        mine = run_model(self.student, ids, mask, hidden=self.want_hidden, qkv=self.want_qkv, heads=self.heads,
+                         chunk_size=self.logit_chunk_size)
         peer = run_model(self.peer, ids, mask, hidden=False, qkv=False, heads=self.heads) if self.peer else None
         x = StepInputs(batch, self.offer, student=mine, teacher=teacher, peer=peer, projections=self.projections,
                        emd=self.emd, step=step, total_steps=total_steps)
         layer = self.progressive.begin(step) if self.progressive is not None else None
         parts: dict[str, Tensor] = {}
+        fused = []  # (name, weight, ChunkTerm): losses on the factored logits, evaluated in one pass below
         for obj, plan in zip(self.objectives, self.plans):
             sites = self.progressive.sites(plan, layer) if self.progressive is not None else plan.sites
             if not sites:  # off in this progressive stage
                 parts[obj.name] = torch.zeros((), device=ids.device)
                 continue
+            if mine.factored is not None and len(sites) == 1:
+                deferred = chunk_term(obj, gather(plan, sites[0], x), step, total_steps)
+                if deferred is not None:
+                    fused.append((obj.name,) + deferred[:2])
+                    continue
             values = []
             for site in sites:
                 value = evaluate_objective(obj, gather(plan, site, x), step, total_steps)
                 values.append(sum(value) if isinstance(value, tuple) else value)  # dml: both students' losses
             parts[obj.name] = values[0] if len(values) == 1 else torch.stack(values).mean()
-        total = torch.stack(list(parts.values())).sum()
-        return total, parts
+        others = [parts[name] for name in parts]
+        if fused:  # one projection for kd_topk + mlm_ce; the parts are logged, the total carries the gradient
+            chunked, values = fused_loss(mine.factored, [t for _, _, t in fused], [w for _, w, _ in fused])
+            for (name, weight, _), value in zip(fused, values):
+                parts[name] = (weight * value).to(chunked.dtype)
+            others.append(chunked)
+        total = torch.stack(others).sum()
+        return total, {obj.name: parts[obj.name] for obj in self.objectives}
 
     # loss-side state: not weights, but part of what a step computes
     def statistics(self) -> Tensor:

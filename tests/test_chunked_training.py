@@ -1,0 +1,185 @@
+"""The chunked output layer in training: a DistillModule whose student head is left factored gives the
+dense module's loss, parts and gradients (float64, tiny BERT), never creates a (positions x vocabulary)
+tensor, computes the projection once for kd_topk + mlm_ce together, and is chosen by engine.chunked_logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import BertConfig, BertForMaskedLM
+
+from kdlib.config import from_dict
+from kdlib.engine import EngineConfig, logit_chunk_size
+from kdlib.errors import ConfigError
+from kdlib.objectives import ObjectiveConfig
+from kdlib.training.config import math_hash
+from kdlib.training.inputs import Offer
+from kdlib.training.internals import run_model
+from kdlib.training.module import DistillModule
+
+B, T, V, H, K = 3, 11, 97, 16, 6
+PATHS = {"transfer": "unused", "teacher": "unused"}  # configs only: nothing is loaded
+TOPK = frozenset({"topk_ids", "topk_logits", "teacher_lse", "mlm_labels"})
+
+
+def bert(layers: int, seed: int) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForMaskedLM(config).double()
+
+
+def batch_from(teacher) -> dict:
+    """Ragged rows (padding in 2 of 3), 15-30% masked-LM labels, the teacher's top-k from its own logits."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[2, 5:] = 0
+    labels = torch.full((B, T), -100)
+    for (r, c) in [(0, 1), (0, 4), (0, 9), (1, 2), (1, 6), (2, 3)]:
+        labels[r, c] = int(ids[r, c])
+        ids[r, c] = 4
+    with torch.no_grad():
+        logits = teacher(input_ids=ids, attention_mask=mask).logits
+    top = logits.topk(K, dim=-1)
+    return {"input_ids": ids, "attention_mask": mask, "mlm_labels": labels, "topk_ids": top.indices,
+            "topk_logits": top.values, "teacher_lse": logits.logsumexp(-1)}
+
+
+OBJECTIVE_SETS = {
+    "topk_rest_T2+mlm": ([ObjectiveConfig("kd_topk", params={"temperature": 2.0, "missing_mass": "rest_bucket"}),
+                          ObjectiveConfig("mlm_ce", weight=0.5)], False),
+    "topk_renorm+mlm+hidden": ([ObjectiveConfig("kd_topk"), ObjectiveConfig("mlm_ce", weight=0.3),
+                                ObjectiveConfig("hidden_mse", weight=2.0)], True),
+    "online_kl_T3+ce": ([ObjectiveConfig("kd_kl", params={"temperature": 3.0}),
+                         ObjectiveConfig("kd_ce", weight=0.25)], True),
+    "dense_and_chunked": ([ObjectiveConfig("kd_topk"), ObjectiveConfig("logit_mse", weight=0.1)], True),
+}
+
+
+def module(objectives, online: bool, chunk: int) -> DistillModule:
+    offer = Offer(online_teacher=online, cached=TOPK, pairs=((2, 1), (4, 2)), teacher_layers=4, student_layers=2)
+    return DistillModule(bert(2, seed=1), objectives, offer, teacher_width=H, seed=0, logit_chunk_size=chunk)
+
+
+def run(objectives, online: bool, chunk: int):
+    teacher = bert(4, seed=0).eval()
+    batch = batch_from(teacher)
+    m = module(objectives, online, chunk)
+    view = run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False, heads=4) \
+        if online else None
+    total, parts = m(batch, view)
+    grads = torch.autograd.grad(total, [p for p in m.parameters() if p.requires_grad])
+    return total, parts, grads
+
+
+def close(a, b, scale=1e-11):
+    """Absolute tolerance from the reference's magnitude (float64 throughout)."""
+    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=0,
+                               atol=scale * (1.0 + b.detach().abs().max().item()))
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 256])
+@pytest.mark.parametrize("name", list(OBJECTIVE_SETS))
+def test_factored_module_equals_dense_module(name, chunk):
+    objectives, online = OBJECTIVE_SETS[name]
+    total, parts, grads = run(objectives, online, chunk)
+    want_total, want_parts, want_grads = run(objectives, online, 0)
+    close(total, want_total)
+    assert list(parts) == list(want_parts) == [o.name for o in objectives]
+    for key in parts:
+        close(parts[key], want_parts[key])
+    assert len(grads) == len(want_grads)
+    for got, want in zip(grads, want_grads):
+        close(got, want)
+    assert want_total.item() > 0 and all(g.abs().max() > 0 for g in want_grads[:3])  # the comparison is not vacuous
+
+
+def test_student_view_is_factored_only_when_chunking():
+    teacher = bert(4, seed=0)
+    batch = batch_from(teacher)
+    student = bert(2, seed=1)
+    dense = run_model(student, batch["input_ids"], batch["attention_mask"], hidden=False, qkv=False, heads=4)
+    factored = run_model(student, batch["input_ids"], batch["attention_mask"], hidden=False, qkv=False, heads=4,
+                         chunk_size=8)
+    assert dense.factored is None and factored.factored is not None
+    assert factored.output.logits.shape == (B, 0, V)  # the model never projected
+    close(factored.logits, dense.logits)  # a loss without a twin still gets the exact dense logits
+
+
+class _Recorder(TorchDispatchMode):
+    """The largest tensor any aten op returns, and the (rows, V) matrix products (projections) it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.projected_rows = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in torch.utils._pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.dim() == 2 \
+                and out.shape[1] == V:
+            self.projected_rows += out.shape[0]
+        return out
+
+
+def test_no_positions_by_vocabulary_tensor_and_one_projection_for_kd_and_mlm():
+    objectives, _ = OBJECTIVE_SETS["topk_rest_T2+mlm"]
+    teacher = bert(4, seed=0)
+    batch = batch_from(teacher)
+    real = int(batch["attention_mask"].sum())
+    chunk = 4
+    m = module(objectives, False, chunk)
+    with _Recorder() as rec:
+        m(batch)[0].backward()
+    assert rec.largest <= max(chunk * V, V * H, B * T * 4 * H)  # one chunk of logits, the weight, activations
+    assert rec.projected_rows == real  # forward projections: each real position once, shared by both losses
+    dense = module(objectives, False, 0)
+    with _Recorder() as rec_dense:
+        dense(batch)[0].backward()
+    assert rec_dense.largest >= B * T * V
+
+
+def engine(**kw) -> EngineConfig:
+    return EngineConfig(**kw)
+
+
+def test_auto_chunks_only_where_it_pays():
+    kd = [ObjectiveConfig("kd_topk"), ObjectiveConfig("mlm_ce")]
+    assert logit_chunk_size(engine(), kd) == 256
+    assert logit_chunk_size(engine(logit_chunk_size=64), kd) == 64
+    assert logit_chunk_size(engine(zero_stage=3), kd) == 0
+    assert logit_chunk_size(engine(), kd + [ObjectiveConfig("logit_mse")]) == 0  # dense logits needed anyway
+    assert logit_chunk_size(engine(chunked_logits="off"), kd) == 0
+    assert logit_chunk_size(engine(chunked_logits="on"), [ObjectiveConfig("hidden_mse")]) == 256
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"engine.chunked_logits": "on", "engine.zero_stage": 3}, "field 'engine.chunked_logits': on, but ZeRO-3"),
+    ({"engine.chunked_logits": "on", "objectives": [{"name": "kd_topk"}, {"name": "logit_mse"}]},
+     "field 'engine.chunked_logits': on, but logit_mse"),
+    ({"engine.logit_chunk_size": 0}, "field 'engine.logit_chunk_size': expected a positive integer"),
+    ({"engine.chunked_logits": "yes"}, "field 'engine.chunked_logits'"),
+])
+def test_bad_settings_are_refused_naming_the_file_and_field(tmp_path, overrides, message):
+    from kdlib.config import load_config
+    from pretrain.config import PretrainConfig
+    from tests.transfer_fixture import base_config, write_config
+
+    path = write_config(base_config(PATHS, tmp_path / "run", **overrides), tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, PretrainConfig)
+    assert "bad.yaml" in str(err.value)
+
+
+def test_chunking_settings_do_not_change_the_math_hash(tmp_path):
+    from pretrain.config import PretrainConfig
+    from tests.transfer_fixture import base_config
+
+    hashes = {math_hash(from_dict(PretrainConfig, base_config(PATHS, tmp_path / "run", **o)))
+              for o in ({}, {"engine.chunked_logits": "off"}, {"engine.logit_chunk_size": 64})}
+    assert len(hashes) == 1
