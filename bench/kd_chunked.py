@@ -41,7 +41,7 @@ def inputs(vocab: int, positions: int, hidden: int, seed: int = 0) -> dict:
 
 def step(variant: str, x: dict) -> None:
     """Forward + backward of one variant's output layer; gradients land in h, w, b."""
-    from kdlib.losses.chunked import chunked_kd_topk
+    from kdlib.losses.chunked_twins import chunked_kd_topk
     from kdlib.losses.output import mlm_ce
     from kdlib.losses.topk import kd_topk
 

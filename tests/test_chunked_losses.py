@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdlib.losses.chunked import chunked_kd_ce, chunked_kd_kl, chunked_kd_topk, chunked_label_ce
+from kdlib.losses.chunked_twins import chunked_kd_ce, chunked_kd_kl, chunked_kd_topk, chunked_label_ce
 from kdlib.losses.output import kd_ce, kd_kl, mlm_ce
 from kdlib.losses.topk import kd_topk
 
@@ -237,7 +237,7 @@ def test_no_tensor_larger_than_one_chunk_of_logits(mm):
 MEMORY_SCRIPT = """
 import sys, torch
 from kdlib.speed import resident_peak_kib
-from kdlib.losses.chunked import chunked_kd_topk
+from kdlib.losses.chunked_twins import chunked_kd_topk
 from kdlib.losses.topk import kd_topk
 N, H, V, K, CHUNK = 2048, 32, 30522, 8, 256
 g = torch.Generator().manual_seed(0)

@@ -183,3 +183,78 @@ def test_chunking_settings_do_not_change_the_math_hash(tmp_path):
     hashes = {math_hash(from_dict(PretrainConfig, base_config(PATHS, tmp_path / "run", **o)))
               for o in ({}, {"engine.chunked_logits": "off"}, {"engine.logit_chunk_size": 64})}
     assert len(hashes) == 1
+
+
+MASK_2x9 = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+LABELS_2x9 = torch.tensor([[-100, 3, -100, -100, -100, 5, -100, -100, -100], [-100, -100, 40] + [-100] * 6])
+
+
+def factored_2x9():
+    """FactoredLogits over (2, 9) positions (3 of them padding) in float64, with its parameters."""
+    from kdlib.losses.chunked import FactoredLogits
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 9, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    return FactoredLogits(hidden, weight, bias, 5)
+
+
+def term_case(kind: str, temperature: float = 1.0, peaked: bool = False, full_k: bool = False):
+    """(FactoredLogits, a twin's ChunkTerm). peaked: the cached ids are the student's own top ids and its
+    logits are scaled up, so it keeps < 1% outside K (kd_topk's exact rest path); full_k: k = V."""
+    from kdlib.losses.chunked_twins import kd_kl_chunked, kd_topk_chunked, mlm_ce_chunked
+
+    logits = factored_2x9()
+    teacher = torch.randn(2, 9, V, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * 3
+    if kind == "kl":
+        return logits, kd_kl_chunked(logits, teacher, MASK_2x9, temperature=temperature)
+    if kind == "mlm":
+        return logits, mlm_ce_chunked(logits, LABELS_2x9, MASK_2x9)
+    if peaked:
+        with torch.no_grad():
+            logits.weight.mul_(6.0)
+    ids = (logits.dense().detach() if peaked else teacher).topk(V if full_k else K, dim=-1).indices
+    return logits, kd_topk_chunked(logits, ids, teacher.gather(-1, ids), teacher.logsumexp(-1), MASK_2x9,
+                                   temperature=temperature, missing_mass=kind)
+
+
+@pytest.mark.parametrize("kind, temperature, peaked, full_k", [
+    ("rest_bucket", 1.0, False, False), ("rest_bucket", 2.5, False, False), ("rest_bucket", 1.0, True, False),
+    ("rest_bucket", 2.5, True, False), ("renormalize", 1.0, False, False), ("renormalize", 0.5, True, False),
+    ("rest_bucket", 2.0, False, True), ("renormalize", 2.0, False, True), ("kl", 3.0, False, False),
+    ("mlm", 1.0, False, False)])
+def test_closed_form_gradients_equal_autograd_through_the_loss(kind, temperature, peaked, full_k):
+    """The twins' value_and_grad against autograd through the same per-position loss (the traced path)."""
+    from dataclasses import replace
+
+    from kdlib.losses.chunked import fused_loss
+
+    logits, term = term_case(kind, temperature, peaked, full_k)
+    if peaked:  # the fixture does reach kd_topk's exact rest path (student rest mass < 1e-2) at some rows
+        q = torch.softmax(logits.dense().detach() / temperature, -1)[MASK_2x9.bool()]
+        assert bool((1 - q.topk(K, -1).values.sum(-1) < 1e-2).any())
+    params = [logits.hidden, logits.weight, logits.bias]
+    closed = fused_loss(logits, [term], [1.3])[0]
+    traced = fused_loss(logits, [replace(term, value_and_grad=None)], [1.3])[0]
+    close(closed, traced)
+    for a, b in zip(torch.autograd.grad(closed, params), torch.autograd.grad(traced, params)):
+        close(a, b)
+        assert b.abs().max() > 0
+
+
+def test_closed_form_and_traced_terms_mix_in_one_pass():
+    from dataclasses import replace
+
+    from kdlib.losses.chunked import fused_loss
+    from kdlib.losses.chunked_twins import mlm_ce_chunked
+
+    logits, topk = term_case("rest_bucket", 2.0)
+    mlm = mlm_ce_chunked(logits, LABELS_2x9, MASK_2x9)
+    params = [logits.hidden, logits.weight, logits.bias]
+    both, values = fused_loss(logits, [topk, replace(mlm, value_and_grad=None)], [1.0, 0.4])
+    alone = [fused_loss(logits, [t], [1.0]) for t in (topk, mlm)]
+    close(values, torch.cat([alone[0][1], alone[1][1]]))
+    want = torch.autograd.grad(alone[0][0] + 0.4 * alone[1][0], params)
+    for a, b in zip(torch.autograd.grad(both, params), want):
+        close(a, b)

@@ -13,22 +13,20 @@ float32. Backward only scales the stored gradients by grad_output (the technique
 fused linear cross-entropy). A masked-LM step's `kd_topk` and `mlm_ce` thus share one projection.
 
 The registered losses' chunked twins (kdlib/losses/chunked_twins.py) build the terms;
-`chunked_kd_topk` & co. below are the same on plain (N, H) rows. Each gives exactly the mean the
+`chunked_kd_topk` & co. there are the same on plain (N, H) rows. Each gives exactly the mean the
 unchunked loss gives on ``hidden @ weight.T + bias``, up to summation order. Teacher tensors are
 detached. Double backward is not supported: create_graph=True raises.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdlib.losses._masking import check_temperature
-from kdlib.losses.output import soft_kd_per_position
-from kdlib.losses.topk import MISSING_MASS_MODES, topk_kd_per_position
 
 # (float32 logits of some of a term's rows (c, V), their slice in the term's 0..n) -> SUM of the loss there
 ChunkLoss = Callable[[Tensor, slice], Tensor]
@@ -83,6 +81,9 @@ class ChunkTerm:
     rows: Tensor  # (n,) int64 indices into FactoredLogits.rows(), ascending, no repeats
     chunk_loss: ChunkLoss
     denom: int  # the mean's denominator (0: the term is 0)
+    # optional closed form: (logits, slice) -> (SUM of the loss, its gradient w.r.t. those logits); saves the
+    # autograd graph's passes over (c, V). Must equal autograd through chunk_loss (tested in float64).
+    value_and_grad: Optional[Callable[[Tensor, slice], tuple[Tensor, Tensor]]] = None
 
 
 def _union(terms: Sequence[ChunkTerm]) -> tuple[Tensor, list[Tensor]]:
@@ -92,6 +93,11 @@ def _union(terms: Sequence[ChunkTerm]) -> tuple[Tensor, list[Tensor]]:
         return rows[0], [torch.arange(rows[0].numel(), device=rows[0].device)]
     union = torch.unique(torch.cat(rows))  # sorted
     return union, [torch.searchsorted(union, r) for r in rows]
+
+
+def _rows(logits: Tensor, local: Optional[Tensor]) -> Tensor:
+    """The chunk's logits at a term's rows (all of them without a copy when ``local`` is None)."""
+    return logits if local is None else logits[local]
 
 
 def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], terms: Sequence[ChunkTerm],
@@ -116,20 +122,41 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], terms: S
         for i, pos in enumerate(where):
             lo, hi = (int(x) for x in torch.searchsorted(pos, torch.tensor([start, stop], device=pos.device)))
             if hi > lo:
-                parts.append((i, slice(lo, hi), pos[lo:hi] - start))
+                local = pos[lo:hi] - start
+                parts.append((i, slice(lo, hi), None if hi - lo == stop - start else local))  # None: every row
         if not any(need):
             with torch.no_grad():
                 for i, sl, local in parts:
-                    sums[i] += terms[i].chunk_loss(logits[local], sl).double()
+                    sums[i] += terms[i].chunk_loss(_rows(logits, local), sl).double()
             continue
-        logits.requires_grad_(True)
-        with torch.enable_grad():
-            losses = [terms[i].chunk_loss(logits[local], sl) for i, sl, local in parts]
-            weighted = sum(factors[i] * loss for (i, _, _), loss in zip(parts, losses))
-            (g,) = torch.autograd.grad(weighted, logits) if parts else (torch.zeros_like(logits),)
-        for (i, _, _), loss in zip(parts, losses):
-            sums[i] += loss.detach().double()
-        del logits, losses, weighted  # free the chunk's graph (log-softmax etc.) before the next chunk
+        g = None
+        closed = [p for p in parts if terms[p[0]].value_and_grad is not None]
+        for i, sl, local in closed:
+            value, grad = terms[i].value_and_grad(_rows(logits, local), sl)
+            sums[i] += value.double()
+            if g is None and local is None:  # the term reads every row of the chunk
+                g = grad.mul_(factors[i])
+            else:
+                g = torch.zeros_like(logits) if g is None else g
+                if local is None:
+                    g.add_(grad, alpha=factors[i])
+                else:
+                    g.index_add_(0, local, grad, alpha=factors[i])
+            del grad
+        traced = [p for p in parts if terms[p[0]].value_and_grad is None]
+        if traced:
+            logits.requires_grad_(True)
+            with torch.enable_grad():
+                losses = [terms[i].chunk_loss(_rows(logits, local), sl) for i, sl, local in traced]
+                weighted = sum(factors[i] * loss for (i, _, _), loss in zip(traced, losses))
+                (g_traced,) = torch.autograd.grad(weighted, logits)
+            for (i, _, _), loss in zip(traced, losses):
+                sums[i] += loss.detach().double()
+            g = g_traced if g is None else g.add_(g_traced)
+            del losses, weighted, g_traced  # free the chunk's graph (log-softmax etc.) before the next chunk
+        del logits
+        if g is None:  # no term reads these rows (cannot happen: the chunk is a slice of the union)
+            continue
         if gh is not None:
             gh[chunk_rows] = (g.to(w.dtype) @ w).to(gh.dtype)
         if gw is not None:
@@ -184,115 +211,3 @@ def float_temperature(temperature) -> Optional[float]:
         temperature = float(temperature)
     check_temperature(temperature)
     return float(temperature)
-
-
-def _strict_temperature(temperature) -> float:
-    tau = float_temperature(temperature)
-    if tau is None:
-        raise ValueError(f"temperature: expected a float, got a tensor of shape {tuple(temperature.shape)}")
-    return tau
-
-
-def _single(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_loss: ChunkLoss, chunk_size: int,
-            n: int) -> Tensor:
-    """One term over all N rows of plain (N, H) ``hidden``: the mean of chunk_loss."""
-    rows = torch.arange(n, device=hidden.device)
-    return fused_loss(FactoredLogits(hidden, weight, bias, chunk_size), [ChunkTerm(rows, chunk_loss, n)], [1.0])[0]
-
-
-def _check_projection(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int) -> tuple[int, int]:
-    """(N, V) after checking hidden (N, H), weight (V, H), bias (V,) or None and chunk_size >= 1."""
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden: expected (N, H), got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight: expected (V, {hidden.shape[1]}), got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight: expected dtype {hidden.dtype} (as hidden), got {weight.dtype}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias: expected ({weight.shape[0]},) or None, got {tuple(bias.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-    return hidden.shape[0], weight.shape[0]
-
-
-def chunked_kd_topk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], topk_ids: Tensor, topk_logits: Tensor,
-                    teacher_lse: Tensor, *, temperature: float = 1.0,
-                    missing_mass: Literal["renormalize", "rest_bucket"] = "renormalize",
-                    chunk_size: int = 1024) -> Tensor:
-    """``kd_topk`` on logits = hidden @ weight.T + bias without materialising (N, V) for all rows.
-
-    Shapes: hidden (N, H), weight (V, H), bias (V,) or None, topk_ids/topk_logits (N, k), teacher_lse (N,).
-    """
-    n, v = _check_projection(hidden, weight, bias, chunk_size)
-    tau = _strict_temperature(temperature)
-    if missing_mass not in MISSING_MASS_MODES:
-        raise ValueError(f"missing_mass: expected one of {list(MISSING_MASS_MODES)}, got {missing_mass!r}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != n:
-        raise ValueError(f"topk_ids: expected ({n}, k), got {tuple(topk_ids.shape)}")
-    k = topk_ids.shape[1]
-    if topk_logits.shape != topk_ids.shape:
-        raise ValueError(f"topk_logits: expected {tuple(topk_ids.shape)}, got {tuple(topk_logits.shape)}")
-    if tuple(teacher_lse.shape) != (n,):
-        raise ValueError(f"teacher_lse: expected ({n},), got {tuple(teacher_lse.shape)}")
-    if k > v:
-        raise ValueError(f"topk_ids: expected k <= V={v}, got k={k}")
-    ids = topk_ids.long()
-    if n and bool(((ids < 0) | (ids >= v)).any()):
-        raise ValueError(f"topk_ids: expected ids in [0, {v})")
-    z, lse = topk_logits.detach().to(hidden.dtype), teacher_lse.detach().to(hidden.dtype)
-
-    def chunk_loss(s: Tensor, rows: slice) -> Tensor:
-        return topk_kd_per_position(s, ids[rows], z[rows], lse[rows], v - k, tau, missing_mass).sum()
-
-    return _single(hidden, weight, bias, chunk_loss, chunk_size, n)
-
-
-def _chunked_soft(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Tensor,
-                  temperature: float, chunk_size: int, form: str) -> Tensor:
-    n, v = _check_projection(hidden, weight, bias, chunk_size)
-    tau = _strict_temperature(temperature)
-    if tuple(teacher_logits.shape) != (n, v):
-        raise ValueError(f"teacher_logits: expected ({n}, {v}), got {tuple(teacher_logits.shape)}")
-    t = teacher_logits.detach()
-
-    def chunk_loss(s: Tensor, rows: slice) -> Tensor:
-        return soft_kd_per_position(s, t[rows].to(s.dtype), tau, form).sum()
-
-    return _single(hidden, weight, bias, chunk_loss, chunk_size, n)
-
-
-def chunked_kd_kl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Tensor, *,
-                  temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
-    """``kd_kl`` (T^2 * mean KL(teacher || student)) on hidden @ weight.T + bias, chunk by chunk.
-
-    teacher_logits (N, V): only ``chunk_size`` rows of it are converted / softmaxed at a time.
-    """
-    return _chunked_soft(hidden, weight, bias, teacher_logits, temperature, chunk_size, "kl")
-
-
-def chunked_kd_ce(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Tensor, *,
-                  temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
-    """``kd_ce`` (T^2 * mean soft cross-entropy) on hidden @ weight.T + bias, chunk by chunk."""
-    return _chunked_soft(hidden, weight, bias, teacher_logits, temperature, chunk_size, "ce")
-
-
-def chunked_label_ce(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
-                     ignore_index: int = -100, chunk_size: int = 1024) -> Tensor:
-    """``mlm_ce``/``hard_ce``: mean over rows with label != ignore_index of -log softmax(logits)[y].
-
-    The labelled rows are selected first (a masked-LM step labels ~15% of positions), so ignored rows
-    cost nothing, not even their logits; all rows ignored gives 0.
-    """
-    n, v = _check_projection(hidden, weight, bias, chunk_size)
-    if tuple(labels.shape) != (n,):
-        raise ValueError(f"labels: expected ({n},), got {tuple(labels.shape)}")
-    keep = labels != ignore_index
-    y = labels[keep].long()
-    if y.numel() and bool(((y < 0) | (y >= v)).any()):
-        raise ValueError(f"labels: expected ids in [0, {v}) or ignore_index={ignore_index}")
-    h = hidden[keep]
-
-    def chunk_loss(s: Tensor, rows: slice) -> Tensor:
-        return -F.log_softmax(s, dim=-1).gather(-1, y[rows].unsqueeze(-1)).sum()
-
-    return _single(h, weight, bias, chunk_loss, chunk_size, h.shape[0])

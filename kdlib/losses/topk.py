@@ -99,15 +99,16 @@ def _xlog_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(pos, p * diff, torch.zeros_like(p))
 
 
-def topk_kd_per_position(s: Tensor, ids: Tensor, z: Tensor, lse: Tensor, n: int, temperature: float,
-                         missing_mass: str) -> Tensor:
-    """Per-position T^2 * KL of the module docstring (inputs already sanitised)."""
+def _topk_kd_parts(s: Tensor, ids: Tensor, z: Tensor, lse: Tensor, n: int, temperature: float,
+                   missing_mass: str) -> dict:
+    """The per-position loss ("per", without the T^2) and the intermediates its gradient reuses."""
     tau = float(temperature)
     log_q = F.log_softmax(s / tau if tau != 1.0 else s, dim=-1)  # one pass over V; no copy at T = 1
     log_q_k = log_q.gather(-1, ids)
     if missing_mass == "renormalize":
         log_p_k = F.log_softmax(z / tau, dim=-1)
-        return (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1) * tau ** 2
+        return {"per": (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1), "log_q": log_q, "log_q_k": log_q_k,
+                "log_p_k": log_p_k}
     if missing_mass != "rest_bucket":
         raise ValueError(f"missing_mass: expected one of {list(MISSING_MASS_MODES)}, got {missing_mass!r}")
     log_r = _teacher_log_rest(z, lse, n)
@@ -118,10 +119,44 @@ def topk_kd_per_position(s: Tensor, ids: Tensor, z: Tensor, lse: Tensor, n: int,
     lse_t = torch.logsumexp(torch.cat([z / tau, log_rest_t.unsqueeze(-1)], dim=-1), dim=-1)
     log_p_k = z / tau - lse_t.unsqueeze(-1)
     per = (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1)
+    out = {"log_q": log_q, "log_q_k": log_q_k, "log_p_k": log_p_k}
     if n > 0:
         log_p_rest = log_rest_t - lse_t
-        per = per + _xlog_ratio(log_p_rest.exp(), log_p_rest, _student_log_rest(log_q, ids, log_q_k))
-    return per * tau ** 2
+        log_r_s = _student_log_rest(log_q, ids, log_q_k)
+        per = per + _xlog_ratio(log_p_rest.exp(), log_p_rest, log_r_s)
+        out.update(log_p_rest=log_p_rest, log_r_s=log_r_s)
+    out["per"] = per
+    return out
+
+
+def topk_kd_per_position(s: Tensor, ids: Tensor, z: Tensor, lse: Tensor, n: int, temperature: float,
+                         missing_mass: str) -> Tensor:
+    """Per-position T^2 * KL of the module docstring (inputs already sanitised)."""
+    return _topk_kd_parts(s, ids, z, lse, n, temperature, missing_mass)["per"] * float(temperature) ** 2
+
+
+@torch.no_grad()
+def topk_kd_value_and_grad(s: Tensor, ids: Tensor, z: Tensor, lse: Tensor, n: int, temperature: float,
+                           missing_mass: str) -> tuple[Tensor, Tensor]:
+    """(per-position loss, its gradient with respect to s) in closed form, for the chunked output layer.
+
+    With q = softmax(s/T), the teacher's (tempered, bucketed) p_k on K and p_rest on the rest bucket, and
+    the student's rest mass r_s: d loss / d s_j = T * (q_j - p_j) on K, and T * (q_j - p_rest q_j / r_s)
+    outside K (renormalize: p_rest = 0). q_j / r_s = exp(log q_j - log r_s) is formed in log space, so a
+    student that puts almost nothing outside K still gets its tail gradient. Tested against autograd
+    through topk_kd_per_position in float64.
+    """
+    tau = float(temperature)
+    parts = _topk_kd_parts(s, ids, z, lse, n, tau, missing_mass)
+    log_q = parts["log_q"]
+    on_k = parts["log_q_k"].exp() - parts["log_p_k"].exp()
+    if "log_r_s" in parts:  # rest bucket: every id outside K, then K overwritten
+        grad = torch.sub(log_q, parts["log_r_s"].unsqueeze(-1)).exp_()  # q_j / r_s (inf on K is overwritten)
+        grad.mul_((parts["log_r_s"].exp() - parts["log_p_rest"].exp()).unsqueeze(-1))
+    else:
+        grad = log_q.exp() if missing_mass == "renormalize" and n > 0 else torch.zeros_like(log_q)
+    grad.scatter_(-1, ids, on_k)
+    return parts["per"] * tau ** 2, grad.mul_(tau)
 
 
 @register_loss("kd_topk", kind="output",
