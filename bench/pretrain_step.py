@@ -10,8 +10,9 @@ Per vocabulary, the variants run interleaved, one of each per round, and the med
   teacher_forward  the frozen teacher's forward pass (hidden states kept)
   online_step      kd_chunked + an online hidden-state loss on the teacher's forward
 Ratios (targets from the KD-cost issue): kd / mlm <= 1.10; online_step / (teacher_forward + mlm_step) <= 1.05.
-Peak memory: the growth of the resident set over one step of each variant, each in a fresh process
-(glibc told to return large blocks, so the peak follows live tensors); target kd <= 1.2x mlm.
+Peak memory: the growth of the resident set over one step of each variant, each in a fresh process,
+after a warm-up step on a small batch (optimizer state, kernels), with glibc told to return large
+blocks, so the peak follows the step's live tensors; target kd <= 1.2x mlm.
 A 3-layer MiniLM-shaped student (hidden 384, 12 heads) and a 6-layer teacher of the same width (random
 weights: timing does not depend on them); the batch is synthetic text in the real transfer-set format
 (top-32 ids/logits and log-sum-exp from the teacher's forward, collated by kdlib.cache.collate_rows).
@@ -70,11 +71,12 @@ def make_batch(teacher, vocab: int, batch: int, length: int, top_k: int, seed: i
     return collate_rows(rows, top_k=top_k, hidden_size=HIDDEN)
 
 
-def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, dict]:
-    """(variant name -> one step, the batch) on one student, teacher and optimizer."""
+def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, dict, dict]:
+    """(variant name -> one step on the batch, the batch, the same steps on a 2 x 16 batch) on one student,
+    teacher and optimizer: the small batch warms up optimizer state and kernels without reaching the
+    big batch's activation peak, so a memory measurement after it sees the step's own peak."""
     teacher, student = bert(6, 0, vocab).eval(), bert(3, 1, vocab)
     teacher.requires_grad_(False)
-    batch = make_batch(teacher, vocab, batch_size, length, top_k, 0)
     cached = [ObjectiveConfig("kd_topk", params={"missing_mass": "rest_bucket"}), ObjectiveConfig("mlm_ce", weight=0.5)]
     topk = frozenset({"topk_ids", "topk_logits", "teacher_lse", "mlm_labels"})
     offer = Offer(online_teacher=False, cached=topk)
@@ -90,28 +92,31 @@ def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, d
         loss.backward()
         opt.step()
 
-    def teacher_step():
-        with torch.no_grad():
-            return run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False,
-                             heads=HEADS)
+    def steps_on(batch: dict) -> dict:
+        def teacher_step():
+            with torch.no_grad():
+                return run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False,
+                                 heads=HEADS)
 
-    steps = {
-        "mlm_step": lambda: update(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                           labels=batch["mlm_labels"]).loss),
-        "kd_dense": lambda: update(kd[0](batch)[0]),
-        "kd_chunked": lambda: update(kd[CHUNK](batch)[0]),
-        "teacher_forward": teacher_step,
-        "online_step": lambda: update(online(batch, teacher_step())[0]),
-    }
-    return steps, batch
+        return {
+            "mlm_step": lambda: update(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                               labels=batch["mlm_labels"]).loss),
+            "kd_dense": lambda: update(kd[0](batch)[0]),
+            "kd_chunked": lambda: update(kd[CHUNK](batch)[0]),
+            "teacher_forward": teacher_step,
+            "online_step": lambda: update(online(batch, teacher_step())[0]),
+        }
+
+    batch = make_batch(teacher, vocab, batch_size, length, top_k, 0)
+    return steps_on(batch), batch, steps_on(make_batch(teacher, vocab, 2, 16, top_k, 1))
 
 
 def peak_in_fresh_process(variant: str, vocab: int, args) -> float:
-    """MiB the resident set grows by over one step (after a warm-up step), in its own process."""
+    """MiB the resident set grows by over one step (after a warm-up step on a small batch), in its own process."""
     code = ("import json, torch; from bench.pretrain_step import setup; from kdlib.speed import resident_peak_kib; "
             f"torch.set_num_threads({torch.get_num_threads()}); "
-            f"steps, _ = setup({vocab}, {args.batch}, {args.length}, {args.top_k}); "
-            f"steps['{variant}'](); before = resident_peak_kib(); steps['{variant}'](); "
+            f"steps, _, small = setup({vocab}, {args.batch}, {args.length}, {args.top_k}); "
+            f"small['{variant}'](); before = resident_peak_kib(); steps['{variant}'](); "
             "print(json.dumps((resident_peak_kib() - before) / 1024))")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -119,7 +124,7 @@ def peak_in_fresh_process(variant: str, vocab: int, args) -> float:
 
 
 def measure(vocab: int, args) -> dict:
-    steps, batch = setup(vocab, args.batch, args.length, args.top_k)
+    steps, batch, _ = setup(vocab, args.batch, args.length, args.top_k)
     for fn in steps.values():  # warm-up: allocator, kernels, optimizer state
         fn()
     times = {name: [] for name in steps}

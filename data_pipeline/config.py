@@ -69,11 +69,14 @@ class PipelineConfig:
         t, o = self.teacher.task, self.teacher_outputs
         if o.top_k and t not in ("masked_lm", "causal_lm"):
             raise ValueError(f"teacher_outputs.top_k: vocabulary outputs need a masked_lm or causal_lm teacher, got task {t!r}")
+        if o.sampled_tokens and t not in ("masked_lm", "causal_lm"):
+            raise ValueError(f"teacher_outputs.sampled_tokens: vocabulary draws need a masked_lm or causal_lm teacher, "
+                             f"got task {t!r}")
         if o.dense_logits and t != "sequence_classification":
             raise ValueError(f"teacher_outputs.dense_logits: needs a sequence_classification teacher, got task {t!r}")
-        if not (o.top_k or o.dense_logits or o.hidden_layers or o.pooled or o.qkv_layers):
-            raise ValueError("teacher_outputs: nothing to cache (set top_k, dense_logits, hidden_layers, qkv_layers "
-                             "or pooled)")
+        if not (o.top_k or o.sampled_tokens or o.dense_logits or o.hidden_layers or o.pooled or o.qkv_layers):
+            raise ValueError("teacher_outputs: nothing to cache (set top_k, sampled_tokens, dense_logits, hidden_layers, "
+                             "qkv_layers or pooled)")
         if self.augment_model is not None and self.augment_model.task != "masked_lm":
             raise ValueError(f"augment_model.task: the TinyBERT MLM swap needs a masked_lm model, got "
                              f"{self.augment_model.task!r}")

@@ -30,6 +30,8 @@ from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource,
                                       build_vocabulary, pos_pairs, task_row)
 from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, read_manifest,
                          remove_partial_files, row_schema, verify_shards, write_manifest)
+from kdlib.cache.codec import TOPK_COLUMNS
+from kdlib.cache.sampling import REFERENCE_STUDENT_SCALE
 from kdlib.cache.shards import SHARD_DIR, column_bytes_per_position
 from kdlib.cache.vectors import merge_fidelity
 from kdlib.config import config_hash, save_resolved, to_dict
@@ -56,8 +58,12 @@ def content_hash(cfg: PipelineConfig) -> str:
     outputs = values["teacher_outputs"]
     if not outputs["qkv_layers"]:
         del outputs["qkv_layers"]
+    if not outputs["sampled_tokens"]:  # sets built before sampled caches keep their hash
+        del outputs["sampled_tokens"]
     if outputs["vector_encoding"] == "fp16":
         del outputs["vector_encoding"]
+    if outputs["topk_encoding"] == "fp16":  # sets built before topk_encoding keep their hash
+        del outputs["topk_encoding"]
     if values["masking"]["rows"] == 1.0:
         del values["masking"]["rows"]
     return config_hash(values)
@@ -149,7 +155,8 @@ def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
     o = cfg.teacher_outputs
     return dict(vocab_size=info["config"]["vocab_size"], top_k=o.top_k, dense_logits=o.dense_logits,
                 hidden_layers=list(o.hidden_layers), pooled=o.pooled is not None,
-                qkv_layers=list(o.qkv_layers), vector_encoding=o.vector_encoding,
+                qkv_layers=list(o.qkv_layers), vector_encoding=o.vector_encoding, sampled_tokens=o.sampled_tokens,
+                topk_encoding=o.topk_encoding,
                 has_labels=cfg.task is not None, has_mlm=cfg.corpus is not None and cfg.masking.prob > 0,
                 regression_labels=cfg.task_type == "regression", keep_text=cfg.keep_text)
 
@@ -221,6 +228,12 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
     fidelity = {"positions": positions,
                 "mean_kept_mass": sum(s.fidelity.get("kept_mass", 0.0) for s in shards) / positions if topk else None,
                 "mean_kl": sum(s.fidelity.get("kl", 0.0) for s in shards) / positions if topk else None}
+    if topk:  # of the logits as stored (topk_encoding), against the teacher's float32 ones
+        errors = [s.fidelity["max_logit_error"] for s in shards if "max_logit_error" in s.fidelity]
+        fidelity["max_logit_error"] = max(errors) if errors else None  # (None: shards written before it was kept)
+        fidelity["topk_encoding"] = o.topk_encoding
+    if positions and o.sampled_tokens:
+        fidelity["sampled"] = sampled_fidelity_summary([s.fidelity.get("sampled", {}) for s in shards], o)
     if o.hidden_layers or o.qkv_layers:
         fidelity["vectors"] = merge_fidelity([s.fidelity.get("vectors", {}) for s in shards])
         fidelity["vector_encoding"] = o.vector_encoding
@@ -234,9 +247,11 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
                  "vocab_size": c.get("vocab_size"), "num_layers": c.get("num_hidden_layers"),
                  "hidden_size": c.get("hidden_size"), "model_type": c.get("model_type")},
         tokenizer_fingerprint=info["tokenizer_fingerprint"], config=to_dict(cfg), config_hash=info["config_hash"],
-        cached={"top_k": o.top_k, "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
+        cached={"top_k": o.top_k, **({"sampled_tokens": o.sampled_tokens} if o.sampled_tokens else {}),
+                "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
                 **({"qkv_layers": list(o.qkv_layers)} if o.qkv_layers else {}),
                 **({"vector_encoding": o.vector_encoding} if o.hidden_layers or o.qkv_layers else {}),
+                **({"topk_encoding": o.topk_encoding} if o.top_k else {}),
                 "pooled": o.pooled, "labels": info["labels"] or None, "task_type": cfg.task_type if cfg.task else None,
                 "text": cfg.keep_text,
                 "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
@@ -247,6 +262,24 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
                 "bytes_per_position_by_column": column_bytes_per_position(out, shards, tokens)},
         fidelity=fidelity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def sampled_fidelity_summary(parts: list[dict], o) -> dict:
+    """Means over the fidelity positions of a sampled (or top-k + sampled tail) cache: TV between the teacher p
+    and the estimate the reader makes, and the estimated KD gradient against the dense one at a reference
+    student (kdlib/cache/sampling.py estimate_fidelity)."""
+    positions = sum(part.get("positions", 0) for part in parts)
+    mean = {name: sum(part.get(name, 0.0) for part in parts) / positions if positions else None
+            for name in ("tv", "grad_cosine", "grad_bias_norm", "grad_error_norm")}
+    # KL(p || estimate) is infinite, so recorded as null: the estimate carries all the mass (counts / N sum to 1,
+    # and with a top-k, r * counts / N sum to the missing mass r), so no leftover can be spread over the ids
+    # never drawn, which the teacher gives mass. TV and the gradient figures are the informative ones.
+    infinite = sum(part.get("kl_infinite", 0) for part in parts)
+    return {"positions": positions, "sampled_tokens": o.sampled_tokens, "tail": bool(o.top_k),
+            "mean_tv": mean["tv"], "mean_kl": None, "kl_infinite_positions": infinite,
+            "mean_grad_cosine": mean["grad_cosine"], "mean_grad_bias_norm": mean["grad_bias_norm"],
+            "mean_grad_error_norm": mean["grad_error_norm"],
+            "reference_student": f"{REFERENCE_STUDENT_SCALE} * teacher logits"}
 
 
 def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> Manifest:
@@ -294,11 +327,21 @@ def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> 
     t, f = manifest.totals, manifest.fidelity
     print(f"[data_pipeline] {t['rows']} rows, {t['tokens']:,} tokens in {len(manifest.shards)} shards, "
           f"{t['bytes'] / 1e6:.1f} MB ({t['bytes_per_position']:.1f} bytes/position), {t['seconds']}s"
-          + (f"; top-{cfg.teacher_outputs.top_k} kept mass {f['mean_kept_mass']:.4f}, KL {f['mean_kl']:.4f}"
+          + (f"; top-{cfg.teacher_outputs.top_k} ({f['topk_encoding']}, {topk_bytes(t):.1f} bytes/position) kept mass "
+             f"{f['mean_kept_mass']:.4f}, KL {f['mean_kl']:.4f}"
+             + (f", max logit error {f['max_logit_error']:.2g}" if f.get("max_logit_error") is not None else "")
              if f["mean_kept_mass"] is not None else "")
+          + (f"; {cfg.teacher_outputs.sampled_tokens} draws{' (tail)' if cfg.teacher_outputs.top_k else ''} TV "
+             f"{f['sampled']['mean_tv']:.4f}, gradient cosine {f['sampled']['mean_grad_cosine']:.4f}"
+             if "sampled" in f else "")
           + "".join(f"; {name} ({f['vector_encoding']}) cosine {v['mean_cosine']:.5f}, relative error "
                     f"{v['mean_relative_error']:.5f}" for name, v in f.get("vectors", {}).items()))
     return manifest
+
+
+def topk_bytes(totals: dict) -> float:
+    """Compressed bytes per position of the top-k columns (ids, logits or their q8 columns, log-sum-exp)."""
+    return sum(v for name, v in totals["bytes_per_position_by_column"].items() if name in TOPK_COLUMNS)
 
 
 # The last user error (kdlib.errors) named in a worker's traceback, and Beam's "[while running 'Step']" suffix.

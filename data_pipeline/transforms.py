@@ -219,26 +219,40 @@ class TeacherShard(beam.DoFn):
         yield info.name
 
     def _forward(self, batch: list[dict], fidelity: dict, rng: np.random.Generator, quota: int) -> list[dict]:
+        from kdlib.cache.sampling import position_samples, sampled_fidelity_sums
         from kdlib.cache.vectors import fidelity_sums, merge_sums, vector_names
-        from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_fidelity
+        from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_reconstruction
 
         outputs = self.cfg.teacher_outputs
         ids, mask = pad_sequences([r["input_ids"] for r in batch], self.pad_id)
         raw = teacher_forward(self.model, ids, mask, outputs)
+        # a row's teacher draws are seeded by the pipeline seed and its id alone: a rebuilt shard is byte-identical
+        seeds = [stable_hash(f"{self.cfg.seed}:samples:{r['id']}") for r in batch] if outputs.sampled_tokens else None
+        values = rows_from_outputs(raw, ids, mask, outputs, self.vocab_size, seeds=seeds)
         want = quota - fidelity["positions"]
         if want > 0:
             real = mask.flatten().nonzero().squeeze(-1).numpy()
             pick = np.sort(rng.choice(real, size=min(want, len(real), max(1, quota // 4)), replace=False))
             fidelity["positions"] += len(pick)
             if outputs.top_k:
-                kept, kl = topk_fidelity(raw["logits"].reshape(-1, raw["logits"].shape[-1])[torch.from_numpy(pick)],
-                                         outputs.top_k)
+                # of the logits as stored (fp16, or q8's decoded levels), so the manifest measures what is read back
+                kept, kl, error = topk_reconstruction(
+                    raw["logits"].reshape(-1, raw["logits"].shape[-1])[torch.from_numpy(pick)], outputs.top_k,
+                    outputs.topk_encoding)
                 fidelity["kept_mass"] += float(kept.double().sum())
                 fidelity["kl"] += float(kl.double().sum())
+                fidelity["max_logit_error"] = max(fidelity.get("max_logit_error", 0.0), float(error.max()))
+            if outputs.sampled_tokens:  # the estimate the reader makes from the stored draws of these positions
+                T = mask.shape[1]
+                part = sampled_fidelity_sums(
+                    raw["logits"].reshape(-1, raw["logits"].shape[-1])[torch.from_numpy(pick)],
+                    [position_samples(values[i // T], i % T) for i in pick.tolist()], outputs.top_k,
+                    outputs.sampled_tokens, outputs.topk_encoding)
+                old = fidelity.get("sampled", {})
+                fidelity["sampled"] = {key: old.get(key, 0) + value for key, value in part.items()}
             vectors = fidelity.setdefault("vectors", {})
             for name in vector_names(outputs.hidden_layers, outputs.qkv_layers):
                 x = teacher_vectors(raw, name)
                 part = fidelity_sums(x.reshape(-1, x.shape[-1])[torch.from_numpy(pick)].numpy(), outputs.vector_encoding)
                 vectors[name] = merge_sums(vectors.get(name), part)
-        values = rows_from_outputs(raw, ids, mask, outputs, self.vocab_size)
         return [dict(r, **v) for r, v in zip(batch, values)]

@@ -18,16 +18,20 @@ class TeacherOutputsConfig:
     """Which teacher outputs a transfer set caches."""
 
     top_k: int = 0  # vocabulary logits kept per position (0: none); with the full log-sum-exp per position
+    sampled_tokens: int = 0  # teacher draws per position (T=1, with replacement; 0: none), kept as ids + counts; with top_k: a tail outside it
     dense_logits: bool = False  # all logits of a classifier teacher (task transfer sets)
     hidden_layers: list[int] = field(default_factory=list)  # hidden states to keep (0 = embeddings, L = last layer)
     pooled: Optional[Literal["mean", "cls"]] = None  # a pooled sentence embedding (mean over the mask, or [CLS])
     qkv_layers: list[int] = field(default_factory=list)  # layers (1-based) whose attention query/key/value to keep (MiniLM, TinyBERT attention)
     vector_encoding: Literal["fp16", "int8"] = "fp16"  # how hidden / Q/K/V vectors are stored (kdlib/cache/vectors.py)
+    topk_encoding: Literal["fp16", "q8"] = "fp16"  # top-k storage: fp16 logits, or q8 (8-bit levels, delta-coded ids: kdlib/cache/codec.py)
     fidelity_positions: int = 2048  # positions sampled to measure what the top-k and the vector encoding lose
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
             raise ValueError(f"top_k: expected 0 (none) or a positive integer, got {self.top_k}")
+        if not 0 <= self.sampled_tokens <= 255:  # counts are stored as uint8
+            raise ValueError(f"sampled_tokens: expected 0 (none) to 255 draws per position, got {self.sampled_tokens}")
         if any(layer < 0 for layer in self.hidden_layers):
             raise ValueError(f"hidden_layers: expected layer indices >= 0, got {self.hidden_layers}")
         if len(set(self.hidden_layers)) != len(self.hidden_layers):
@@ -38,6 +42,8 @@ class TeacherOutputsConfig:
             raise ValueError(f"qkv_layers: expected distinct layers, got {self.qkv_layers}")
         if self.vector_encoding not in ("fp16", "int8"):
             raise ValueError(f"vector_encoding: expected fp16 or int8, got {self.vector_encoding!r}")
+        if self.topk_encoding not in ("fp16", "q8"):
+            raise ValueError(f"topk_encoding: expected fp16 or q8, got {self.topk_encoding!r}")
         if self.fidelity_positions < 0:
             raise ValueError(f"fidelity_positions: expected >= 0, got {self.fidelity_positions}")
 
@@ -140,6 +146,9 @@ def check_against_teacher(source: str, teacher_config: dict, *, outputs: Teacher
     if outputs is not None:
         if vocab is not None and outputs.top_k > vocab:
             fail(f"{outputs_path}.top_k", f"expected at most the teacher's vocabulary size {vocab}, got {outputs.top_k}")
+        if vocab is not None and outputs.sampled_tokens and outputs.top_k >= vocab:
+            fail(f"{outputs_path}.sampled_tokens", f"a sampled tail needs ids outside the top-k, but top_k "
+                 f"{outputs.top_k} covers the teacher's whole vocabulary of {vocab}")
         if layers is not None:
             bad = [h for h in outputs.hidden_layers if h > layers]
             if bad:

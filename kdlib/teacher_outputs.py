@@ -7,9 +7,13 @@ so the kept probability mass is exact and the rest can be treated explicitly by 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
+from kdlib.cache.codec import encode_sorted_ids, encode_topk, stored_topk_logits
+from kdlib.cache.sampling import sample_columns
 from kdlib.cache.schema import id_dtype
 from kdlib.cache.vectors import SCALE_SUFFIX, encode, vector_column, vector_names
 from kdlib.schemas import TeacherOutputsConfig
@@ -49,15 +53,24 @@ def topk_with_lse(logits_btv: torch.Tensor, k: int):
     return top.indices, top.values, torch.logsumexp(logits_btv, dim=-1)
 
 
-def topk_fidelity(logits_nv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_fidelity(logits_nv: torch.Tensor, k: int, encoding: str = "fp16") -> tuple[torch.Tensor, torch.Tensor]:
     """Per position: kept mass sum_topk p, and KL(p || p_hat) where p_hat keeps the top-k exactly and
     spreads the remaining mass evenly over the other V-k ids (the reconstruction the cache allows,
-    as the logits kept are stored in fp16)."""
+    from the logits as stored with `encoding`: fp16, or q8's decoded levels)."""
+    kept, kl, _ = topk_reconstruction(logits_nv, k, encoding)
+    return kept, kl
+
+
+def topk_reconstruction(logits_nv: torch.Tensor, k: int, encoding: str = "fp16"):
+    """topk_fidelity's kept mass and KL per position, and the largest |stored - teacher logit| of each
+    position's k entries (what the encoding itself loses)."""
     logits_nv = logits_nv.double()
     V = logits_nv.shape[-1]
     log_p = torch.log_softmax(logits_nv, dim=-1)
     top_ids, top_logits, lse = topk_with_lse(logits_nv, k)
-    stored = top_logits.half().double()  # what the cache holds
+    # what the cache holds (the teacher's float32 logits, as stored and decoded)
+    stored = torch.from_numpy(stored_topk_logits(top_logits.float().numpy(), encoding)).double()
+    error = (stored - top_logits).abs().amax(-1)
     log_p_top = stored - lse.unsqueeze(-1)
     kept = log_p_top.exp().sum(-1).clamp(max=1.0)
     if k < V:
@@ -66,20 +79,40 @@ def topk_fidelity(logits_nv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         fill = torch.full_like(log_p, -torch.inf)  # every id is overwritten below
     log_hat = fill.scatter(-1, top_ids, log_p_top)
     kl = (log_p.exp() * (log_p - log_hat)).sum(-1)
-    return kept.float(), kl.float()
+    return kept.float(), kl.float(), error.float()
 
 
 def rows_from_outputs(raw: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: TeacherOutputsConfig,
-                      vocab_size: int) -> list[dict]:
-    """Cut a batch's raw teacher tensors into per-row numpy values, dropping padding positions."""
+                      vocab_size: int, seeds: Optional[list[int]] = None) -> list[dict]:
+    """Cut a batch's raw teacher tensors into per-row numpy values, dropping padding positions. `seeds`: one
+    per row, seeding that row's teacher draws (needed with outputs.sampled_tokens; see kdlib/cache/sampling.py)."""
     lengths = attention_mask.sum(-1).tolist()
     rows = [dict() for _ in lengths]
+    if outputs.sampled_tokens:
+        if seeds is None or len(seeds) != len(lengths):
+            raise ValueError(f"seeds: sampled_tokens needs one seed per row ({len(lengths)}), got {seeds!r}")
+        # the same call as topk_with_lse's, so the excluded ids are exactly the cached top-k ones, ties included
+        top = torch.topk(raw["logits"], outputs.top_k, dim=-1, sorted=True).indices if outputs.top_k else None
+        for i, n in enumerate(lengths):
+            rows[i].update(sample_columns(raw["logits"][i, :n], outputs.sampled_tokens, seeds[i],
+                                          None if top is None else top[i, :n], id_dtype(vocab_size)))
+    if outputs.sampled_tokens and outputs.topk_encoding == "q8":  # the shard keeps differences (codec.py)
+        for row in rows:  # (sample_ids stays in the row: the pipeline's fidelity reads it; the schema drops it)
+            row["sample_id_deltas"] = encode_sorted_ids(row["sample_ids"], row["sample_sizes"], id_dtype(vocab_size))
     if outputs.top_k:
         ids, vals, lse = topk_with_lse(raw["logits"], outputs.top_k)
         ids_np = ids.numpy().astype(id_dtype(vocab_size))
         vals_np, lse_np = vals.numpy().astype(np.float16), lse.numpy().astype(np.float32)
-        for i, n in enumerate(lengths):
-            rows[i].update(topk_ids=ids_np[i, :n].reshape(-1), topk_logits=vals_np[i, :n].reshape(-1), lse=lse_np[i, :n])
+        if outputs.topk_encoding == "q8":  # kdlib/cache/codec.py: 8-bit levels, entries by id, ids delta-coded
+            B, T, k = ids.shape
+            coded = encode_topk(ids.reshape(-1, k).numpy(), vals.reshape(-1, k).numpy(), id_dtype(vocab_size))
+            coded = {name: v.reshape(B, T, -1) for name, v in coded.items()}
+            for i, n in enumerate(lengths):
+                rows[i].update({name: v[i, :n].reshape(-1) for name, v in coded.items()}, lse=lse_np[i, :n])
+        else:
+            for i, n in enumerate(lengths):
+                rows[i].update(topk_ids=ids_np[i, :n].reshape(-1), topk_logits=vals_np[i, :n].reshape(-1),
+                               lse=lse_np[i, :n])
     if outputs.dense_logits:
         dense = raw["logits"].numpy().astype(np.float32)
         for i in range(len(lengths)):

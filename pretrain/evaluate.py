@@ -16,16 +16,24 @@ def batches(load, indices: list[int], size: int, device):
         yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def teacher_top1(batch: dict) -> torch.Tensor:
+    """(B, T) the teacher's top-1 id: the cached top-k's first, else the id of largest sampled weight."""
+    if "topk_ids" in batch:
+        return batch["topk_ids"][..., 0]
+    return batch["sparse_ids"].gather(-1, batch["sparse_weights"].argmax(-1, keepdim=True)).squeeze(-1)
+
+
 @torch.no_grad()
 def top1_agreement(student, load, indices: list[int], size: int, device) -> float:
-    """Fraction of real positions where argmax of the student's logits equals the teacher's top-1 id."""
+    """Fraction of real positions where argmax of the student's logits equals the teacher's top-1 id (a cache of
+    teacher draws only, without a top-k, knows it by its most drawn id: the sparse estimate's argmax)."""
     was_training = student.training
     student.eval()
     agree = total = 0
     for batch in batches(load, indices, size, device):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         real = batch["attention_mask"].bool()
-        agree += int(((logits.argmax(-1) == batch["topk_ids"][..., 0]) & real).sum())
+        agree += int(((logits.argmax(-1) == teacher_top1(batch)) & real).sum())
         total += int(real.sum())
     student.train(was_training)
     return agree / max(total, 1)

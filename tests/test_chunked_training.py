@@ -211,6 +211,15 @@ def term_case(kind: str, temperature: float = 1.0, peaked: bool = False, full_k:
         return logits, kd_kl_chunked(logits, teacher, MASK_2x9, temperature=temperature)
     if kind == "mlm":
         return logits, mlm_ce_chunked(logits, LABELS_2x9, MASK_2x9)
+    if kind == "sparse":  # 4 sampled ids per position, the last one padding (weight 0, a repeated id)
+        from kdlib.losses.chunked_twins import kd_sparse_chunked
+
+        ids = torch.stack([torch.randperm(V, generator=torch.Generator().manual_seed(i))[:4] for i in range(18)])
+        ids = ids.reshape(2, 9, 4)
+        ids[..., 3] = ids[..., 0]
+        weights = torch.rand(2, 9, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        weights[..., 3] = 0
+        return logits, kd_sparse_chunked(logits, ids, weights / weights.sum(-1, keepdim=True), MASK_2x9)
     if peaked:
         with torch.no_grad():
             logits.weight.mul_(6.0)
@@ -223,7 +232,7 @@ def term_case(kind: str, temperature: float = 1.0, peaked: bool = False, full_k:
     ("rest_bucket", 1.0, False, False), ("rest_bucket", 2.5, False, False), ("rest_bucket", 1.0, True, False),
     ("rest_bucket", 2.5, True, False), ("renormalize", 1.0, False, False), ("renormalize", 0.5, True, False),
     ("rest_bucket", 2.0, False, True), ("renormalize", 2.0, False, True), ("kl", 3.0, False, False),
-    ("mlm", 1.0, False, False)])
+    ("mlm", 1.0, False, False), ("sparse", 1.0, False, False)])
 def test_closed_form_gradients_equal_autograd_through_the_loss(kind, temperature, peaked, full_k):
     """The twins' value_and_grad against autograd through the same per-position loss (the traced path)."""
     from dataclasses import replace

@@ -14,7 +14,7 @@ EXPECTED = {
     "hidden_mse", "kd_ce", "kd_dynamic_temperature", "kd_kl", "kd_prob_shift", "kd_topk", "logit_mse",
     "minilmv2_relations", "mlm_ce", "nst_mmd", "pkd_patient", "rkd_angle", "rkd_distance",
     "teacher_annealing_ce", "value_relation_kl",
-    "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl",
+    "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl", "kd_sparse",
 }
 
 

@@ -34,7 +34,7 @@ PARAMS = {"minilmv2_relations": {"relation_heads": 4}}  # divides student width 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     return build_transfer_set(tmp_path_factory.mktemp("losses_fixture"), rows=96, teacher_steps=20,
-                              hidden_layers=(0, 2, 4), pooled="mean", dropout=0.0)
+                              hidden_layers=(0, 2, 4), pooled="mean", dropout=0.0, sampled_tokens=16)
 
 
 def one_step(paths, out, monkeypatch, objectives, **overrides):
@@ -118,6 +118,7 @@ def expected(name: str, r, cfg) -> torch.Tensor:
     b = r.batch
     direct = {
         "kd_topk": lambda: f(r.s_logits, b["topk_ids"], b["topk_logits"], b["teacher_lse"], r.mask),
+        "kd_sparse": lambda: f(r.s_logits, b["sparse_ids"], b["sparse_weights"], r.mask),
         "mlm_ce": lambda: f(r.s_logits, r.labels, r.mask),
         "hard_ce": lambda: f(r.s_logits, r.labels, r.mask),
         "kd_kl": lambda: f(r.s_logits, r.t_logits, r.mask),

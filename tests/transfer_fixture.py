@@ -93,24 +93,26 @@ def train_teacher(model, sequences: list[list[int]], mask_id: int, steps: int, s
 
 def build_transfer_set(root: Path, *, rows: int = 320, top_k: int = 8, seed: int = 0, teacher_steps: int = 60,
                        shards: int = 2, teacher_seed: int = 0, hidden_layers: tuple = (), pooled: str | None = None,
-                       dropout: float | None = None, qkv_layers: tuple = (), vector_encoding: str = "fp16") -> dict:
+                       dropout: float | None = None, qkv_layers: tuple = (), vector_encoding: str = "fp16",
+                       sampled_tokens: int = 0) -> dict:
     """Teacher folder + transfer set under `root`; returns their paths. `hidden_layers` / `qkv_layers` / `pooled`
-    cache those teacher outputs too (vectors stored with `vector_encoding`); `dropout` (e.g. 0.0) is written into
-    the teacher's config, which students copy."""
+    cache those teacher outputs too (vectors stored with `vector_encoding`), `sampled_tokens` teacher draws per
+    position (a tail outside the top-k); `dropout` (e.g. 0.0) is written into the teacher's config, which students
+    copy."""
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CI has 2 cores; more threads than cores makes a tiny model 10x slower
     try:
         return _build(root, rows, top_k, seed, teacher_steps, shards, teacher_seed, tuple(hidden_layers), pooled,
-                      dropout, tuple(qkv_layers), vector_encoding)
+                      dropout, tuple(qkv_layers), vector_encoding, sampled_tokens)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, shards: int, teacher_seed: int,
            hidden_layers: tuple, pooled: str | None, dropout: float | None, qkv_layers: tuple = (),
-           vector_encoding: str = "fp16") -> dict:
+           vector_encoding: str = "fp16", sampled_tokens: int = 0) -> dict:
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     torch.manual_seed(seed)
@@ -128,7 +130,8 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
     rng = np.random.default_rng(seed + 1)
     picked = rng.choice(len(sequences), size=rows, replace=False)
     outputs = TeacherOutputsConfig(top_k=top_k, hidden_layers=list(hidden_layers), pooled=pooled,
-                                   qkv_layers=list(qkv_layers), vector_encoding=vector_encoding)
+                                   qkv_layers=list(qkv_layers), vector_encoding=vector_encoding,
+                                   sampled_tokens=sampled_tokens)
     vocab = model.config.vocab_size
     all_rows = []
     for start in range(0, rows, 64):
@@ -136,7 +139,8 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
         masked = [mask_sequence(s, rng, tokenizer.mask_token_id) for _, s in batch]
         ids, mask = pad([m for m, _, _ in masked])
         raw = teacher_forward(model, ids, mask, outputs)
-        for j, row in enumerate(rows_from_outputs(raw, ids, mask, outputs, vocab)):
+        seeds = [seed * 1_000_003 + start + j for j in range(len(batch))] if sampled_tokens else None
+        for j, row in enumerate(rows_from_outputs(raw, ids, mask, outputs, vocab, seeds=seeds)):
             n = start + j
             # zero-padded ids keep the global order = generation order (rows_to_table sorts by id)
             row.update(id=f"row-{n:06d}", source_id=batch[j][0], augmentation="original",
@@ -144,7 +148,8 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
                        mlm_labels=masked[j][2])
             all_rows.append(row)
     schema = row_schema(vocab_size=vocab, top_k=top_k, hidden_layers=list(hidden_layers), pooled=pooled is not None,
-                        has_mlm=True, qkv_layers=list(qkv_layers), vector_encoding=vector_encoding)
+                        has_mlm=True, qkv_layers=list(qkv_layers), vector_encoding=vector_encoding,
+                        sampled_tokens=sampled_tokens)
     out = root / "transfer"
     infos = []
     per = -(-rows // shards)
@@ -157,7 +162,8 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
                  "vocab_size": vocab, "num_layers": 4, "hidden_size": 32},
         tokenizer_fingerprint=tokenizer_fingerprint(teacher_dir), config={"fixture": True}, config_hash="fixture",
         cached={"top_k": top_k, "dense_logits": False, "hidden_layers": list(hidden_layers), "pooled": pooled,
-                "labels": False, "mlm": True, "qkv_layers": list(qkv_layers), "vector_encoding": vector_encoding},
+                "labels": False, "mlm": True, "qkv_layers": list(qkv_layers), "vector_encoding": vector_encoding,
+                **({"sampled_tokens": sampled_tokens} if sampled_tokens else {})},
         dtypes={"topk_ids": "uint16", "topk_logits": "float16", "lse": "float32"}, max_length=SEQ_LEN, shards=infos,
         totals={"rows": rows, "tokens": sum(i.tokens for i in infos), "bytes": sum(i.bytes for i in infos)},
         fidelity={}, created="fixture")

@@ -26,8 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from kdlib.cache.codec import Q8_COLUMNS, decode_sorted_ids, decode_topk
 from kdlib.cache.manifest import (Manifest, check_fingerprints, check_shard_digest, missing_shard, read_manifest,
                                   verify_shards)
+from kdlib.cache.sampling import sparse_targets
 from kdlib.cache.vectors import SCALE_SUFFIX, decode, is_vector_column, vector_names
 from kdlib.errors import CacheError
 from kdlib.padding import pad_flat, pad_sequences, row_lengths
@@ -113,6 +115,7 @@ class TransferSet:
         self._max_open = max_open_shards
         self._columns = columns
         self.top_k = int(self.manifest.cached.get("top_k") or 0)
+        self.sampled_tokens = int(self.manifest.cached.get("sampled_tokens") or 0)
         self.hidden_size = int(self.manifest.teacher.get("hidden_size") or 0)
 
     def __len__(self) -> int:
@@ -192,7 +195,8 @@ class TransferSet:
 
     def collate(self, rows: list[dict], pad_id: int = 0) -> dict:
         """Pad a list of rows to the longest one: (B, T) ids and mask, (B, T, k) top-k, (B, T, H) hidden."""
-        return collate_rows(rows, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id)
+        return collate_rows(rows, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id,
+                            sampled_tokens=self.sampled_tokens)
 
     def batch(self, indices: Iterable[int], pad_id: int = 0) -> dict:
         """Exactly collate(rows(indices)), without building row dicts: columns are sliced from the shards' arrays."""
@@ -202,16 +206,18 @@ class TransferSet:
         if not shards or any(s.valid for s in shards):  # nulls: the row path's behaviour
             return self.collate([s.row(local) for s, (_, local) in zip(shards, located)], pad_id=pad_id)
         columns = {name: [s.value(name, local) for s, (_, local) in zip(shards, located)] for name in shards[0].names}
-        return _collate_columns(columns, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id)
+        return _collate_columns(columns, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id,
+                                sampled_tokens=self.sampled_tokens)
 
 
-def collate_rows(rows: list[dict], *, top_k: int, hidden_size: int, pad_id: int = 0) -> dict:
+def collate_rows(rows: list[dict], *, top_k: int, hidden_size: int, pad_id: int = 0, sampled_tokens: int = 0) -> dict:
     """Dynamic padding: every per-position tensor is cut to the longest row of this batch."""
     return _collate_columns({name: [r[name] for r in rows] for name in rows[0]}, top_k=top_k,
-                            hidden_size=hidden_size, pad_id=pad_id)
+                            hidden_size=hidden_size, pad_id=pad_id, sampled_tokens=sampled_tokens)
 
 
-def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, pad_id: int) -> dict:
+def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, pad_id: int,
+                     sampled_tokens: int = 0) -> dict:
     """The batch from per-row values by column (keys in the rows' column order)."""
     input_ids, attention_mask = pad_sequences(columns["input_ids"], pad_id)
     lengths = row_lengths(columns["input_ids"])
@@ -228,6 +234,17 @@ def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, 
             topk_logits=torch.from_numpy(pad_flat(columns["topk_logits"], lengths, T, dtype=np.float32, width=top_k,
                                                   name="topk_logits")),
             teacher_lse=torch.from_numpy(pad_flat(columns["lse"], lengths, T, dtype=np.float32, name="lse")))
+    elif top_k and "topk_id_deltas" in columns:  # topk_encoding q8: decoded to the same keys and layout
+        batch.update(_q8_topk(columns, lengths, T, top_k))
+    if "sample_id_deltas" in columns:  # topk_encoding q8: the sampled ids, delta-coded (kdlib/cache/codec.py)
+        columns = dict(columns, sample_ids=_sample_ids(columns["sample_id_deltas"], columns["sample_sizes"]))
+    if sampled_tokens and "sample_ids" in columns:  # weights estimating the teacher: kdlib/cache/sampling.py
+        if top_k and "topk_ids" not in batch:
+            raise ValueError("sample_ids: a top-k + sampled-tail cache needs its top-k columns to weigh the tail")
+        topk = (batch["topk_ids"], batch["topk_logits"], batch["teacher_lse"]) if top_k else None
+        ids, weights = sparse_targets(columns["sample_ids"], columns["sample_counts"], columns["sample_sizes"],
+                                      lengths, T, sampled_tokens, topk)
+        batch.update(sparse_ids=torch.from_numpy(ids), sparse_weights=torch.from_numpy(weights))
     if "logits" in columns:
         batch["teacher_logits"] = _stack(columns["logits"])
     for name in [k for k in columns if is_vector_column(k)]:  # hidden_<l>, query_<l>, key_<l>, value_<l>
@@ -239,6 +256,27 @@ def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, 
     if "pooled" in columns:
         batch["teacher_pooled"] = _stack(columns["pooled"])
     return batch
+
+
+def _q8_topk(columns: dict[str, list], lengths: np.ndarray, T: int, k: int) -> dict:
+    """topk_ids / topk_logits (B, T, k), sorted by logit descending, and teacher_lse (B, T) from the q8 columns
+    (kdlib/cache/codec.py); padding is 0 everywhere, as with fp16."""
+    def padded(name: str, dtype, width=None) -> np.ndarray:
+        return pad_flat(columns[name], lengths, T, dtype=dtype, width=width, name=name)
+
+    ids, logits = decode_topk(padded("topk_id_deltas", np.int64, k), padded("topk_levels", np.uint8, k),
+                              padded("topk_max", np.float32), padded("topk_step", np.float32))
+    return {"topk_ids": torch.from_numpy(ids), "topk_logits": torch.from_numpy(logits),
+            "teacher_lse": torch.from_numpy(padded("lse", np.float32))}
+
+
+def _sample_ids(deltas: list, sizes: list) -> list[np.ndarray]:
+    """Per row, the int64 sampled ids from their stored differences (one decode for the whole batch)."""
+    counts = np.cumsum([len(d) for d in deltas])[:-1]
+    def flat(rows: list) -> np.ndarray:
+        return np.concatenate([np.asarray(r).reshape(-1) for r in rows], dtype=np.int64, casting="unsafe")
+
+    return np.split(decode_sorted_ids(flat(deltas), flat(sizes)), counts)
 
 
 def _stack(values: list) -> torch.Tensor:
@@ -266,6 +304,8 @@ def cached_batch_keys(manifest) -> list[str]:
     keys = []
     if cached.get("top_k"):
         keys += ["topk_ids", "topk_logits", "teacher_lse"]
+    if cached.get("sampled_tokens"):
+        keys += list(_SPARSE_KEYS)
     if cached.get("dense_logits"):
         keys.append("teacher_logits")
     keys += [f"teacher_{name}" for name in vector_names(cached.get("hidden_layers") or [], cached.get("qkv_layers") or [])]
@@ -280,14 +320,22 @@ def cached_batch_keys(manifest) -> list[str]:
 
 _BASE_COLUMNS = ("id", "source_id", "augmentation", "input_ids")
 _KEY_COLUMNS = {"mlm_labels": ("mlm_positions", "mlm_labels"), "labels": ("label",),
-                "topk_ids": ("topk_ids",), "topk_logits": ("topk_logits",), "teacher_lse": ("lse",),
+                "topk_ids": ("topk_ids",) + Q8_COLUMNS, "topk_logits": ("topk_logits",) + Q8_COLUMNS,
+                "teacher_lse": ("lse",),
                 "teacher_logits": ("logits",), "teacher_pooled": ("pooled",)}
+_SPARSE_KEYS = ("sparse_ids", "sparse_weights")
+_SAMPLE_COLUMNS = ("sample_ids", "sample_counts", "sample_sizes")
 
 
 def columns_for(keys, names: list[str]) -> list[str]:
     """The shard columns (of `names`, in their order) that fill these batch keys (cached_batch_keys names)."""
     wanted = set(_BASE_COLUMNS)
     for key in keys:
+        if key in _SPARSE_KEYS:  # with a cached top-k, its entries lead and its missing mass weighs the tail
+            wanted.update(_SAMPLE_COLUMNS)
+            for topk_key in ("topk_ids", "topk_logits", "teacher_lse"):
+                wanted.update(_KEY_COLUMNS[topk_key])
+            continue
         if key in _KEY_COLUMNS:
             wanted.update(_KEY_COLUMNS[key])
         elif is_vector_column(key.removeprefix("teacher_")):
@@ -295,4 +343,6 @@ def columns_for(keys, names: list[str]) -> list[str]:
             wanted.update((name, name + SCALE_SUFFIX))
         else:
             raise ValueError(f"no transfer-set column fills batch key {key!r}")
+    if "sample_ids" in wanted:  # (stored as sample_id_deltas under topk_encoding q8)
+        wanted.add("sample_id_deltas")
     return [name for name in names if name in wanted]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdlib.cache.schema import PARQUET_ENCODING
 from kdlib.io import atomic_target, atomic_write_text, sha256_file
 
 SHARD_DIR = "shards"
@@ -38,13 +39,27 @@ class ShardInfo:
     fidelity: dict = field(default_factory=dict)  # sums over sampled positions: kept_mass, kl, positions
 
 
+def parquet_encodings(schema: pa.Schema) -> dict:
+    """pq.write_table options for the columns whose schema field names an encoding (PARQUET_ENCODING metadata:
+    kdlib.cache.schema.split_bytes); none when no field does, so such shards are written as they always were.
+    Dictionary encoding stays on for every other column (Parquet refuses both on one column)."""
+    def leaf(field: pa.Field) -> str:
+        return f"{field.name}.list.element" if pa.types.is_list(field.type) else field.name
+
+    chosen = {leaf(f): f.metadata[PARQUET_ENCODING].decode() for f in schema
+              if f.metadata and PARQUET_ENCODING in f.metadata}
+    if not chosen:
+        return {}
+    return {"column_encoding": chosen, "use_dictionary": [leaf(f) for f in schema if leaf(f) not in chosen]}
+
+
 def write_shard(directory: str | os.PathLike, name: str, table: pa.Table, fidelity: dict | None = None) -> ShardInfo:
     """Write one shard atomically (parquet, then its sidecar) and return its record."""
     shard_dir = Path(directory) / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     target = shard_dir / f"{name}.parquet"
     with atomic_target(target) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=256)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=256, **parquet_encodings(table.schema))
     tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py() or 0)
     info = ShardInfo(name=name, file=f"{SHARD_DIR}/{name}.parquet", rows=table.num_rows, tokens=tokens,
                      sha256=sha256_file(target), bytes=target.stat().st_size, fidelity=fidelity or {})

@@ -1,6 +1,6 @@
 """Chunked twins of the output losses that read the student's full-vocabulary logits.
 
-Each twin has its loss's exact signature, gets the student logits as `FactoredLogits`, and returns
+(`kd_sparse` included: the sampled cache's loss.) Each twin has its loss's exact signature, gets the student logits as `FactoredLogits`, and returns
 the `ChunkTerm` that `fused_loss` evaluates: the same positions, the same per-position function and
 the same mean as the dense loss (kdlib/losses/topk.py, output.py), without (N, V) tensors. Teacher
 rows are indexed chunk by chunk, so dense teacher logits (an online teacher's) are not copied either.
@@ -17,6 +17,7 @@ from kdlib.losses._masking import valid_mask
 from kdlib.losses.chunked import ChunkTerm, FactoredLogits, float_temperature, fused_loss
 from kdlib.losses.output import soft_kd_per_position
 from kdlib.losses.registry import register_chunked
+from kdlib.losses.sparse import sparse_kd_per_position
 from kdlib.losses.topk import MISSING_MASS_MODES, _check_shapes, topk_kd_per_position, topk_kd_value_and_grad
 
 
@@ -224,3 +225,32 @@ def chunked_label_ce(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
         raise ValueError(f"labels: expected ids in [0, {v}) or ignore_index={ignore_index}")
     logits = FactoredLogits(hidden, weight, bias, chunk_size)
     return _single(logits, _label_term(logits, labels, None, ignore_index))
+
+
+@register_chunked("kd_sparse")
+def kd_sparse_chunked(student_logits: FactoredLogits, sparse_ids: Tensor, sparse_weights: Tensor,
+                      mask: Optional[Tensor]) -> ChunkTerm:
+    V, lead = student_logits.shape[-1], student_logits.shape[:-1]
+    if tuple(sparse_ids.shape[:-1]) != tuple(lead) or sparse_weights.shape != sparse_ids.shape:
+        raise ValueError(f"sparse_ids/sparse_weights: expected {tuple(lead)} + (m,), got {tuple(sparse_ids.shape)}, "
+                         f"{tuple(sparse_weights.shape)}")
+    rows = _real_rows(student_logits, mask)
+    m = sparse_ids.shape[-1]
+    ids = sparse_ids.reshape(-1, m)[rows].long()
+    if bool(((ids < 0) | (ids >= V)).any()):
+        raise ValueError(f"sparse_ids: expected ids in [0, {V}) at real positions")
+    w = sparse_weights.detach().reshape(-1, m)[rows]
+
+    def chunk_loss(s: Tensor, sl: slice) -> Tensor:
+        return sparse_kd_per_position(s, ids[sl], w[sl]).sum()
+
+    @torch.no_grad()
+    def value_and_grad(s: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
+        """d/ds of sum_j w_j (logsumexp(s) - s_j) = softmax(s) * sum_j w_j - w (scattered)."""
+        weights = w[sl].to(s.dtype)
+        value = sparse_kd_per_position(s, ids[sl], weights).sum()
+        grad = torch.softmax(s, dim=-1).mul_(weights.sum(-1, keepdim=True))
+        grad.scatter_add_(-1, ids[sl], -weights)
+        return value, grad
+
+    return ChunkTerm(rows, chunk_loss, rows.numel(), value_and_grad)

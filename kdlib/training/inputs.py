@@ -219,6 +219,7 @@ def _transport_plan(x: StepInputs, site: Site):
 
 
 _TOPK_HOW = "make it with teacher_outputs.top_k > 0"
+_SPARSE_HOW = "make it with teacher_outputs.sampled_tokens > 0 (draws from the teacher; with top_k, a sampled tail)"
 _STUDENT_QKV = dict(student_reads=frozenset({"qkv"}))
 _STUDENT_HEADS = dict(available=_same_heads, student_reads=frozenset({"qkv"}))
 
@@ -245,6 +246,10 @@ PROVIDERS: dict[str, Provider] = {
                             what="cached top-k logits"),
     "teacher_lse": Provider(BATCH, lambda x, s: x.batch["teacher_lse"], _cached("teacher_lse", how=_TOPK_HOW),
                             what="cached teacher log-sum-exp"),
+    "sparse_ids": Provider(BATCH, lambda x, s: x.batch["sparse_ids"], _cached("sparse_ids", how=_SPARSE_HOW),
+                           what="cached sampled teacher ids"),
+    "sparse_weights": Provider(BATCH, lambda x, s: x.batch["sparse_weights"],
+                               _cached("sparse_weights", how=_SPARSE_HOW), what="cached sampled teacher weights"),
     "labels": Provider(BATCH, _labels, _labels_check, what="labels"),
     "mask": Provider(BATCH, _mask, what="attention mask"),
     "logits_a": Provider(BATCH, lambda x, s: x.student.loss_logits, student_reads=frozenset({"logits"}),
