@@ -7,12 +7,14 @@ Per vocabulary, the variants run interleaved, one of each per round, and the med
   mlm_step         a plain masked-LM student step (transformers' own loss on full logits)
   kd_dense         KD from the cached top-k (`kd_topk` rest bucket) + `mlm_ce`, dense logits (chunked_logits: off)
   kd_chunked       the same with the output layer chunked (chunked_logits: auto, the default)
-  teacher_forward  the frozen teacher's forward pass (hidden states kept)
-  online_step      kd_chunked + an online hidden-state loss on the teacher's forward
+  teacher_forward  the frozen teacher's plain forward pass (hidden states kept, logits computed)
+  online_step      kd_chunked + an online hidden-state loss on the teacher's forward as pretrain runs it:
+                   no objective reads the teacher's logits, so its output projection is skipped
 Ratios (targets from the KD-cost issue): kd / mlm <= 1.10; online_step / (teacher_forward + mlm_step) <= 1.05.
-Peak memory: the growth of the resident set over one step of each variant, each in a fresh process,
-after a warm-up step on a small batch (optimizer state, kernels), with glibc told to return large
-blocks, so the peak follows the step's live tensors; target kd <= 1.2x mlm.
+Peak memory: how far the resident set's peak during one step of each variant exceeds the resident set
+before it, each in a fresh process, after a warm-up step on a small batch (optimizer state, kernels)
+and with the high-water mark reset, glibc told to return large blocks, so the figure follows the
+step's live tensors (activations, logits, gradients); target kd <= 1.2x mlm.
 A 3-layer MiniLM-shaped student (hidden 384, 12 heads) and a 6-layer teacher of the same width (random
 weights: timing does not depend on them); the batch is synthetic text in the real transfer-set format
 (top-32 ids/logits and log-sum-exp from the teacher's forward, collated by kdlib.cache.collate_rows).
@@ -93,10 +95,10 @@ def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, d
         opt.step()
 
     def steps_on(batch: dict) -> dict:
-        def teacher_step():
+        def teacher_step(logits: bool = True):
             with torch.no_grad():
                 return run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False,
-                                 heads=HEADS)
+                                 heads=HEADS, logits=logits)
 
         return {
             "mlm_step": lambda: update(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -104,7 +106,7 @@ def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, d
             "kd_dense": lambda: update(kd[0](batch)[0]),
             "kd_chunked": lambda: update(kd[CHUNK](batch)[0]),
             "teacher_forward": teacher_step,
-            "online_step": lambda: update(online(batch, teacher_step())[0]),
+            "online_step": lambda: update(online(batch, teacher_step(online.teacher_reads_logits()))[0]),
         }
 
     batch = make_batch(teacher, vocab, batch_size, length, top_k, 0)
@@ -112,11 +114,13 @@ def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, d
 
 
 def peak_in_fresh_process(variant: str, vocab: int, args) -> float:
-    """MiB the resident set grows by over one step (after a warm-up step on a small batch), in its own process."""
-    code = ("import json, torch; from bench.pretrain_step import setup; from kdlib.speed import resident_peak_kib; "
+    """MiB the step's peak resident set exceeds the resident set before it (after a warm-up step on a small
+    batch, with the high-water mark reset), in its own process."""
+    code = ("import json, torch; from bench.pretrain_step import setup; "
+            "from kdlib.speed import reset_resident_peak, resident_kib, resident_peak_kib; "
             f"torch.set_num_threads({torch.get_num_threads()}); "
             f"steps, _, small = setup({vocab}, {args.batch}, {args.length}, {args.top_k}); "
-            f"small['{variant}'](); before = resident_peak_kib(); steps['{variant}'](); "
+            f"small['{variant}'](); reset_resident_peak(); before = resident_kib(); steps['{variant}'](); "
             "print(json.dumps((resident_peak_kib() - before) / 1024))")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

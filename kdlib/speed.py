@@ -26,6 +26,19 @@ def resident_peak_kib() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
+def resident_kib() -> int:
+    """This process's resident set now, in KiB (Linux VmRSS)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def reset_resident_peak() -> None:
+    """Reset VmHWM to the current resident set (Linux >= 4.0: writing 5 to /proc/self/clear_refs), so the
+    next resident_peak_kib() is the peak of what runs after this call alone."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of parameter values; a tied weight (input embeddings = output decoder) is counted once,
     because `Module.parameters()` yields each shared tensor once."""

@@ -49,11 +49,13 @@ def online_teacher(cfg: PretrainConfig, setup: Setup, module: DistillModule, dev
     teacher.requires_grad_(False)
     teacher = teacher.to(device).eval()
     hidden, qkv = module.teacher_needs()
+    logits = module.teacher_reads_logits()
     heads = setup.teacher_config.num_attention_heads
 
     @torch.no_grad()
     def run(batch: dict):
-        return run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=hidden, qkv=qkv, heads=heads)
+        return run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=hidden, qkv=qkv, heads=heads,
+                         logits=logits)
 
     return run
 

@@ -68,8 +68,8 @@ def run(objectives, online: bool, chunk: int):
     teacher = bert(4, seed=0).eval()
     batch = batch_from(teacher)
     m = module(objectives, online, chunk)
-    view = run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False, heads=4) \
-        if online else None
+    view = run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False, heads=4,
+                     logits=m.teacher_reads_logits()) if online else None  # as pretrain's online teacher runs
     total, parts = m(batch, view)
     grads = torch.autograd.grad(total, [p for p in m.parameters() if p.requires_grad])
     return total, parts, grads
@@ -107,6 +107,22 @@ def test_student_view_is_factored_only_when_chunking():
     assert dense.factored is None and factored.factored is not None
     assert factored.output.logits.shape == (B, 0, V)  # the model never projected
     close(factored.logits, dense.logits)  # a loss without a twin still gets the exact dense logits
+
+
+def test_online_teacher_skips_its_output_projection_when_no_objective_reads_its_logits():
+    teacher = bert(4, seed=0)
+    batch = batch_from(teacher)
+    reads = {name: module(OBJECTIVE_SETS[name][0], True, 0).teacher_reads_logits()
+             for name in ("topk_renorm+mlm+hidden", "online_kl_T3+ce")}
+    assert reads == {"topk_renorm+mlm+hidden": False, "online_kl_T3+ce": True}
+    full = run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False, heads=4)
+    trunk = run_model(teacher, batch["input_ids"], batch["attention_mask"], hidden=True, qkv=False, heads=4,
+                      logits=False)
+    assert trunk.output.logits.shape == (B, 0, V)
+    for layer in range(5):
+        torch.testing.assert_close(trunk.hidden(layer), full.hidden(layer), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="without its output projection"):
+        trunk.logits
 
 
 class _Recorder(TorchDispatchMode):

@@ -139,6 +139,7 @@ class ModelView:
         self.output, self.mask = output, mask
         self.views = AttentionViews(qkv, heads, mask) if qkv is not None else None
         self.factored = factored
+        self.without_logits = False  # run_model(logits=False) skipped the output projection
         self._logits: Optional[Tensor] = None
 
     @property
@@ -146,6 +147,9 @@ class ModelView:
         """At least fp32 logits whatever the engine's precision (losses are computed in fp32 or wider)."""
         if self.factored is not None:
             return self.factored.dense()
+        if self.without_logits:
+            raise RuntimeError("this model ran without its output projection (run_model(logits=False)): "
+                               "no objective was planned to read its logits")
         if self._logits is None:
             self._logits = at_least_fp32(self.output.logits)
         return self._logits
@@ -164,12 +168,14 @@ class ModelView:
 
 
 def run_model(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, hidden: bool, qkv: bool,
-              heads: int, chunk_size: int = 0) -> ModelView:
+              heads: int, chunk_size: int = 0, logits: bool = True) -> ModelView:
     """Forward pass with what the objectives need captured; used for student, peer and online teacher alike.
 
     chunk_size > 0 leaves a factorable output head's projection to the losses (kdlib.losses.chunked),
-    chunk_size positions at a time."""
-    with capture_qkv(model, enabled=qkv) as store, factor_output_head(model, chunk_size > 0) as (head_in, head):
+    chunk_size positions at a time. logits=False skips that projection altogether (an online teacher
+    whose logits no objective reads: at a 30k vocabulary it is a third of a small teacher's forward)."""
+    skip_head = chunk_size > 0 or not logits
+    with capture_qkv(model, enabled=qkv) as store, factor_output_head(model, skip_head) as (head_in, head):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
     factored = None
     if "hidden" in head_in:
@@ -177,5 +183,8 @@ def run_model(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, hi
             raise RuntimeError(f"{type(model).__name__}: the output projection's input was replaced, yet the "
                                f"logits have {out.logits.shape[-2]} positions; remove its model type from "
                                "FACTORABLE_HEADS")
-        factored = FactoredLogits(head_in["hidden"], head.weight, head.bias, chunk_size)
-    return ModelView(out, store if qkv else None, heads, attention_mask, factored)
+        if logits:
+            factored = FactoredLogits(head_in["hidden"], head.weight, head.bias, chunk_size)
+    view = ModelView(out, store if qkv else None, heads, attention_mask, factored)
+    view.without_logits = "hidden" in head_in and not logits
+    return view

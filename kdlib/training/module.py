@@ -118,6 +118,10 @@ class DistillModule(nn.Module):
         wants = reads(self.plans, "teacher")
         return "hidden" in wants, "qkv" in wants
 
+    def teacher_reads_logits(self) -> bool:
+        """Whether any objective reads the online teacher's logits (else its output projection is skipped)."""
+        return "logits" in reads(self.plans, "teacher")
+
     def forward(self, batch: dict, teacher: Optional[ModelView] = None, step: int = 0, total_steps: int = 1):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if hasattr(self.student, "set_step"):  # a student that changes with progress (BERT-of-Theseus replacement)
