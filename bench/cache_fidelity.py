@@ -30,10 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import typing
@@ -45,15 +42,9 @@ import numpy as np
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.local_runs import REPO, env, launch_local
 DEMO_PIPELINE = REPO / "configs/demo_pipeline.yaml"
 BASE_COLUMNS = {"id", "source_id", "augmentation", "input_ids", "mlm_positions", "mlm_labels"}
-
-
-def env() -> dict:
-    out = dict(os.environ)
-    out.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return out
 
 
 def encodings() -> list[Optional[str]]:
@@ -307,15 +298,7 @@ def train_student(name: str, folder: Path, rep: Rep, teacher: Path, steps: int, 
     config = out / "configs" / f"{run.name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--config", str(config)],
-                          cwd=REPO, env=env(), capture_output=True, text=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "logs" / f"{run.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}); log in {out / 'logs' / run.name}.log:\n"
-                         f"{proc.stderr[-3000:]}")
-    return export, time.time() - t0
+    return export, launch_local(["--config", str(config)], out / "logs" / f"{run.name}.log", name)
 
 
 def score(models: dict, transfer: Path, out: Path) -> dict:

@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.local_runs import REPO, env, launch_local
 RECIPES = ["sentence", "pooled", "distilbert", "tinybert", "minilm", "minilmv2", "bert_emd"]
-
-
-def env() -> dict:
-    out = dict(os.environ)
-    out.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return out
 
 
 def train(recipe: str, seed: int, steps: int, out: Path) -> tuple[Path, float]:
@@ -36,17 +28,10 @@ def train(recipe: str, seed: int, steps: int, out: Path) -> tuple[Path, float]:
     export = run / "export"
     if (export / "model.safetensors").is_file():
         return export, 0.0
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "launch", "local", "--nproc", "2", "--config", f"configs/recipes/{recipe}.yaml",
-           "--set", f"seed={seed}", "--set", f"steps={steps}", "--set", f"output_dir={run}",
-           "--set", f"eval_every={steps}", "--set", f"checkpoint_every={steps}", "--set", "progress_bar=false"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "logs" / f"{run.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{recipe} seed {seed} failed ({proc.returncode}); log in {out / 'logs' / run.name}.log:\n"
-                         f"{proc.stderr[-3000:]}")
-    return export, time.time() - t0
+    args = ["--config", f"configs/recipes/{recipe}.yaml", "--set", f"seed={seed}", "--set", f"steps={steps}",
+            "--set", f"output_dir={run}", "--set", f"eval_every={steps}", "--set", f"checkpoint_every={steps}",
+            "--set", "progress_bar=false"]
+    return export, launch_local(args, out / "logs" / f"{run.name}.log", f"{recipe} seed {seed}")
 
 
 def export_init(recipe: str, out: Path) -> Path:

@@ -153,6 +153,8 @@ SHIPPED = {
     "chain/direct.yaml": PretrainConfig,
     "chain/evaluate.yaml": EvaluateConfig,
     "evaluate_bottleneck.yaml": EvaluateConfig,
+    "sparse/transfer_set.yaml": PipelineConfig,
+    "sparse/pretrain.yaml": PretrainConfig,
     **{f"recipes/{name}.yaml": PretrainConfig for name in ("distilbert", "tinybert", "minilm", "minilmv2", "bert_emd",
                                                            "pooled", "sentence", "shape_width_svd",
                                                            "shape_bottleneck")},
