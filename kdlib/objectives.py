@@ -132,9 +132,11 @@ def chunk_term(objective: ObjectiveConfig, inputs: Mapping[str, Any], step: int 
     from kdlib.losses.chunked import FactoredLogits
 
     twin = get_chunked(objective.name)
+    if twin is None:
+        return None
     kwargs = _arguments(objective, inputs, step, total_steps)
     factored = [v for v in kwargs.values() if isinstance(v, FactoredLogits)]
-    if twin is None or len(factored) != 1:
+    if len(factored) != 1:
         return None
     term = twin(**kwargs, **objective.params_at(step, total_steps))
     return None if term is None else (objective.weight_at(step, total_steps), term, factored[0])

@@ -88,19 +88,17 @@ def rows_from_outputs(raw: dict, input_ids: torch.Tensor, attention_mask: torch.
     per row, seeding that row's teacher draws (needed with outputs.sampled_tokens; see kdlib/cache/sampling.py)."""
     lengths = attention_mask.sum(-1).tolist()
     rows = [dict() for _ in lengths]
+    ids, vals, lse = topk_with_lse(raw["logits"], outputs.top_k) if outputs.top_k else (None, None, None)
     if outputs.sampled_tokens:
         if seeds is None or len(seeds) != len(lengths):
             raise ValueError(f"seeds: sampled_tokens needs one seed per row ({len(lengths)}), got {seeds!r}")
-        # the same call as topk_with_lse's, so the excluded ids are exactly the cached top-k ones, ties included
-        top = torch.topk(raw["logits"], outputs.top_k, dim=-1, sorted=True).indices if outputs.top_k else None
-        for i, n in enumerate(lengths):
+        for i, n in enumerate(lengths):  # the tail excludes exactly the cached top-k ids, ties included
             rows[i].update(sample_columns(raw["logits"][i, :n], outputs.sampled_tokens, seeds[i],
-                                          None if top is None else top[i, :n], id_dtype(vocab_size)))
+                                          None if ids is None else ids[i, :n], id_dtype(vocab_size)))
     if outputs.sampled_tokens and outputs.topk_encoding == "q8":  # the shard keeps differences (codec.py)
         for row in rows:  # (sample_ids stays in the row: the pipeline's fidelity reads it; the schema drops it)
             row["sample_id_deltas"] = encode_sorted_ids(row["sample_ids"], row["sample_sizes"], id_dtype(vocab_size))
     if outputs.top_k:
-        ids, vals, lse = topk_with_lse(raw["logits"], outputs.top_k)
         ids_np = ids.numpy().astype(id_dtype(vocab_size))
         vals_np, lse_np = vals.numpy().astype(np.float16), lse.numpy().astype(np.float32)
         if outputs.topk_encoding == "q8":  # kdlib/cache/codec.py: 8-bit levels, entries by id, ids delta-coded

@@ -154,9 +154,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], terms: S
                 sums[i] += loss.detach().double()
             g = g_traced if g is None else g.add_(g_traced)
             del losses, weighted, g_traced  # free the chunk's graph (log-softmax etc.) before the next chunk
-        del logits
-        if g is None:  # no term reads these rows (cannot happen: the chunk is a slice of the union)
-            continue
+        del logits  # g is set: every chunk is a slice of the union, so some term reads its rows
         if gh is not None:
             gh[chunk_rows] = (g.to(w.dtype) @ w).to(gh.dtype)
         if gw is not None:

@@ -141,14 +141,15 @@ class DistillModule(nn.Module):
             if not sites:  # off in this progressive stage
                 parts[obj.name] = torch.zeros((), device=ids.device)
                 continue
+            inputs = [gather(plan, site, x) for site in sites]  # once: some providers record (BERT-EMD's cost)
             if mine.factored is not None and len(sites) == 1:
-                deferred = chunk_term(obj, gather(plan, sites[0], x), step, total_steps)
+                deferred = chunk_term(obj, inputs[0], step, total_steps)
                 if deferred is not None:
                     fused.append((obj.name,) + deferred[:2])
                     continue
             values = []
-            for site in sites:
-                value = evaluate_objective(obj, gather(plan, site, x), step, total_steps)
+            for site_inputs in inputs:
+                value = evaluate_objective(obj, site_inputs, step, total_steps)
                 values.append(sum(value) if isinstance(value, tuple) else value)  # dml: both students' losses
             parts[obj.name] = values[0] if len(values) == 1 else torch.stack(values).mean()
         others = [parts[name] for name in parts]
