@@ -85,6 +85,8 @@ class StudentConfig:
     init_layers: list[int] = field(default_factory=list)  # teacher layer (1-based) per student layer (explicit, svd)
     architecture: Literal["bert", "bottleneck"] = "bert"  # bert: the teacher's config family; bottleneck: MobileBERT
     bottleneck: Optional[BottleneckConfig] = None  # block shape for architecture=bottleneck (null: the defaults)
+    config: Optional[str] = None  # a folder whose config.json is the student's architecture (null: the teacher's), shaped by the fields above
+    tokenizer: Optional[str] = None  # the student's own tokenizer folder (null: the teacher's): cross-tokenizer distillation
 
     def __post_init__(self) -> None:
         if self.num_layers <= 0:
@@ -116,6 +118,17 @@ class StudentConfig:
                              f"or none (every other), got {len(self.init_layers)}")
         if self.init not in ("explicit", "svd") and self.init_layers:
             raise ValueError(f"init_layers: only used with init=explicit or svd, got init={self.init!r}")
+        for name in ("config", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}: expected a folder or null, got {value!r}")
+            if value is not None and self.init != "random":
+                raise ValueError(f"init: a student with its own {name} cannot copy teacher weights (they are shaped "
+                                 f"for another {'architecture' if name == 'config' else 'vocabulary'}): expected "
+                                 f"random, got {self.init!r}")
+        if (self.config or self.tokenizer) and self.architecture != "bert":
+            raise ValueError("architecture: a bottleneck student is derived from the teacher's config; it takes no "
+                             "config or tokenizer of its own")
         # Whether a width fits init from teacher layers needs the teacher: see check_against_teacher.
 
 
@@ -128,11 +141,28 @@ def init_layer_map(student: StudentConfig, teacher_layers: int) -> list[int]:
     return []
 
 
+# GPT-2's config.json names its shape differently (transformers maps the names on the config object)
+_GPT2_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+               "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
+
+
+def shape_fields(config: dict) -> dict:
+    """config.json with the shape under BERT's names (num_hidden_layers, hidden_size, ...) whatever the family."""
+    out = dict(config)
+    for name, standard in _GPT2_NAMES.items():
+        if out.get(standard) is None and name in out:
+            out[standard] = out[name]
+    if out.get("model_type") == "gpt2" and out.get("intermediate_size") is None and out.get("hidden_size"):
+        out["intermediate_size"] = 4 * out["hidden_size"]
+    return out
+
+
 def check_against_teacher(source: str, teacher_config: dict, *, outputs: TeacherOutputsConfig | None = None,
                           student: StudentConfig | None = None, outputs_path: str = "teacher_outputs",
                           student_path: str = "student", max_length: int | None = None,
                           max_length_path: str = "max_length") -> None:
     """Checks that need the teacher's config.json; errors name the config file and the field."""
+    teacher_config = shape_fields(teacher_config)
     vocab = teacher_config.get("vocab_size")
     positions = teacher_config.get("max_position_embeddings")
     layers = teacher_config.get("num_hidden_layers")
@@ -164,6 +194,14 @@ def _check_student(fail, student: StudentConfig, path: str, teacher: dict) -> No
     """The student's shape against the teacher's config.json: which teacher layers and widths init can use."""
     layers, width = teacher.get("num_hidden_layers"), teacher.get("hidden_size")
     heads, ffn = teacher.get("num_attention_heads"), teacher.get("intermediate_size")
+    family = teacher.get("model_type")
+    if family in ("gpt2", "llama", "qwen2", "mistral"):
+        if student.init == "svd":
+            fail(f"{path}.init", f"init=svd compresses BERT-family layers; for a {family} teacher copy layers at the "
+                 "teacher's width (every_other, explicit) or start from random")
+        if student.architecture == "bottleneck":
+            fail(f"{path}.architecture", f"the bottleneck student is MobileBERT, derived from a BERT-family teacher, "
+                 f"got a {family} teacher")
     wanted = init_layer_map(student, layers)
     if wanted and max(wanted) > layers:
         fail(f"{path}.init_layers" if student.init_layers else f"{path}.num_layers",

@@ -1,7 +1,9 @@
 """A student built from the teacher's config: the teacher's config.json with the shape fields replaced
-(or, for architecture=bottleneck, a MobileBERT config derived from it), and teacher weights copied in:
-DistilBERT's every-other layers, an explicit list, or (init=svd) those layers compressed into a
-narrower width (kdlib.student_width).
+(or, for architecture=bottleneck, a MobileBERT config derived from it; or, with student.config, another
+config.json shaped the same way), and teacher weights copied in: DistilBERT's every-other layers, an
+explicit list, or (init=svd) those layers compressed into a narrower width (kdlib.student_width).
+Decoder families (GPT-2, Llama, Qwen2, Mistral) are handled too: their blocks are `h.<i>` / `layers.<i>`,
+and grouped-query heads, head width and per-layer attention types follow the student's shape.
 
 Shared by every stage that builds a student from a teacher: pretrain (masked-LM students) and
 finetune (classifier students, BERT-PKD's skip initialisation). Nothing here knows about heads: the
@@ -18,7 +20,42 @@ from torch import nn
 
 from kdlib.schemas import StudentConfig, init_layer_map
 
-_LAYER = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")
+# Decoder families whose students are built and initialised from teacher layers (tested: gpt2, llama)
+DECODER_FAMILIES = frozenset({"gpt2", "llama", "qwen2", "mistral"})
+
+# A transformer block's weights: BERT / DistilBERT `...layer.<i>.`, Llama / Qwen / Mistral `model.layers.<i>.`,
+# GPT-2 `transformer.h.<i>.`
+_LAYER = re.compile(r"^(.*\.(?:layer|layers|h)\.)(\d+)(\..*)$")
+
+
+def feedforward_width(config) -> int:
+    """The feed-forward width of a transformers config (GPT-2 calls it n_inner, None meaning 4 x width)."""
+    width = getattr(config, "intermediate_size", None)
+    if width is None and getattr(config, "model_type", None) == "gpt2":
+        width = config.n_inner or 4 * config.hidden_size
+    return width
+
+
+def _set_feedforward_width(config, width: int) -> None:
+    if getattr(config, "model_type", None) == "gpt2":
+        config.n_inner = width
+    else:
+        config.intermediate_size = width
+
+
+def _reshape_decoder_attention(cfg, teacher_config) -> None:
+    """Decoder configs that spell out what the shape implies: grouped-query key/value heads, the head
+    width and per-layer attention types follow the student's shape."""
+    heads = cfg.num_attention_heads
+    kv = getattr(teacher_config, "num_key_value_heads", None)
+    if kv is not None:
+        # multi-head teachers get multi-head students; a grouped teacher keeps its groups when they divide
+        cfg.num_key_value_heads = heads if kv == teacher_config.num_attention_heads or heads % kv else kv
+    if getattr(cfg, "head_dim", None) is not None:
+        cfg.head_dim = cfg.hidden_size // heads
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, list) and layer_types:
+        cfg.layer_types = [layer_types[min(i, len(layer_types) - 1)] for i in range(cfg.num_hidden_layers)]
 
 
 def student_config(teacher_config, student: StudentConfig):
@@ -27,21 +64,34 @@ def student_config(teacher_config, student: StudentConfig):
         from kdlib.bottleneck import bottleneck_config
 
         return bottleneck_config(teacher_config, student)
-    cfg = teacher_config.__class__.from_dict(teacher_config.to_dict())
+    base = teacher_config if student.config is None else architecture_config(student.config)
+    cfg = base.__class__.from_dict(base.to_dict())
     cfg.num_hidden_layers = student.num_layers
     if student.hidden_size is not None:
         cfg.hidden_size = student.hidden_size
     if student.num_attention_heads is not None:
         cfg.num_attention_heads = student.num_attention_heads
     if student.intermediate_size is not None:
-        cfg.intermediate_size = student.intermediate_size
+        _set_feedforward_width(cfg, student.intermediate_size)
+    if cfg.model_type in DECODER_FAMILIES:
+        _reshape_decoder_attention(cfg, teacher_config)
     cfg.architectures = None
     return cfg
 
 
+def architecture_config(folder: str):
+    """The transformers config in `folder`/config.json (student.config: a student of another family or shape
+    than the teacher's), read offline; never runs code shipped with it."""
+    from transformers import AutoConfig
+
+    from kdlib.models import resolve_model_path
+
+    return AutoConfig.from_pretrained(str(resolve_model_path(folder)), local_files_only=True)
+
+
 def _same_shape(student: nn.Module, teacher: nn.Module) -> bool:
     a, b = student.config, teacher.config
-    return a.hidden_size == b.hidden_size and a.intermediate_size == b.intermediate_size
+    return a.hidden_size == b.hidden_size and feedforward_width(a) == feedforward_width(b)
 
 
 def copy_teacher_layers(student: nn.Module, teacher: nn.Module, teacher_layers: list[int],

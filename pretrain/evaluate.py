@@ -1,4 +1,5 @@
-"""Held-out top-1 agreement with the teacher, and a logits probe for checking the export.
+"""Held-out top-1 agreement with the teacher (and a causal student's next-token perplexity), and a logits
+probe for checking the export.
 
 Every rank evaluates the same held-out rows (under ZeRO-3 every rank must run each forward, since
 the parameters are gathered collectively); the rows are the last `eval_rows` of the transfer set,
@@ -6,6 +7,8 @@ which the sampler never hands out. `load(indices)` is the stage's batch loader (
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,6 +40,23 @@ def top1_agreement(student, load, indices: list[int], size: int, device) -> floa
         total += int(real.sum())
     student.train(was_training)
     return agree / max(total, 1)
+
+
+@torch.no_grad()
+def next_token_perplexity(student, load, indices: list[int], size: int, device) -> float:
+    """exp of the mean held-out -log q(x[t+1] | x[..t]) over positions whose next token is real (causal students):
+    what the student's own language model is worth, beside how often it agrees with the teacher."""
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    for batch in batches(load, indices, size, device):
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        logits = student(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        keep = mask[:, 1:] & mask[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
+        total, count = total + float(nll), count + int(keep.sum())
+    student.train(was_training)
+    return math.exp(total / max(count, 1))
 
 
 @torch.no_grad()

@@ -21,15 +21,14 @@ from kdlib.io import atomic_directory
 from kdlib.models import copy_tokenizer_files
 from kdlib.training.export import student_state_dict
 from kdlib.student_shape import student_config
+from pretrain.student import student_class, student_task
 
 
 def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | None, folder: Path, step: int) -> Path:
     """Write config.json, model.safetensors, tokenizer files and README.md into `folder` (rank 0 only)."""
-    from transformers import AutoModelForMaskedLM
-
     full = module_state if module_state is not None else consolidated_fp32_state_dict(checkpoint_folder)
     state = student_state_dict(full)
-    model = AutoModelForMaskedLM.from_config(student_config(setup.teacher_config, cfg.student))
+    model = student_class(cfg.teacher).from_config(student_config(setup.teacher_config, cfg.student))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     if unexpected or set(missing) - tied:
@@ -37,7 +36,7 @@ def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | Non
     model.tie_weights()
     with atomic_directory(folder, replace=True) as tmp:  # inside the run folder this run holds the lock of
         model.save_pretrained(tmp, safe_serialization=True)
-        copy_tokenizer_files(setup.teacher_folder, tmp)
+        copy_tokenizer_files(setup.student_tokenizer_folder, tmp)
         (tmp / "README.md").write_text(model_card(cfg, setup, step, model))
     return folder
 
@@ -71,5 +70,12 @@ transfer set{' plus an online teacher' if cfg.online_teacher else ''}).
 
 Layer map: `{json.dumps(to_dict(cfg.layer_map))}`
 
-Load with `transformers.AutoModelForMaskedLM.from_pretrained(folder)` (or `AutoModel` for the encoder).
+{_loading(cfg)}
 """
+
+
+def _loading(cfg) -> str:
+    if student_task(cfg.teacher) == "causal_lm":
+        return ("Load with `transformers.AutoModelForCausalLM.from_pretrained(folder)` and the tokenizer with "
+                "`AutoTokenizer.from_pretrained(folder)`; `model.generate(...)` needs no project code.")
+    return "Load with `transformers.AutoModelForMaskedLM.from_pretrained(folder)` (or `AutoModel` for the encoder)."

@@ -21,7 +21,7 @@ def export_init(cfg, setup, folder: str | Path) -> Path:
     model = build_student(cfg.teacher, setup.teacher_config, cfg.student, cfg.seed)
     with atomic_directory(folder, replace=folder.exists()) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        copy_tokenizer_files(setup.teacher_folder, tmp)
+        copy_tokenizer_files(setup.student_tokenizer_folder, tmp)
         (tmp / "README.md").write_text(f"# Untrained student of `{cfg.teacher.path}`\n\nBuilt by `python -m pretrain "
                                        f"--export-init` from {setup.source} (student {cfg.student}, seed {cfg.seed}); "
                                        "no distillation step has run.\n")

@@ -21,7 +21,7 @@ from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 from kdlib.training.sampler import DistributedBatchSampler
 from pretrain.config import PretrainConfig
-from pretrain.evaluate import probe_logits, top1_agreement
+from pretrain.evaluate import next_token_perplexity, probe_logits, top1_agreement
 from pretrain.export import export_student
 from pretrain.student import build_student
 from pretrain.validate import Setup
@@ -81,7 +81,10 @@ def train(cfg: PretrainConfig, setup: Setup) -> int:
     batches = BatchStream(sampler, load, depth=cfg.prefetch, pin_memory=device.type == "cuda")
 
     def evaluate(student) -> dict:
-        return {"top1_agreement": top1_agreement(student, load, eval_indices, cfg.engine.micro_batch, device)}
+        metrics = {"top1_agreement": top1_agreement(student, load, eval_indices, cfg.engine.micro_batch, device)}
+        if setup.offer.causal:
+            metrics["perplexity"] = next_token_perplexity(student, load, eval_indices, cfg.engine.micro_batch, device)
+        return metrics
 
     def finish(student, final_checkpoint, module_state, step: int, metrics: dict) -> str:
         probe = probe_logits(student, load, eval_indices[:cfg.engine.micro_batch], device)  # every rank (ZeRO-3)
@@ -91,7 +94,8 @@ def train(cfg: PretrainConfig, setup: Setup) -> int:
 
         save_file(probe, str(out / PROBE))
         export_student(cfg, setup, final_checkpoint, module_state, out / "export", step)
-        return (f"held-out top-1 agreement with the teacher {metrics['top1_agreement']:.4f}; "
+        perplexity = f", next-token perplexity {metrics['perplexity']:.2f}" if "perplexity" in metrics else ""
+        return (f"held-out top-1 agreement with the teacher {metrics['top1_agreement']:.4f}{perplexity}; "
                 f"exported to {out / 'export'}")
 
     job = loop.Job(config=cfg, ds_config=setup.ds_config, module=module, batches=batches, evaluate=evaluate,

@@ -14,7 +14,7 @@ from pathlib import Path
 from kdlib.cache import MANIFEST, TransferSet
 from kdlib.cache.reader import cached_batch_keys
 from kdlib.engine import DistEnv, deepspeed_config, dist_env
-from kdlib.errors import ConfigError
+from kdlib.errors import ConfigError, KDError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import sha256_file
 from kdlib.models import check_model_folder, resolve_model_path
@@ -32,6 +32,7 @@ class Setup:
 
     source: str  # the config file, for messages
     teacher_folder: Path
+    student_tokenizer_folder: Path  # where the exported student's tokenizer files come from (the teacher's by default)
     teacher_config: object  # transformers PretrainedConfig of the teacher
     teacher_fingerprint: str
     tokenizer_fingerprint: str
@@ -47,6 +48,29 @@ def _fail(source: str, field: str, message: str) -> None:
     raise ConfigError(f"{source}: field '{field}': {message}")
 
 
+def _check_student_architecture(cfg: PretrainConfig, source: str, teacher_config) -> None:
+    """student.config: another architecture is fine, but with the teacher's tokenizer its vocabulary must be the
+    teacher's, and its head must be of the kind the teacher trains (a causal LM under a causal teacher)."""
+    if cfg.student.config is None:
+        return
+    from kdlib.student_shape import architecture_config
+
+    try:
+        arch = architecture_config(cfg.student.config)
+    except (OSError, ValueError, KDError) as err:
+        _fail(source, "student.config", f"cannot read a transformers config.json from {cfg.student.config}: {err}")
+    if cfg.student.tokenizer is None and arch.vocab_size != teacher_config.vocab_size:
+        _fail(source, "student.config", f"{cfg.student.config} has vocab_size {arch.vocab_size}, but with the "
+              f"teacher's tokenizer the student needs the teacher's {teacher_config.vocab_size} (or set student.tokenizer)")
+    from pretrain.student import student_class
+
+    try:
+        student_class(cfg.teacher)._model_mapping[type(arch)]
+    except KeyError:
+        _fail(source, "student.config", f"{type(arch).__name__} has no {student_class(cfg.teacher).__name__[9:]} "
+              f"head in transformers, which a {cfg.teacher.task} teacher's student needs")
+
+
 def validate(cfg: PretrainConfig, source: str) -> Setup:
     """All pre-flight checks; errors are ConfigError / FingerprintMismatch / CacheError naming what is wrong."""
     from transformers import AutoConfig
@@ -57,6 +81,11 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     check_against_teacher(source, teacher_dict, student=cfg.student)
     teacher_config = AutoConfig.from_pretrained(str(folder), local_files_only=True,
                                                 trust_remote_code=cfg.teacher.trust_remote_code)
+    causal = cfg.teacher.task == "causal_lm"
+    if cfg.teacher.task not in ("masked_lm", "causal_lm"):
+        _fail(source, "teacher.task", f"general distillation trains a masked_lm or causal_lm student from a teacher "
+              f"of the same kind, got {cfg.teacher.task!r}")
+    _check_student_architecture(cfg, source, teacher_config)
     teacher_heads = teacher_config.num_attention_heads
     student_heads = cfg.student.num_attention_heads or teacher_heads
     student_width = cfg.student.hidden_size or teacher_config.hidden_size
@@ -79,6 +108,9 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     if positions is not None and manifest.max_length > positions:
         _fail(source, "transfer_set", f"{cfg.transfer_set} holds rows of up to {manifest.max_length} tokens, but the "
               f"student (like its teacher) has {positions} position embeddings")
+    made_for = manifest.teacher.get("task")
+    if made_for in ("masked_lm", "causal_lm") and made_for != cfg.teacher.task:
+        _fail(source, "teacher.task", f"{cfg.transfer_set} was made from a {made_for} teacher, got {cfg.teacher.task!r}")
     vocab = manifest.teacher.get("vocab_size")
     if vocab is not None and vocab != teacher_config.vocab_size:
         _fail(source, "transfer_set", f"{cfg.transfer_set} was made with vocabulary size {vocab}, the teacher has "
@@ -87,7 +119,7 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
                   emd=cfg.layer_map is not None and cfg.layer_map.name == "emd",
                   teacher_layers=teacher_config.num_hidden_layers, student_layers=cfg.student.num_layers, peer=True,
                   pooling=manifest.cached.get("pooled") or "mean", student_heads=student_heads,
-                  teacher_heads=teacher_heads)
+                  teacher_heads=teacher_heads, causal=causal)
     try:
         plans = plan_objectives(cfg.objectives, offer)
     except ValueError as err:
@@ -110,7 +142,7 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
         _fail(source, "eval_rows", f"{len(transfer)} rows minus {cfg.eval_rows} held out leaves {train_rows}, "
               f"fewer than one global batch of {global_batch} (micro_batch x grad_accum x {place.world_size} ranks)")
     ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=source)
-    return Setup(source=source, teacher_folder=folder, teacher_config=teacher_config, teacher_fingerprint=teacher_fp,
+    return Setup(source=source, teacher_folder=folder, student_tokenizer_folder=folder, teacher_config=teacher_config, teacher_fingerprint=teacher_fp,
                  tokenizer_fingerprint=tokenizer_fp, transfer_set=transfer,
                  manifest_sha256=sha256_file(Path(cfg.transfer_set) / MANIFEST), pairs=pairs, offer=offer, ds_config=ds,
                  place=place)

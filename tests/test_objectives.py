@@ -14,7 +14,8 @@ EXPECTED = {
     "hidden_mse", "kd_ce", "kd_dynamic_temperature", "kd_kl", "kd_prob_shift", "kd_topk", "logit_mse",
     "minilmv2_relations", "mlm_ce", "nst_mmd", "pkd_patient", "rkd_angle", "rkd_distance",
     "teacher_annealing_ce", "value_relation_kl",
-    "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl", "kd_sparse",
+    "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl", "kd_sparse", "uld",
+    "next_token_ce",
 }
 
 
@@ -24,7 +25,7 @@ def test_registry_contents_and_docstrings():
         spec = get_spec(name)
         assert " -- " in spec.formula, name  # "formula -- source" on the first docstring line
         assert spec.paper and spec.kind in ("output", "intermediate", "relational", "mutual")
-        token_level = "mask" in inspect.signature(spec.fn).parameters
+        token_level = bool({"mask", "aligned_mask"} & set(inspect.signature(spec.fn).parameters))
         assert token_level or name in ("pkd_patient", "rkd_distance", "rkd_angle", "bert_emd", "hard_mse") \
             or name.startswith("pooled_"), name
 

@@ -130,7 +130,8 @@ def test_the_width_student_exports_and_reloads_with_plain_transformers(teacher, 
     cfg = from_dict(PretrainConfig, {"teacher": {"path": str(teacher_folder)}, "transfer_set": "unused",
                                      "output_dir": str(tmp_path), "student": shape,
                                      "objectives": [{"name": "kd_topk"}]})
-    setup = SimpleNamespace(teacher_config=teacher.config, teacher_folder=teacher_folder, teacher_fingerprint="t",
+    setup = SimpleNamespace(teacher_config=teacher.config, teacher_folder=teacher_folder,
+                            student_tokenizer_folder=teacher_folder, teacher_fingerprint="t",
                             tokenizer_fingerprint="k", manifest_sha256="m", place=SimpleNamespace(world_size=1))
     module_state = {f"student.{k}": v for k, v in student.state_dict().items()}
     folder = export_student(cfg, setup, tmp_path / "none", module_state, tmp_path / "export", step=0)

@@ -128,6 +128,12 @@ def hard_ce_chunked(student_logits: FactoredLogits, labels: Tensor, mask: Option
     return _label_term(student_logits, labels, mask, ignore_index)
 
 
+@register_chunked("next_token_ce")
+def next_token_ce_chunked(student_logits: FactoredLogits, next_token_labels: Tensor, mask: Optional[Tensor], *,
+                          ignore_index: int = -100) -> ChunkTerm:
+    return _label_term(student_logits, next_token_labels, mask, ignore_index)
+
+
 # The same losses on plain (N, H) rows: every row real, no mask.
 
 def _strict_temperature(temperature) -> float:

@@ -93,6 +93,16 @@ def mlm_ce(student_logits: Tensor, labels: Tensor, mask: Optional[Tensor], *, ig
     return _label_ce(student_logits, labels, mask, ignore_index)
 
 
+@register_loss("next_token_ce", kind="output", paper="Radford et al. 2019, GPT-2 (causal language-model objective)")
+def next_token_ce(student_logits: Tensor, next_token_labels: Tensor, mask: Optional[Tensor], *,
+                  ignore_index: int = -100) -> Tensor:
+    """mean over positions t with a real t+1 of -log softmax(z_s[t])_{x[t+1]} -- Radford et al. 2019 (causal LM).
+
+    The targets are the row's own ids shifted by one (kdlib.training.inputs: next_token_labels), so the
+    last position of a row and positions before padding predict nothing."""
+    return _label_ce(student_logits, next_token_labels, mask, ignore_index)
+
+
 @register_loss("hard_mse", kind="output", paper="standard regression loss on the labels (a one-output head, e.g. STS-B)")
 def hard_mse(student_logits: Tensor, labels: Tensor) -> Tensor:
     """mean_rows (z_s[:, 0] - y)^2 over rows with a finite target -- the standard regression loss (e.g. STS-B).

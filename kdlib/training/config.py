@@ -65,6 +65,10 @@ def math_hash(config) -> str:
         if isinstance(shape, dict) and shape.get("architecture") == "bert" and shape.get("bottleneck") is None:
             shape.pop("architecture", None)
             shape.pop("bottleneck", None)
+        if isinstance(shape, dict):
+            for name in ("config", "tokenizer"):  # the teacher's, as before these options existed
+                if name in shape and shape[name] is None:
+                    del shape[name]
     engine = data.get("engine")
     if engine is not None:
         engine["optim"]["decay_steps"] = config.engine.optim.decay_steps or config.steps

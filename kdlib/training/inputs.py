@@ -44,6 +44,7 @@ class Offer:
     pooling: str = "mean"  # how sentence embeddings are pooled (the cache's setting when it has them)
     student_heads: int = 0  # attention heads (0: not checked)
     teacher_heads: int = 0
+    causal: bool = False  # causal LMs: every position predicts the next token (next_token_labels)
 
 
 @dataclass
@@ -132,6 +133,11 @@ def _labels_check(offer: Offer, layers: list[int]) -> Optional[str]:
     return "the transfer set has neither task labels nor masked-LM positions (mlm_positions)"
 
 
+def _causal_check(offer: Offer, layers: list[int]) -> Optional[str]:
+    return None if offer.causal else ("next-token targets need a causal_lm teacher and student (teacher.task: "
+                                      "causal_lm); a masked LM predicts its masked positions (mlm_ce)")
+
+
 def _peer_check(offer: Offer, layers: list[int]) -> Optional[str]:
     return None if offer.peer else "this stage cannot train a second student"
 
@@ -181,6 +187,22 @@ def _teacher_pooled(x: StepInputs, site: Site) -> Tensor:
 
 def _labels(x: StepInputs, site: Site) -> Tensor:
     return x.batch["labels"] if "labels" in x.batch else x.batch["mlm_labels"]
+
+
+def _next_token_labels(x: StepInputs, site: Site) -> Tensor:
+    """(B, T) the id at t + 1 for position t, -100 where t + 1 is padding or past the row (the last position)."""
+    import torch
+
+    ids, mask = x.batch["input_ids"], x.batch["attention_mask"]
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], labels[:, 1:])
+    return labels
+
+
+def _aligned_mask(x: StepInputs, site: Site) -> Tensor:
+    """Where the cached teacher targets sit: positions ending an aligned character span when the student has
+    its own tokenizer (the loader places the teacher's values there), else every real position."""
+    return x.batch["aligned_mask"] if "aligned_mask" in x.batch else x.batch["attention_mask"]
 
 
 def _mask(x: StepInputs, site: Site) -> Optional[Tensor]:
@@ -251,6 +273,8 @@ PROVIDERS: dict[str, Provider] = {
     "sparse_weights": Provider(BATCH, lambda x, s: x.batch["sparse_weights"],
                                _cached("sparse_weights", how=_SPARSE_HOW), what="cached sampled teacher weights"),
     "labels": Provider(BATCH, _labels, _labels_check, what="labels"),
+    "next_token_labels": Provider(BATCH, _next_token_labels, _causal_check, what="next-token targets"),
+    "aligned_mask": Provider(BATCH, _aligned_mask, what="the positions holding aligned teacher targets"),
     "mask": Provider(BATCH, _mask, what="attention mask"),
     "logits_a": Provider(BATCH, lambda x, s: x.student.loss_logits, student_reads=frozenset({"logits"}),
                          what="student logits"),
