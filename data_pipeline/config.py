@@ -23,6 +23,7 @@ class PipelineConfig:
     labels: list[str] = field(default_factory=list)  # task label names in index order (empty: sorted labels found)
     task_type: Literal["classification", "regression"] = "classification"  # regression: labels are numbers, kept as floats
     keep_text: bool = False  # task sets: store each row's (augmented) text, so a student with its own tokenizer can use it
+    char_offsets: bool = False  # corpus sets: store each row's text and the character span of every teacher token, so a student with another tokenizer can be aligned to the teacher
     max_length: int = 128  # tokens per row, special tokens included
     min_length: int = 8  # packed tails shorter than this are dropped
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # Tang et al. / TinyBERT augmentation
@@ -59,7 +60,17 @@ class PipelineConfig:
         if self.task is not None and self.masking.prob > 0:
             raise ValueError("masking.prob: MLM masking applies to corpora; task sets use augment.mask_prob")
         if self.keep_text and self.task is None:
-            raise ValueError("keep_text: applies to task sets (corpus rows are packed across documents)")
+            raise ValueError("keep_text: applies to task sets (corpus rows are packed across documents; "
+                             "char_offsets keeps their text)")
+        if self.corpus is not None and self.masking.prob > 0 and self.teacher.task == "causal_lm":
+            raise ValueError("masking.prob: a causal LM predicts the next token; masking its input rows would "
+                             "cache outputs for text no student reads: expected 0 with a causal_lm teacher, got "
+                             f"{self.masking.prob}")
+        if self.char_offsets and self.task is not None:
+            raise ValueError("char_offsets: applies to corpus sets; a task set keeps its text with keep_text: true")
+        if self.char_offsets and self.masking.prob > 0:
+            raise ValueError(f"char_offsets: masked ids no longer match the text; expected masking.prob: 0, got "
+                             f"{self.masking.prob}")
         if self.task_type not in ("classification", "regression"):
             raise ValueError(f"task_type: expected 'classification' or 'regression', got {self.task_type!r}")
         if self.task_type == "regression" and (self.task is None or self.labels):

@@ -35,14 +35,15 @@ from kdlib.cache.sampling import REFERENCE_STUDENT_SCALE
 from kdlib.cache.shards import SHARD_DIR, column_bytes_per_position
 from kdlib.cache.vectors import merge_fidelity
 from kdlib.config import config_hash, save_resolved, to_dict
-from kdlib.errors import CacheError, KDError
+from kdlib.errors import CacheError, ConfigError, KDError
 from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.io import atomic_write_text, replace_directory, staging_path
-from kdlib.models import check_model_folder, resolve_model_path
+from kdlib.models import check_model_folder, load_tokenizer, resolve_model_path
 from kdlib.outputs import check_output_folder, output_lock
+from kdlib.packing import packing_for, packing_ids
 from kdlib.readers import read_corpus, read_task
 from kdlib.readers.tasks import label_number
-from kdlib.schemas import check_against_teacher
+from kdlib.schemas import check_against_teacher, shape_fields
 
 BUILD = "build.json"
 # Fields that change where or how fast a transfer set is built, never what it contains.
@@ -53,8 +54,11 @@ def content_hash(cfg: PipelineConfig) -> str:
     """Hash of the config fields that determine the rows (not the output path or thread count)."""
     unset_additions = (("augment_model",) if cfg.augment_model is None else ()) + (
         ("task_type",) if cfg.task_type == "classification" else ()) + (
-        ("keep_text",) if not cfg.keep_text else ())  # sets built before these options keep their hash
+        ("keep_text",) if not cfg.keep_text else ()) + (
+        ("char_offsets",) if not cfg.char_offsets else ())  # sets built before these options keep their hash
     values = {k: v for k, v in to_dict(cfg).items() if k not in NON_CONTENT_FIELDS + unset_additions}
+    if cfg.corpus is not None and packing_for(cfg.teacher.task) == "causal":
+        values["packing"] = "causal"  # rows a causal teacher's corpus set got before causal packing differ
     outputs = values["teacher_outputs"]
     if not outputs["qkv_layers"]:
         del outputs["qkv_layers"]
@@ -74,6 +78,7 @@ def preflight(cfg: PipelineConfig, source: str) -> dict:
     folder = resolve_model_path(cfg.teacher.path)
     teacher_config = check_model_folder(folder)
     check_against_teacher(source, teacher_config, outputs=cfg.teacher_outputs, max_length=cfg.max_length)
+    tokenizer = check_tokenizer(cfg, source, folder, teacher_config)
     records = read_task(cfg.task) if cfg.task is not None else read_corpus(cfg.corpus)
     labels = list(cfg.labels)
     if cfg.task is not None and cfg.task_type == "regression":
@@ -91,7 +96,29 @@ def preflight(cfg: PipelineConfig, source: str) -> dict:
         next(iter(records))  # an empty corpus raises a ReaderError naming the file
     return {"folder": folder, "config": teacher_config, "labels": labels,
             "fingerprint": model_fingerprint(folder), "tokenizer_fingerprint": tokenizer_fingerprint(folder),
-            "config_hash": content_hash(cfg)}
+            "tokenizer": tokenizer, "config_hash": content_hash(cfg)}
+
+
+def check_tokenizer(cfg: PipelineConfig, source: str, folder: Path, teacher_config: dict) -> dict:
+    """The teacher tokenizer has what the rows need (a causal teacher's eos ends each packed document; a masked
+    LM's [CLS] / [SEP] frame corpus rows; char_offsets needs a fast tokenizer's offsets); returns what the
+    manifest records of it."""
+    tok = load_tokenizer(str(folder), teacher_config)
+    if cfg.corpus is not None:
+        packing = packing_for(cfg.teacher.task)
+        prefix, separator = packing_ids(tok, packing)
+        if packing == "causal" and separator is None:
+            raise ConfigError(f"{source}: field 'teacher.path': the causal_lm teacher's tokenizer in {folder} has no "
+                              "eos token; causal packing ends each document of a corpus row with it")
+        if packing == "cls" and (prefix is None or separator is None):
+            raise ConfigError(f"{source}: field 'teacher.path': the {cfg.teacher.task} teacher's tokenizer in {folder} "
+                              "has no [CLS] or no [SEP] token; its corpus rows are [CLS] + documents each followed "
+                              "by [SEP] (a decoder teacher: task causal_lm)")
+    if cfg.char_offsets and not getattr(tok, "is_fast", False):
+        raise ConfigError(f"{source}: field 'char_offsets': needs a fast tokenizer's character offsets; the "
+                          f"tokenizer in {folder} is not a fast one (no tokenizer.json)")
+    return {"class": type(tok).__name__, "size": len(tok), "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
+            "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id}
 
 
 STAGE = "python -m data_pipeline"
@@ -158,7 +185,8 @@ def schema_kwargs(cfg: PipelineConfig, info: dict) -> dict:
                 qkv_layers=list(o.qkv_layers), vector_encoding=o.vector_encoding, sampled_tokens=o.sampled_tokens,
                 topk_encoding=o.topk_encoding,
                 has_labels=cfg.task is not None, has_mlm=cfg.corpus is not None and cfg.masking.prob > 0,
-                regression_labels=cfg.task_type == "regression", keep_text=cfg.keep_text)
+                regression_labels=cfg.task_type == "regression", keep_text=cfg.keep_text,
+                char_offsets=cfg.char_offsets)
 
 
 def build_pipeline(p: beam.Pipeline, cfg: PipelineConfig, out: Path, info: dict) -> None:
@@ -240,12 +268,13 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
     schema = row_schema(**schema_kwargs(cfg, info))
     rows, tokens = sum(s.rows for s in shards), sum(s.tokens for s in shards)
     size = sum(s.bytes for s in shards)
-    c = info["config"]
+    c = shape_fields(info["config"])  # GPT-2's n_layer / n_embd under BERT's names
     return Manifest(
         format_version=FORMAT_VERSION,
         teacher={"ref": cfg.teacher.path, "fingerprint": info["fingerprint"], "task": cfg.teacher.task,
                  "vocab_size": c.get("vocab_size"), "num_layers": c.get("num_hidden_layers"),
-                 "hidden_size": c.get("hidden_size"), "model_type": c.get("model_type")},
+                 "hidden_size": c.get("hidden_size"), "model_type": c.get("model_type"),
+                 "tokenizer": info["tokenizer"]},
         tokenizer_fingerprint=info["tokenizer_fingerprint"], config=to_dict(cfg), config_hash=info["config_hash"],
         cached={"top_k": o.top_k, **({"sampled_tokens": o.sampled_tokens} if o.sampled_tokens else {}),
                 "dense_logits": o.dense_logits, "hidden_layers": list(o.hidden_layers),
@@ -253,7 +282,8 @@ def collect_manifest(cfg: PipelineConfig, out: Path, info: dict, seconds: float)
                 **({"vector_encoding": o.vector_encoding} if o.hidden_layers or o.qkv_layers else {}),
                 **({"topk_encoding": o.topk_encoding} if o.top_k else {}),
                 "pooled": o.pooled, "labels": info["labels"] or None, "task_type": cfg.task_type if cfg.task else None,
-                "text": cfg.keep_text,
+                "text": cfg.keep_text, "char_offsets": cfg.char_offsets,
+                "packing": packing_for(cfg.teacher.task) if cfg.corpus is not None else None,
                 "mlm": cfg.corpus is not None and cfg.masking.prob > 0,
                 "topk_id_dtype": str(id_dtype(c["vocab_size"])) if o.top_k else None},
         dtypes={f.name: f"{f.type.value_type}[]" if hasattr(f.type, "value_type") else str(f.type) for f in schema}, max_length=cfg.max_length, shards=shards,

@@ -14,6 +14,7 @@ from apache_beam.metrics import Metrics
 from data_pipeline.config import PipelineConfig
 from data_pipeline.rows import TokenizedText, pack_group, row_id, stable_hash
 from kdlib.masking import MaskTokens, mask_tokens, word_starts
+from kdlib.packing import packing_for, packing_ids
 from kdlib.padding import pad_sequences
 from kdlib.readers import normalize_text, read_corpus, read_task
 from kdlib.tokenize import tokenize_texts
@@ -118,12 +119,16 @@ class TokenizeUnits(beam.DoFn):
         is_task = self.cfg.task is not None
         texts = [u["text"] for u in batch]
         pairs = [u["text_b"] for u in batch] if is_task and any(u["text_b"] for u in batch) else None
-        enc = tokenize_texts(self.tokenizer, texts, pairs, task=is_task, max_length=self.cfg.max_length)
+        offsets = self.cfg.char_offsets
+        enc = tokenize_texts(self.tokenizer, texts, pairs, task=is_task, max_length=self.cfg.max_length,
+                             offsets=offsets)
         for i, u in enumerate(batch):
+            kept = {"text": u["text"], "text_b": u.get("text_b")} if self.cfg.keep_text else {}
+            if offsets:  # corpus units: packing turns these into each row's text and token spans
+                kept = {"text": u["text"], "spans": tuple((int(a), int(b)) for a, b in enc["offset_mapping"][i])}
             yield TokenizedText(unit_id=u["unit_id"], source_id=u["source_id"], copy_index=u.get("copy_index", 0),
                                 kind=u.get("kind", "original"), ids=tuple(enc["input_ids"][i]),
-                                word_starts=word_starts(enc.word_ids(i)), label=u["label"],
-                                **({"text": u["text"], "text_b": u.get("text_b")} if self.cfg.keep_text else {}))
+                                word_starts=word_starts(enc.word_ids(i)), label=u["label"], **kept)
 
 
 def masked_row(row_id: str, seed: int, fraction: float) -> bool:
@@ -133,7 +138,8 @@ def masked_row(row_id: str, seed: int, fraction: float) -> bool:
 
 
 class PackAndMask(beam.DoFn):
-    """Pack one hash group of corpus units into max_length rows, then apply seeded MLM masking."""
+    """Pack one hash group of corpus units into max_length rows ([CLS] + chunk for masked LMs, plain chunks
+    ending documents with eos for causal LMs: kdlib/packing.py), then apply seeded MLM masking."""
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
@@ -142,13 +148,14 @@ class PackAndMask(beam.DoFn):
         from kdlib.models import load_tokenizer
 
         tok = load_tokenizer(self.cfg.teacher.path)
-        self.cls_id, self.sep_id, self.tokens = tok.cls_token_id, tok.sep_token_id, MaskTokens.from_tokenizer(tok)
+        self.cls_id, self.sep_id = packing_ids(tok, packing_for(self.cfg.teacher.task))
+        self.tokens = MaskTokens.from_tokenizer(tok)
 
     def process(self, keyed):
         _, items = keyed
         m = self.cfg.masking
         for row in pack_group(list(items), max_length=self.cfg.max_length, min_length=self.cfg.min_length,
-                              cls_id=self.cls_id, sep_id=self.sep_id):
+                              cls_id=self.cls_id, sep_id=self.sep_id, char_offsets=self.cfg.char_offsets):
             starts = row.pop("word_starts")
             if m.prob > 0 and masked_row(row["id"], self.cfg.seed, m.rows):
                 rng = np.random.default_rng(stable_hash(f"{self.cfg.seed}:{row['id']}"))  # per row: order-free

@@ -75,8 +75,22 @@ def student_config(teacher_config, student: StudentConfig):
         _set_feedforward_width(cfg, student.intermediate_size)
     if cfg.model_type in DECODER_FAMILIES:
         _reshape_decoder_attention(cfg, teacher_config)
+    if student.tokenizer is not None:
+        _use_tokenizer(cfg, student.tokenizer, keep_vocab=student.config is not None)
     cfg.architectures = None
     return cfg
+
+
+def _use_tokenizer(cfg, folder: str, keep_vocab: bool) -> None:
+    """A student with its own tokenizer: its vocabulary (a student.config may declare a larger, padded one) and
+    special-token ids."""
+    from kdlib.models import load_tokenizer
+
+    tokenizer = load_tokenizer(folder, model_config={})
+    if not keep_vocab or cfg.vocab_size < len(tokenizer):
+        cfg.vocab_size = len(tokenizer)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(cfg, name, getattr(tokenizer, name))
 
 
 def architecture_config(folder: str):

@@ -9,7 +9,11 @@ from typing import Optional, Sequence
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], pairs: Optional[Sequence[str]] = None, *, task: bool,
-                   max_length: Optional[int]):
-    """A BatchEncoding with input_ids (and word_ids()) per text; `pairs` are second segments of pair tasks."""
+                   max_length: Optional[int], offsets: bool = False):
+    """A BatchEncoding with input_ids (and word_ids()) per text; `pairs` are second segments of pair tasks.
+
+    `offsets`: also each token's (start, end) character span in its text (`offset_mapping`, a fast
+    tokenizer's; the ids are the same either way)."""
+    extra = {"return_offsets_mapping": True} if offsets else {}
     return tokenizer(list(texts), list(pairs) if pairs is not None else None, add_special_tokens=task,
-                     truncation=task, max_length=max_length if task else None, return_attention_mask=False)
+                     truncation=task, max_length=max_length if task else None, return_attention_mask=False, **extra)

@@ -43,6 +43,24 @@ def top1_agreement(student, load, indices: list[int], size: int, device) -> floa
 
 
 @torch.no_grad()
+def piece_agreement(student, load, indices: list[int], size: int, device, teacher_pieces, student_pieces) -> float:
+    """A student with its own tokenizer: the fraction of aligned positions where the text of the student's
+    top-1 next token equals the text of the teacher's (whitespace stripped), e.g. "the" and "Ġthe"."""
+    was_training = student.training
+    student.eval()
+    agree = total = 0
+    for batch in batches(load, indices, size, device):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        at = batch["aligned_mask"].bool()
+        mine = student_pieces[logits.argmax(-1)[at].cpu().numpy()]
+        theirs = teacher_pieces[batch["aligned_teacher_top1"][at].cpu().numpy()]
+        agree += int((mine == theirs).sum())
+        total += int(at.sum())
+    student.train(was_training)
+    return agree / max(total, 1)
+
+
+@torch.no_grad()
 def next_token_perplexity(student, load, indices: list[int], size: int, device) -> float:
     """exp of the mean held-out -log q(x[t+1] | x[..t]) over positions whose next token is real (causal students):
     what the student's own language model is worth, beside how often it agrees with the teacher."""

@@ -21,7 +21,7 @@ from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 from kdlib.training.sampler import DistributedBatchSampler
 from pretrain.config import PretrainConfig
-from pretrain.evaluate import next_token_perplexity, probe_logits, top1_agreement
+from pretrain.evaluate import next_token_perplexity, piece_agreement, probe_logits, top1_agreement
 from pretrain.export import export_student
 from pretrain.student import build_student
 from pretrain.validate import Setup
@@ -60,6 +60,29 @@ def online_teacher(cfg: PretrainConfig, setup: Setup, module: DistillModule, dev
     return run
 
 
+def cross_tokenizer_reading(cfg: PretrainConfig, setup: Setup, student):
+    """(load, agreement) for a student with its own tokenizer: batches aligned on character spans, and the
+    held-out agreement as "the same next piece of text" (the two top-1 tokens' text) at aligned positions."""
+    from kdlib.models import load_tokenizer
+    from kdlib.training.cross_tokenizer import AlignedBatches, piece_texts
+
+    tokenizer = load_tokenizer(str(setup.student_tokenizer_folder), model_config={})
+    aligned = AlignedBatches(tokenizer, max_length=student.config.max_position_embeddings)
+    teacher_pieces = piece_texts(load_tokenizer(str(setup.teacher_folder)))
+    student_pieces = piece_texts(tokenizer)
+
+    def load(indices: list[int]) -> dict:
+        return aligned(teacher_load_text(indices))
+
+    def teacher_load_text(indices: list[int]) -> dict:
+        return setup.transfer_set.batch(indices, pad_id=setup.teacher_config.pad_token_id or 0, text=True)
+
+    def agreement(model, load_fn, indices, size, device) -> float:
+        return piece_agreement(model, load_fn, indices, size, device, teacher_pieces, student_pieces)
+
+    return load, agreement
+
+
 def train(cfg: PretrainConfig, setup: Setup) -> int:
     """Run (or resume) the job; returns the exit code (0, or 75 after a preemption signal)."""
     session = loop.start(cfg, STAGE)
@@ -76,12 +99,16 @@ def train(cfg: PretrainConfig, setup: Setup) -> int:
     def load(indices: list[int]) -> dict:  # the reader is thread-safe: prefetch and evaluation share it
         return ts.batch(indices, pad_id=pad_id)
 
+    agreement = top1_agreement
+    if cfg.student.tokenizer is not None:  # the student's own tokenization, the teacher's values at aligned spans
+        load, agreement = cross_tokenizer_reading(cfg, setup, module.student)
+
     sampler = DistributedBatchSampler(train_rows, micro_batch=cfg.engine.micro_batch, grad_accum=cfg.engine.grad_accum,
                                       rank=session.place.rank, world_size=session.place.world_size, seed=cfg.seed)
     batches = BatchStream(sampler, load, depth=cfg.prefetch, pin_memory=device.type == "cuda")
 
     def evaluate(student) -> dict:
-        metrics = {"top1_agreement": top1_agreement(student, load, eval_indices, cfg.engine.micro_batch, device)}
+        metrics = {"top1_agreement": agreement(student, load, eval_indices, cfg.engine.micro_batch, device)}
         if setup.offer.causal:
             metrics["perplexity"] = next_token_perplexity(student, load, eval_indices, cfg.engine.micro_batch, device)
         return metrics

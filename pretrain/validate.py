@@ -115,7 +115,14 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
     if vocab is not None and vocab != teacher_config.vocab_size:
         _fail(source, "transfer_set", f"{cfg.transfer_set} was made with vocabulary size {vocab}, the teacher has "
               f"{teacher_config.vocab_size}")
-    offer = Offer(online_teacher=cfg.online_teacher, cached=frozenset(cached_batch_keys(manifest)), pairs=tuple(pairs),
+    cached = frozenset(cached_batch_keys(manifest))
+    student_tokenizer = folder
+    if cfg.student.tokenizer is not None:
+        from pretrain.cross_tokenizer import aligned_offer, check_cross_tokenizer
+
+        student_tokenizer = check_cross_tokenizer(cfg, source, manifest)
+        cached = aligned_offer(cached)
+    offer = Offer(online_teacher=cfg.online_teacher, cached=cached, pairs=tuple(pairs),
                   emd=cfg.layer_map is not None and cfg.layer_map.name == "emd",
                   teacher_layers=teacher_config.num_hidden_layers, student_layers=cfg.student.num_layers, peer=True,
                   pooling=manifest.cached.get("pooled") or "mean", student_heads=student_heads,
@@ -129,7 +136,10 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
         problem = coverage_problem(plans, cfg.student.num_layers)
         if problem:
             _fail(source, "progressive", problem)
-    transfer.read_only(cached_reads(plans, offer))  # decode the columns the objectives read, nothing else
+    reads = cached_reads(plans, offer)
+    if cfg.student.tokenizer is not None:  # the text to align, and the teacher's top-1 for the held-out agreement
+        reads = (reads - {"aligned_mask"}) | {"texts", "topk_ids"}
+    transfer.read_only(reads)  # decode the columns the objectives read, nothing else
     place = dist_env()
     if cfg.progressive is not None:
         stages = cfg.progressive.steps_per_layer * cfg.student.num_layers
@@ -142,7 +152,7 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
         _fail(source, "eval_rows", f"{len(transfer)} rows minus {cfg.eval_rows} held out leaves {train_rows}, "
               f"fewer than one global batch of {global_batch} (micro_batch x grad_accum x {place.world_size} ranks)")
     ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=source)
-    return Setup(source=source, teacher_folder=folder, student_tokenizer_folder=folder, teacher_config=teacher_config, teacher_fingerprint=teacher_fp,
+    return Setup(source=source, teacher_folder=folder, student_tokenizer_folder=student_tokenizer, teacher_config=teacher_config, teacher_fingerprint=teacher_fp,
                  tokenizer_fingerprint=tokenizer_fp, transfer_set=transfer,
                  manifest_sha256=sha256_file(Path(cfg.transfer_set) / MANIFEST), pairs=pairs, offer=offer, ds_config=ds,
                  place=place)

@@ -28,7 +28,7 @@ class Manifest:
     tokenizer_fingerprint: str
     config: dict  # the resolved pipeline config
     config_hash: str
-    cached: dict  # top_k, dense_logits, hidden_layers, pooled, labels, mlm
+    cached: dict  # top_k, dense_logits, hidden_layers, pooled, labels, mlm, text, char_offsets, packing
     dtypes: dict  # column -> stored dtype
     max_length: int
     shards: list[ShardInfo]
@@ -41,6 +41,19 @@ class Manifest:
     @property
     def teacher_fingerprint(self) -> str:
         return self.teacher["fingerprint"]
+
+    @property
+    def packing(self) -> Optional[str]:
+        """How corpus rows were packed (kdlib/packing.py): "cls" or "causal"; None for a task set. Manifests
+        written before causal packing existed hold "cls" rows when they are corpus sets."""
+        if "packing" in self.cached:
+            return self.cached["packing"]
+        return "cls" if self.config.get("corpus") is not None else None
+
+    @property
+    def char_offsets(self) -> bool:
+        """Whether rows store their text, each token's character span and the document breaks."""
+        return bool(self.cached.get("char_offsets"))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

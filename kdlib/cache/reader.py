@@ -186,38 +186,62 @@ class TransferSet:
         return shard, global_index - self._starts[shard]
 
     def row(self, global_index: int) -> dict:
-        """One row: list columns as (read-only) numpy arrays in their stored dtype, others as Python values."""
+        """One row: list columns as (read-only) numpy arrays in their stored dtype, others as Python values;
+        a char_offsets set's `char_offsets` as (T, 2) int32 (start, end in `text` per token)."""
         shard, local = self._locate(global_index)
-        return self._shard(shard).row(local)
+        row = self._shard(shard).row(local)
+        if row.get("char_offsets") is not None:
+            row["char_offsets"] = row["char_offsets"].reshape(-1, 2)
+        return row
 
     def rows(self, indices: Iterable[int]) -> list[dict]:
         return [self.row(i) for i in indices]
 
-    def collate(self, rows: list[dict], pad_id: int = 0) -> dict:
-        """Pad a list of rows to the longest one: (B, T) ids and mask, (B, T, k) top-k, (B, T, H) hidden."""
+    def collate(self, rows: list[dict], pad_id: int = 0, text: bool = False) -> dict:
+        """Pad a list of rows to the longest one: (B, T) ids and mask, (B, T, k) top-k, (B, T, H) hidden.
+        `text`: also the rows' stored text as Python lists (`text_columns`)."""
         return collate_rows(rows, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id,
-                            sampled_tokens=self.sampled_tokens)
+                            sampled_tokens=self.sampled_tokens, text=text)
 
-    def batch(self, indices: Iterable[int], pad_id: int = 0) -> dict:
-        """Exactly collate(rows(indices)), without building row dicts: columns are sliced from the shards' arrays."""
+    def batch(self, indices: Iterable[int], pad_id: int = 0, text: bool = False) -> dict:
+        """Exactly collate(rows(indices), text=text), without building row dicts: columns are sliced from the
+        shards' arrays."""
         indices = [int(i) for i in indices]
         located = [self._locate(i) for i in indices]
         shards = [self._shard(s) for s, _ in located]
         if not shards or any(s.valid for s in shards):  # nulls: the row path's behaviour
-            return self.collate([s.row(local) for s, (_, local) in zip(shards, located)], pad_id=pad_id)
+            return self.collate([s.row(local) for s, (_, local) in zip(shards, located)], pad_id=pad_id, text=text)
         columns = {name: [s.value(name, local) for s, (_, local) in zip(shards, located)] for name in shards[0].names}
         return _collate_columns(columns, top_k=self.top_k, hidden_size=self.hidden_size, pad_id=pad_id,
-                                sampled_tokens=self.sampled_tokens)
+                                sampled_tokens=self.sampled_tokens, text=text)
 
 
-def collate_rows(rows: list[dict], *, top_k: int, hidden_size: int, pad_id: int = 0, sampled_tokens: int = 0) -> dict:
+def collate_rows(rows: list[dict], *, top_k: int, hidden_size: int, pad_id: int = 0, sampled_tokens: int = 0,
+                 text: bool = False) -> dict:
     """Dynamic padding: every per-position tensor is cut to the longest row of this batch."""
     return _collate_columns({name: [r[name] for r in rows] for name in rows[0]}, top_k=top_k,
-                            hidden_size=hidden_size, pad_id=pad_id, sampled_tokens=sampled_tokens)
+                            hidden_size=hidden_size, pad_id=pad_id, sampled_tokens=sampled_tokens, text=text)
+
+
+def text_columns(columns: dict[str, list]) -> dict:
+    """A batch's stored text, unpadded, as Python lists (one entry per row): `texts` (str), and `texts_b` (a
+    keep_text task set's second segments) or, for a char_offsets corpus set, `char_offsets` ((T, 2) int32:
+    start, end in the text per token; special tokens empty) and `text_breaks` (int32: where each document
+    piece after the first starts). Strings cannot be tensors, and a student's own tokenizer reads them."""
+    if "text" not in columns:
+        raise ValueError("texts: the transfer set keeps no text (build a corpus set with char_offsets: true, a task "
+                         "set with keep_text: true), or read_only left its columns out (ask for key 'texts')")
+    out = {"texts": list(columns["text"])}
+    if "text_b" in columns:
+        out["texts_b"] = list(columns["text_b"])
+    if "char_offsets" in columns:
+        out["char_offsets"] = [np.asarray(v).reshape(-1, 2) for v in columns["char_offsets"]]
+        out["text_breaks"] = [np.asarray(v) for v in columns["text_breaks"]]
+    return out
 
 
 def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, pad_id: int,
-                     sampled_tokens: int = 0) -> dict:
+                     sampled_tokens: int = 0, text: bool = False) -> dict:
     """The batch from per-row values by column (keys in the rows' column order)."""
     input_ids, attention_mask = pad_sequences(columns["input_ids"], pad_id)
     lengths = row_lengths(columns["input_ids"])
@@ -255,6 +279,8 @@ def _collate_columns(columns: dict[str, list], *, top_k: int, hidden_size: int, 
         batch[f"teacher_{name}"] = torch.from_numpy(values)
     if "pooled" in columns:
         batch["teacher_pooled"] = _stack(columns["pooled"])
+    if text:
+        batch.update(text_columns(columns))
     return batch
 
 
@@ -322,7 +348,8 @@ _BASE_COLUMNS = ("id", "source_id", "augmentation", "input_ids")
 _KEY_COLUMNS = {"mlm_labels": ("mlm_positions", "mlm_labels"), "labels": ("label",),
                 "topk_ids": ("topk_ids",) + Q8_COLUMNS, "topk_logits": ("topk_logits",) + Q8_COLUMNS,
                 "teacher_lse": ("lse",),
-                "teacher_logits": ("logits",), "teacher_pooled": ("pooled",)}
+                "teacher_logits": ("logits",), "teacher_pooled": ("pooled",),
+                "texts": ("text", "text_b", "char_offsets", "text_breaks")}  # batch(text=True): text_columns
 _SPARSE_KEYS = ("sparse_ids", "sparse_weights")
 _SAMPLE_COLUMNS = ("sample_ids", "sample_counts", "sample_sizes")
 

@@ -43,7 +43,8 @@ def _q8_sample_field(field: pa.Field) -> pa.Field:
 def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, hidden_layers: list[int] = (),
                pooled: bool = False, has_labels: bool = False, has_mlm: bool = False,
                regression_labels: bool = False, keep_text: bool = False, qkv_layers: list[int] = (),
-               vector_encoding: str = "fp16", sampled_tokens: int = 0, topk_encoding: str = "fp16") -> pa.Schema:
+               vector_encoding: str = "fp16", sampled_tokens: int = 0, topk_encoding: str = "fp16",
+               char_offsets: bool = False) -> pa.Schema:
     """The fixed schema for one transfer set; every shard of it has exactly these columns."""
     fields = [
         pa.field("id", pa.string(), nullable=False),  # stable row id
@@ -54,9 +55,16 @@ def row_schema(*, vocab_size: int, top_k: int = 0, dense_logits: bool = False, h
     if has_labels:
         # index into the manifest's label list, or a regression target
         fields.append(pa.field("label", pa.float32() if regression_labels else pa.int32()))
+    if keep_text and char_offsets:
+        raise ValueError("char_offsets: corpus rows keep their text with char_offsets, task rows with keep_text; "
+                         "not both")
     if keep_text:
         fields.append(pa.field("text", pa.string()))  # the row's (augmented) text, as the teacher's tokenizer read it
         fields.append(pa.field("text_b", pa.string()))  # its second segment, or null
+    if char_offsets:  # corpus rows: a student with another tokenizer aligns its tokens to the teacher's
+        fields.append(pa.field("text", pa.string()))  # the characters the row's tokens cover, document pieces joined by \n
+        fields.append(pa.field("char_offsets", pa.list_(pa.int32())))  # (T*2,) start, end per token in text; specials empty
+        fields.append(pa.field("text_breaks", pa.list_(pa.int32())))  # where each document piece after the first starts
     if has_mlm:
         fields.append(pa.field("mlm_positions", pa.list_(pa.int32())))  # masked positions
         fields.append(pa.field("mlm_labels", pa.list_(pa.int32())))  # original ids at those positions
