@@ -14,7 +14,7 @@ from kdlib.models import check_model_folder, quiet_transformers, resolve_model_p
 from kdlib.schemas import StudentConfig
 from kdlib.student_shape import init_from_teacher, student_config
 
-HEAD_PREFIXES = ("classifier.", "bert.pooler.")  # weights a masked-LM or bare encoder folder may lack
+HEAD_PREFIXES = ("classifier.", "bert.pooler.", "score.")  # weights a masked-LM, bare encoder or decoder LM folder may lack (GPT-2 / Llama heads are "score")
 
 
 def label_maps(labels: list[str]) -> dict:

@@ -13,7 +13,7 @@ from kdlib.errors import ConfigError
 from kdlib.fingerprints import tokenizer_fingerprint
 from kdlib.models import check_model_folder, resolve_model_path
 from kdlib.readers.tasks import label_number
-from kdlib.schemas import check_against_teacher
+from kdlib.schemas import check_against_teacher, shape_fields
 from kdlib.training.inputs import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
 from finetune.config import FinetuneConfig
@@ -100,7 +100,7 @@ def check_student(cfg: FinetuneConfig, source: str, teacher_folder, teacher_dict
             _fail(source, "student.shape.num_attention_heads", f"expected a divisor of the width {width}, got {heads}")
         return shape.num_layers, width, heads
     folder = resolve_model_path(cfg.student.path)
-    student_dict = check_model_folder(folder)
+    student_dict = shape_fields(check_model_folder(folder))  # GPT-2 names its shape n_layer, n_embd, ...
     mine, theirs = tokenizer_fingerprint(folder), tokenizer_fingerprint(teacher_folder)
     if mine != theirs and not cfg.transfer.tokenize_per_model:
         _fail(source, "student.path", f"{folder} has tokenizer {mine}, the teacher {teacher_folder} has {theirs}; "

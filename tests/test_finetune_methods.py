@@ -249,3 +249,36 @@ def test_a_student_with_its_own_tokenizer_reads_the_kept_text(augmented, tmp_pat
            "distill": {**own["distill"], "objectives": [{"name": "pkd_patient"}], "layer_map": {"name": "skip"}}}
     assert main(["--config", str(write_config(bad, root / "bad.yaml")), "--check"]) == 2
     assert "with transfer.tokenize_per_model their tokens differ" in capsys.readouterr().err
+
+
+def test_a_decoder_student_with_its_own_tokenizer_gets_a_classifier_head(augmented, tmp_path):
+    """A GPT-2 student (byte-level BPE, not the teacher's WordPiece) on the task set: transformers' own
+    sequence-classification head over its last real token, fed the kept text in its own tokens."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.run import training_rows
+    from kdlib.models import load_tokenizer
+    from kdlib.tokenize import tokenize_texts
+    from tests.tiny_models import make_tiny_decoder
+
+    _, data = augmented
+    student = make_tiny_decoder(tmp_path / "gpt2", family="gpt2", layers=2, seed=3)
+    own = {**data, "output_dir": str(tmp_path / "run"), "student": {"path": str(student)},
+           "transfer": {**data["transfer"], "tokenize_per_model": True},
+           "distill": {**data["distill"], "objectives": OBJECTIVES[:2], "layer_map": None}}
+    assert main(["--config", str(write_config(own, tmp_path / "config.yaml")), "--fold", "0", "--arm", "kd"]) == 0
+    kd = student_run(from_dict(FinetuneConfig, own), 0, 0, "kd", ["neg", "pos"])
+    tokenizer = load_tokenizer(str(student))
+    rows, _, _ = training_rows(kd, str(student), tokenizer)
+    ts = TransferSet(tmp_path / "run/fold-0/transfer_set")
+    batch = rows.batch([0, 1, 2])
+    want = tokenize_texts(tokenizer, [ts.row(rows.order[i])["text"] for i in range(3)], None, task=True,
+                          max_length=own["max_length"])["input_ids"]
+    for i in range(3):
+        assert batch["input_ids"][i, :int(batch["attention_mask"][i].sum())].tolist() == want[i]
+    export = tmp_path / "run/fold-0/seed-0/kd/export"
+    model = AutoModelForSequenceClassification.from_pretrained(str(export))
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 2
+    assert len(AutoTokenizer.from_pretrained(str(export))) == len(tokenizer)  # its own tokenizer travels with it
+    assert len(records(tmp_path / "run/fold-0/seed-0/kd/metrics.jsonl")) == 24
+    assert json.loads((tmp_path / "run/fold-0/seed-0/kd/eval.json").read_text())["examples"] == 20
