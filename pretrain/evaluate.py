@@ -27,54 +27,51 @@ def teacher_top1(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
+def held_out_ratio(student, load, indices: list[int], size: int, device, count) -> float:
+    """sum of count(batch, logits)[0] over sum of [1] on the held-out rows, in eval mode (restored after)."""
+    was_training = student.training
+    student.eval()
+    top = bottom = 0.0
+    for batch in batches(load, indices, size, device):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        a, b = count(batch, logits)
+        top, bottom = top + a, bottom + b
+    student.train(was_training)
+    return top / max(bottom, 1)
+
+
 def top1_agreement(student, load, indices: list[int], size: int, device) -> float:
     """Fraction of real positions where argmax of the student's logits equals the teacher's top-1 id (a cache of
     teacher draws only, without a top-k, knows it by its most drawn id: the sparse estimate's argmax)."""
-    was_training = student.training
-    student.eval()
-    agree = total = 0
-    for batch in batches(load, indices, size, device):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def count(batch, logits):
         real = batch["attention_mask"].bool()
-        agree += int(((logits.argmax(-1) == teacher_top1(batch)) & real).sum())
-        total += int(real.sum())
-    student.train(was_training)
-    return agree / max(total, 1)
+        return int(((logits.argmax(-1) == teacher_top1(batch)) & real).sum()), int(real.sum())
+
+    return held_out_ratio(student, load, indices, size, device, count)
 
 
-@torch.no_grad()
 def piece_agreement(student, load, indices: list[int], size: int, device, teacher_pieces, student_pieces) -> float:
     """A student with its own tokenizer: the fraction of aligned positions where the text of the student's
     top-1 next token equals the text of the teacher's (whitespace stripped), e.g. "the" and "Ġthe"."""
-    was_training = student.training
-    student.eval()
-    agree = total = 0
-    for batch in batches(load, indices, size, device):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def count(batch, logits):
         at = batch["aligned_mask"].bool()
         mine = student_pieces[logits.argmax(-1)[at].cpu().numpy()]
         theirs = teacher_pieces[batch["aligned_teacher_top1"][at].cpu().numpy()]
-        agree += int((mine == theirs).sum())
-        total += int(at.sum())
-    student.train(was_training)
-    return agree / max(total, 1)
+        return int((mine == theirs).sum()), int(at.sum())
+
+    return held_out_ratio(student, load, indices, size, device, count)
 
 
-@torch.no_grad()
 def next_token_perplexity(student, load, indices: list[int], size: int, device) -> float:
     """exp of the mean held-out -log q(x[t+1] | x[..t]) over positions whose next token is real (causal students):
     what the student's own language model is worth, beside how often it agrees with the teacher."""
-    was_training = student.training
-    student.eval()
-    total, count = 0.0, 0
-    for batch in batches(load, indices, size, device):
+    def count(batch, logits):
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-        logits = student(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         keep = mask[:, 1:] & mask[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
-        total, count = total + float(nll), count + int(keep.sum())
-    student.train(was_training)
-    return math.exp(total / max(count, 1))
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float()[keep], ids[:, 1:][keep], reduction="sum")
+        return float(nll), int(keep.sum())
+
+    return math.exp(held_out_ratio(student, load, indices, size, device, count))
 
 
 @torch.no_grad()

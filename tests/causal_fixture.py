@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.cache import row_schema
 from kdlib.schemas import TeacherOutputsConfig
 from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
 from tests.tiny_models import make_tiny_decoder
 from tests.tiny_tokenizers import wikipedia_lines
-from tests.transfer_fixture import pad
+from tests.transfer_fixture import pad, write_fixture_set
 
 SEQ_LEN = 32
 
@@ -89,21 +88,9 @@ def build_causal_set(root: Path, *, family: str = "gpt2", rows: int = 192, top_k
     finally:
         torch.set_num_threads(threads)
     schema = row_schema(vocab_size=vocab, top_k=top_k, hidden_layers=list(hidden_layers))
-    out = root / "transfer"
-    per = -(-rows // shards)
-    infos = [write_shard(out, shard_name(s, shards), rows_to_table(all_rows[s * per:(s + 1) * per], schema))
-             for s in range(shards)]
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
-        teacher={"ref": str(teacher_dir), "fingerprint": model_fingerprint(teacher_dir), "task": "causal_lm",
-                 "vocab_size": vocab, "num_layers": 4, "hidden_size": 32},
-        tokenizer_fingerprint=tokenizer_fingerprint(teacher_dir), config={"fixture": True}, config_hash="fixture",
-        cached={"top_k": top_k, "dense_logits": False, "hidden_layers": list(hidden_layers), "pooled": None,
-                "labels": False, "mlm": False},
-        dtypes={"topk_ids": "uint16", "topk_logits": "float16", "lse": "float32"}, max_length=SEQ_LEN, shards=infos,
-        totals={"rows": rows, "tokens": sum(i.tokens for i in infos), "bytes": sum(i.bytes for i in infos)},
-        fidelity={}, created="fixture")
-    write_manifest(out, manifest)
+    cached = {"top_k": top_k, "dense_logits": False, "hidden_layers": list(hidden_layers), "pooled": None,
+              "labels": False, "mlm": False, "packing": "causal"}
+    out = write_fixture_set(root / "transfer", all_rows, schema, shards, teacher_dir, "causal_lm", vocab, cached)
     return {"teacher": teacher_dir, "transfer": out}
 
 

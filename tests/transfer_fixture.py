@@ -150,25 +150,30 @@ def _build(root: Path, rows: int, top_k: int, seed: int, teacher_steps: int, sha
     schema = row_schema(vocab_size=vocab, top_k=top_k, hidden_layers=list(hidden_layers), pooled=pooled is not None,
                         has_mlm=True, qkv_layers=list(qkv_layers), vector_encoding=vector_encoding,
                         sampled_tokens=sampled_tokens)
-    out = root / "transfer"
-    infos = []
-    per = -(-rows // shards)
-    for s in range(shards):
-        table = rows_to_table(all_rows[s * per:(s + 1) * per], schema)
-        infos.append(write_shard(out, shard_name(s, shards), table))
+    cached = {"top_k": top_k, "dense_logits": False, "hidden_layers": list(hidden_layers), "pooled": pooled,
+              "labels": False, "mlm": True, "qkv_layers": list(qkv_layers), "vector_encoding": vector_encoding,
+              **({"sampled_tokens": sampled_tokens} if sampled_tokens else {})}
+    out = write_fixture_set(root / "transfer", all_rows, schema, shards, teacher_dir, "masked_lm", vocab, cached)
+    return {"teacher": teacher_dir, "transfer": out}
+
+
+def write_fixture_set(out: Path, all_rows: list[dict], schema, shards: int, teacher_dir: Path, task: str, vocab: int,
+                      cached: dict, max_length: int = SEQ_LEN) -> Path:
+    """Rows (in id order) as `shards` Parquet shards plus the manifest data_pipeline would write for them."""
+    per = -(-len(all_rows) // shards)
+    infos = [write_shard(out, shard_name(s, shards), rows_to_table(all_rows[s * per:(s + 1) * per], schema))
+             for s in range(shards)]
     manifest = Manifest(
         format_version=FORMAT_VERSION,
-        teacher={"ref": str(teacher_dir), "fingerprint": model_fingerprint(teacher_dir), "task": "masked_lm",
+        teacher={"ref": str(teacher_dir), "fingerprint": model_fingerprint(teacher_dir), "task": task,
                  "vocab_size": vocab, "num_layers": 4, "hidden_size": 32},
         tokenizer_fingerprint=tokenizer_fingerprint(teacher_dir), config={"fixture": True}, config_hash="fixture",
-        cached={"top_k": top_k, "dense_logits": False, "hidden_layers": list(hidden_layers), "pooled": pooled,
-                "labels": False, "mlm": True, "qkv_layers": list(qkv_layers), "vector_encoding": vector_encoding,
-                **({"sampled_tokens": sampled_tokens} if sampled_tokens else {})},
-        dtypes={"topk_ids": "uint16", "topk_logits": "float16", "lse": "float32"}, max_length=SEQ_LEN, shards=infos,
-        totals={"rows": rows, "tokens": sum(i.tokens for i in infos), "bytes": sum(i.bytes for i in infos)},
+        cached=cached, dtypes={"topk_ids": "uint16", "topk_logits": "float16", "lse": "float32"},
+        max_length=max_length, shards=infos,
+        totals={"rows": len(all_rows), "tokens": sum(i.tokens for i in infos), "bytes": sum(i.bytes for i in infos)},
         fidelity={}, created="fixture")
     write_manifest(out, manifest)
-    return {"teacher": teacher_dir, "transfer": out}
+    return out
 
 
 # ---------------------------------------------------------------- running the stage as a user would
