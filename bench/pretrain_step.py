@@ -53,9 +53,9 @@ def bert(layers: int, seed: int, vocab: int):
                                       num_attention_heads=HEADS, intermediate_size=FFN))
 
 
-def make_batch(teacher, vocab: int, batch: int, length: int, top_k: int, seed: int) -> dict:
-    """Variable-length rows with 15% [MASK] positions and the teacher's top-k, collated like the trainer."""
-    rng = np.random.default_rng(seed)
+def random_padded_ids(rng: np.random.Generator, vocab: int, batch: int, length: int):
+    """(ids, attention mask, lengths): random ids >= 1000 in right-padded rows of 3/4 to all of `length`
+    tokens, the first row full (so the batch is `length` long)."""
     lengths = rng.integers(length * 3 // 4, length + 1, size=batch)
     lengths[0] = length
     ids = torch.zeros((batch, length), dtype=torch.long)
@@ -63,6 +63,13 @@ def make_batch(teacher, vocab: int, batch: int, length: int, top_k: int, seed: i
     for i, n in enumerate(lengths):
         ids[i, :n] = torch.from_numpy(rng.integers(1000, vocab, size=n))
         mask[i, :n] = 1
+    return ids, mask, lengths
+
+
+def make_batch(teacher, vocab: int, batch: int, length: int, top_k: int, seed: int) -> dict:
+    """Variable-length rows with 15% [MASK] positions and the teacher's top-k, collated like the trainer."""
+    rng = np.random.default_rng(seed)
+    ids, mask, lengths = random_padded_ids(rng, vocab, batch, length)
     outputs = TeacherOutputsConfig(top_k=top_k)
     rows = rows_from_outputs(teacher_forward(teacher, ids, mask, outputs), ids, mask, outputs, vocab)
     for i, (row, n) in enumerate(zip(rows, lengths)):
@@ -71,6 +78,18 @@ def make_batch(teacher, vocab: int, batch: int, length: int, top_k: int, seed: i
                    mlm_labels=ids[i, positions].numpy().copy())
         row["input_ids"][positions] = 103  # [MASK]
     return collate_rows(rows, top_k=top_k, hidden_size=HIDDEN)
+
+
+def adamw_update(parameters, lr: float = 1e-5):
+    """loss -> None: zero the gradients, backward, one AdamW step (the optimizer step every variant pays)."""
+    opt = torch.optim.AdamW(parameters, lr=lr)
+
+    def update(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return update
 
 
 def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, dict, dict]:
@@ -87,12 +106,7 @@ def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, d
     online = DistillModule(student, cached + [ObjectiveConfig("hidden_mse")],
                            Offer(online_teacher=True, cached=topk, pairs=((2, 1), (4, 2), (6, 3))),
                            teacher_width=HIDDEN, seed=0, logit_chunk_size=CHUNK)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-
-    def update(loss):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    update = adamw_update(student.parameters())
 
     def steps_on(batch: dict) -> dict:
         def teacher_step(logits: bool = True):
@@ -113,31 +127,53 @@ def setup(vocab: int, batch_size: int, length: int, top_k: int) -> tuple[dict, d
     return steps_on(batch), batch, steps_on(make_batch(teacher, vocab, 2, 16, top_k, 1))
 
 
-def peak_in_fresh_process(variant: str, vocab: int, args) -> float:
-    """MiB the step's peak resident set exceeds the resident set before it (after a warm-up step on a small
-    batch, with the high-water mark reset), in its own process."""
-    code = ("import json, torch; from bench.pretrain_step import setup; "
-            "from kdlib.speed import reset_resident_peak, resident_kib, resident_peak_kib; "
-            f"torch.set_num_threads({torch.get_num_threads()}); "
-            f"steps, _, small = setup({vocab}, {args.batch}, {args.length}, {args.top_k}); "
-            f"small['{variant}'](); reset_resident_peak(); before = resident_kib(); steps['{variant}'](); "
-            "print(json.dumps((resident_peak_kib() - before) / 1024))")
+def fresh_process_peak_mib(setup_code: str, variant: str, cuda: bool = False) -> float:
+    """MiB one step's peak memory exceeds the memory before it, in its own process. `setup_code` (Python run
+    there first) binds `steps` and `small`: variant name -> one step on the measured / a small batch. The small
+    step warms up optimizer state and kernels, then the high-water mark is reset. CPU: the resident set
+    (kdlib.speed), glibc told to return large blocks; cuda: torch's allocated device memory."""
+    if cuda:
+        step = (f"small['{variant}'](); torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); "
+                f"before = torch.cuda.memory_allocated(); steps['{variant}'](); torch.cuda.synchronize(); "
+                "print(json.dumps((torch.cuda.max_memory_allocated() - before) / 2 ** 20))")
+    else:
+        step = ("from kdlib.speed import reset_resident_peak, resident_kib, resident_peak_kib; "
+                f"small['{variant}'](); reset_resident_peak(); before = resident_kib(); steps['{variant}'](); "
+                "print(json.dumps((resident_peak_kib() - before) / 1024))")
+    code = f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); {setup_code}; {step}"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def measure(vocab: int, args) -> dict:
-    steps, batch, _ = setup(vocab, args.batch, args.length, args.top_k)
-    for fn in steps.values():  # warm-up: allocator, kernels, optimizer state
+def peak_in_fresh_process(variant: str, vocab: int, args) -> float:
+    """MiB the step's peak resident set exceeds the resident set before it (after a warm-up step on a small
+    batch, with the high-water mark reset), in its own process."""
+    setup_code = ("from bench.pretrain_step import setup; "
+                  f"steps, _, small = setup({vocab}, {args.batch}, {args.length}, {args.top_k})")
+    return fresh_process_peak_mib(setup_code, variant)
+
+
+def median_ms_interleaved(steps: dict, rounds: int, sync=lambda: None) -> dict:
+    """Median milliseconds per variant: one warm-up step each (allocator, kernels, optimizer state), then
+    `rounds` rounds of one step of each variant in turn, so a slow moment of the machine falls on all of them.
+    `sync` waits for queued device work (torch.cuda.synchronize on a GPU)."""
+    for fn in steps.values():
         fn()
+    sync()
     times = {name: [] for name in steps}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, fn in steps.items():
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
-    return {"tokens": int(batch["attention_mask"].sum()), "ms": {n: statistics.median(v) * 1000 for n, v in times.items()}}
+    return {n: statistics.median(v) * 1000 for n, v in times.items()}
+
+
+def measure(vocab: int, args) -> dict:
+    steps, batch, _ = setup(vocab, args.batch, args.length, args.top_k)
+    return {"tokens": int(batch["attention_mask"].sum()), "ms": median_ms_interleaved(steps, args.rounds)}
 
 
 def main(argv=None) -> None:
