@@ -12,6 +12,7 @@ from kdlib.objectives import ObjectiveConfig
 from kdlib.schemas import StudentConfig, TeacherOutputsConfig, check_against_teacher
 from data_pipeline.config import PipelineConfig
 from pretrain.config import PretrainConfig
+from teacher.prepare_decoder import DecoderPrepConfig
 from teacher.prepare_mlm import TeacherPrepConfig
 
 TEACHER_CONFIG = {"vocab_size": 30522, "num_hidden_layers": 6, "hidden_size": 384}
@@ -155,6 +156,10 @@ SHIPPED = {
     "evaluate_bottleneck.yaml": EvaluateConfig,
     "sparse/transfer_set.yaml": PipelineConfig,
     "sparse/pretrain.yaml": PretrainConfig,
+    "decoder/teacher.yaml": DecoderPrepConfig,
+    "decoder/transfer_set.yaml": PipelineConfig,
+    "decoder/pretrain.yaml": PretrainConfig,
+    "decoder/cross_tokenizer.yaml": PretrainConfig,  # its student.config folder: decoder/llama_student/config.json
     **{f"recipes/{name}.yaml": PretrainConfig for name in ("distilbert", "tinybert", "minilm", "minilmv2", "bert_emd",
                                                            "pooled", "sentence", "shape_width_svd",
                                                            "shape_bottleneck")},

@@ -52,24 +52,13 @@ def make_tiny_decoder(folder: str | Path, *, family: str = "gpt2", tokenizer: st
                       max_positions: int = 128, vocab_size: int = 512) -> Path:
     """Save a randomly initialised tiny decoder LM (GPT-2, or a Llama with grouped-query attention) with a
     tokenizer trained on the Wikipedia sample (tests/tiny_tokenizers.py) into `folder`."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
+    from teacher.prepare_decoder import decoder_config
     from tests.tiny_tokenizers import make_tokenizer
 
     folder = Path(folder)
     tok = make_tokenizer(folder, tokenizer, vocab_size)
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if family == "gpt2":
-        config = GPT2Config(vocab_size=len(tok), n_positions=max_positions, n_embd=hidden, n_layer=layers, n_head=heads,
-                            n_inner=intermediate, **ids)
-        cls = GPT2LMHeadModel
-    elif family == "llama":
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                             max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
-        cls = LlamaForCausalLM
-    else:
-        raise ValueError(f"family: expected gpt2 or llama, got {family!r}")
+    config, cls = decoder_config(family, tok, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
+                                 max_positions=max_positions)
     torch.manual_seed(seed)
     model = cls(config)
     model.save_pretrained(folder, safe_serialization=True)
