@@ -63,7 +63,7 @@ class DecoderPrepConfig:
     heads: int = 4  # attention heads (a divisor of hidden)
     intermediate: int = 1024  # feed-forward width
     max_length: int = 128  # tokens per packed row, and the model's position limit
-    steps: int = 320  # AdamW optimizer steps (~4 minutes on 2 CPU cores at the defaults, under one pass over the sample)
+    steps: int = 320  # AdamW optimizer steps (~4 minutes on 2 CPU cores at the defaults; under one pass of the sample)
     batch_size: int = 16  # packed rows per step
     learning_rate: float = 2e-3  # peak AdamW learning rate (linear warmup, then cosine decay to 0)
     warmup_steps: int = 30  # linear warmup steps
@@ -72,7 +72,7 @@ class DecoderPrepConfig:
     seed: int = 0  # initialisation and batch-order seed
     threads: int = 0  # torch CPU threads (0: torch's default)
     overwrite: bool = False  # replace output folders this stage wrote from another config (never someone else's)
-    student_tokenizers: list[TokenizerSpec] = field(default_factory=list)  # more tokenizers for cross-tokenizer students
+    student_tokenizers: list[TokenizerSpec] = field(default_factory=list)  # tokenizers for cross-tokenizer students
 
     def __post_init__(self) -> None:
         if not isinstance(self.output_dir, str) or not self.output_dir:
@@ -209,7 +209,7 @@ def _batches(n: int, size: int, gen: torch.Generator):
 
 
 STAGE = "python -m teacher.decoder"
-REPORT = "teacher_report.json"
+REPORT = "decoder_report.json"  # not the masked-LM stage's teacher_report.json: neither claims the other's folder
 TOKENIZER_REPORT = "tokenizer_report.json"
 NON_CONTENT_FIELDS = ("output_dir", "overwrite", "threads", "student_tokenizers")  # never change the teacher
 
@@ -228,19 +228,22 @@ def _found_claim(folder: Path, report: str) -> Optional[str]:
     if not folder.is_dir():
         return None
     try:
-        return json.loads((folder / report).read_text()).get("config_hash") or "unknown"
+        found = json.loads((folder / report).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return "unreadable report"
+    if not isinstance(found, dict) or found.get("stage") != STAGE:
+        return None
+    return found.get("config_hash") or "unknown"
 
 
 def prepare_decoder(cfg: DecoderPrepConfig, source: str = "<config>") -> dict:
     """Train what is missing (student tokenizers, the teacher) and return the teacher's report."""
     out = Path(cfg.output_dir)
     targets = [(out, teacher_hash(cfg), REPORT, "output_dir")]
-    targets += [(Path(s.output_dir), tokenizer_hash(cfg.corpus, s), TOKENIZER_REPORT, f"student_tokenizers[{i}].output_dir")
-                for i, s in enumerate(cfg.student_tokenizers)]
+    targets += [(Path(s.output_dir), tokenizer_hash(cfg.corpus, s), TOKENIZER_REPORT,
+                 f"student_tokenizers[{i}].output_dir") for i, s in enumerate(cfg.student_tokenizers)]
     with ExitStack() as stack:
         for folder, *_ in targets:
             stack.enter_context(output_lock(folder, STAGE))
@@ -272,8 +275,9 @@ def save_student_tokenizer(spec: TokenizerSpec, folder: Path, lines: list[str], 
     trained = train_tokenizer(lines, spec.kind, spec.vocab_size)
     with atomic_directory(folder, replace=replace) as tmp:
         tokenizer = save_tokenizer(tmp, trained, spec.kind)
-        report = {"config_hash": claim, "kind": spec.kind, "vocab_size": spec.vocab_size, "entries": len(tokenizer),
-                  "corpus": to_dict(corpus), "tokenizer_fingerprint": tokenizer_fingerprint(tmp)}
+        report = {"stage": STAGE, "config_hash": claim, "kind": spec.kind, "vocab_size": spec.vocab_size,
+                  "entries": len(tokenizer), "corpus": to_dict(corpus),
+                  "tokenizer_fingerprint": tokenizer_fingerprint(tmp)}
         atomic_write_text(tmp / TOKENIZER_REPORT, json.dumps(report, indent=2))
     print(f"saved {spec.kind} student tokenizer ({len(tokenizer)} entries) to {folder} in {time.time() - t0:.1f}s")
 
@@ -298,9 +302,11 @@ def _prepare(cfg: DecoderPrepConfig, documents: list[str], lines: list[str], rep
 
     losses = train_decoder(model, train_rows, cfg)
     after = next_token_metrics(model, held_out)
-    print(f"after:  held-out perplexity {after['perplexity']:.1f}, next-token accuracy {after['next_token_accuracy']:.2%}")
-    report = {"before": before, "after": after, "steps": cfg.steps, "train_loss_first20": float(np.mean(losses[:20])),
-              "train_loss_last20": float(np.mean(losses[-20:])), "family": cfg.family, "parameters": parameters,
+    print(f"after:  held-out perplexity {after['perplexity']:.1f}, next-token accuracy "
+          f"{after['next_token_accuracy']:.2%}")
+    report = {"stage": STAGE, "before": before, "after": after, "steps": cfg.steps,
+              "train_loss_first20": float(np.mean(losses[:20])), "train_loss_last20": float(np.mean(losses[-20:])),
+              "family": cfg.family, "parameters": parameters,
               "vocab_size": len(tokenizer), "rows": {"train": len(train_rows), "held_out": len(held_out)},
               "held_out": {"rows": [len(train_rows), len(rows)], "sha256": rows_digest(held_out)},
               "tokens_seen": cfg.steps * cfg.batch_size * cfg.max_length, "config_hash": teacher_hash(cfg),
@@ -367,5 +373,6 @@ def _model_card(cfg: DecoderPrepConfig, report: dict) -> str:
         "| | perplexity | top-1 accuracy |\n|---|---|---|\n"
         f"| initialisation | {b['perplexity']:.1f} | {b['next_token_accuracy']:.2%} |\n"
         f"| trained | {a['perplexity']:.1f} | {a['next_token_accuracy']:.2%} |\n\n"
-        "Loads offline with `AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`.\n"
+        "Loads offline with `AutoModelForCausalLM.from_pretrained(folder)` and "
+        "`AutoTokenizer.from_pretrained(folder)`.\n"
     )

@@ -78,13 +78,13 @@ def test_the_prepared_teacher_loads_offline_and_its_report_recomputes(prepared):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, folder, config, _ = prepared
-    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "teacher_report.json",
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "decoder_report.json",
             "resolved_config.yaml"} <= {p.name for p in folder.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2 and model.config.n_embd == 32
     assert model.config.vocab_size == len(tokenizer) == 300 and tokenizer.eos_token == "<|endoftext|>"
-    report = json.loads((folder / "teacher_report.json").read_text())
+    report = json.loads((folder / "decoder_report.json").read_text())
     rows = held_out_rows(tokenizer, 32, 16)
     assert hashlib.sha256(rows.astype("<i4").tobytes()).hexdigest() == report["held_out"]["sha256"]
     assert report["held_out"]["rows"][1] - report["held_out"]["rows"][0] == 16
@@ -118,8 +118,8 @@ def test_the_same_seed_gives_byte_identical_weights_and_a_rerun_does_nothing(pre
     root, folder, config, again = prepared
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (folder / name).read_bytes() == (again / name).read_bytes(), name
-    mine = json.loads((folder / "teacher_report.json").read_text())
-    theirs = json.loads((again / "teacher_report.json").read_text())
+    mine = json.loads((folder / "decoder_report.json").read_text())
+    theirs = json.loads((again / "decoder_report.json").read_text())
     assert mine["before"] == theirs["before"] and mine["after"] == theirs["after"]
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
@@ -151,3 +151,15 @@ def test_bad_fields_are_refused_naming_the_file_and_the_field(tmp_path, fields, 
     assert message.startswith(f"{config}: field '{path}': ") and words in message, message
     assert run_stage("test", DecoderPrepConfig, prepare_decoder, ["--config", str(config)]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_folders_this_stage_did_not_write_are_refused_even_with_overwrite(tmp_path, capsys):
+    """A masked-LM teacher (python -m teacher) records its own teacher_report.json: not this stage's claim."""
+    out = tmp_path / "mlm_teacher"
+    out.mkdir()
+    (out / "teacher_report.json").write_text(json.dumps({"config_hash": "another-config"}))
+    config = write_config(tmp_path / "c.yaml", **{**TINY, "output_dir": str(out), "overwrite": True})
+    assert run_stage("test", DecoderPrepConfig, prepare_decoder, ["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir:" in err and "did not write (teacher_report.json)" in err, err
+    assert [p.name for p in out.iterdir()] == ["teacher_report.json"]
