@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from kdlib.adashare import AdaShareConfig
 from kdlib.augment import AugmentConfig
 from kdlib.engine import EngineConfig, OptimConfig
 from kdlib.layer_maps import LayerMapConfig
@@ -217,6 +218,7 @@ class MultiTaskConfig:
 
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)  # task i drawn with p ~ n_i ** alpha
     single_task: bool = True  # also distil one student per task (the report then compares multi- with single-task)
+    adashare: AdaShareConfig = field(default_factory=AdaShareConfig)  # per-task layer skipping (kdlib.adashare)
 
 
 @dataclass
@@ -250,6 +252,12 @@ class FinetuneConfig:
                 raise ValueError("labels: with tasks, each task lists its own labels")
             if self.distill.method != "kd" or len(self.teacher.seeds) > 1:
                 raise ValueError("tasks: multi-task runs distil with method kd from one teacher per task and fold")
+            if self.multitask.adashare.enabled and (self.distill.layer_map is not None or self.distill.online_teacher):
+                raise ValueError("multitask.adashare.enabled: a student that skips layers per task takes output "
+                                 "losses only; remove distill.layer_map and distill.online_teacher")
+        elif self.multitask.adashare.enabled:
+            raise ValueError("multitask.adashare.enabled: AdaShare learns which layers each task executes; it needs "
+                             "'tasks' (two or more)")
         if self.max_length < 8:
             raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
         if self.task_type == "regression":

@@ -80,10 +80,15 @@ def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, *, step:
                     code = train_multitask(multitask_run(cfg, fold, seed, arm, labels))
                     if code != 0:
                         raise SystemExit(code)
+        if cfg.multitask.adashare.enabled and "kd" in arm_list:
+            from finetune.adashare import run_adashare
+
+            run_adashare(cfg, labels, fold_list, seed_list)
+    multi_arms = arms_of(cfg) + (["adashare"] if cfg.multitask.adashare.enabled else [])
     for derived in tasks:
         lay = Layout(derived)
         run_steps(derived, setups[derived.output_dir], source, step=step, folds=folds, seeds=seeds, arms=arms,
                   steps=("speed", "report"),
                   extra_runs=lambda fold, lay=lay: [lay.run(fold, f"multitask-{a}", s) for s in cfg.evaluation.seeds
-                                                    for a in arms_of(cfg)])
+                                                    for a in multi_arms])
     return 0

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
+from kdlib.adashare import AdaShareConfig, TaskPolicies
 from kdlib.engine import EngineConfig, deepspeed_config
 from kdlib.objectives import ObjectiveConfig
 from kdlib.io import atomic_directory
@@ -46,13 +48,16 @@ class MultiTaskRunConfig(LoopConfig):
     sampling: TaskSamplingConfig  # which task each step trains
     objectives: list[ObjectiveConfig]  # the objectives (the same for every task; also in each part)
     engine: EngineConfig  # the engine (also in each part)
+    adashare: Optional[AdaShareConfig] = None  # AdaShare policy search: per-task layer policies learned with the weights
+    policy: Optional[list[list[bool]]] = None  # AdaShare retraining: per task, the layers it executes (fixed)
 
 
 def task_config(cfg: FinetuneConfig, index: int) -> FinetuneConfig:
     """Task `index` as a single-task config in output_dir/<name> (its own folds, teachers, transfer sets)."""
     t = cfg.tasks[index]
+    single = dataclasses.replace(cfg.multitask, adashare=AdaShareConfig())  # AdaShare is the multi-task run's
     return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / t.name), task=t.task, labels=list(t.labels),
-                               tasks=[])
+                               tasks=[], multitask=single)
 
 
 def multitask_run(cfg: FinetuneConfig, fold: int, seed: int, arm: str, labels: dict[str, list[str]]) -> MultiTaskRunConfig:
@@ -71,6 +76,10 @@ def multitask_run(cfg: FinetuneConfig, fold: int, seed: int, arm: str, labels: d
 
 
 def completed(run: MultiTaskRunConfig) -> bool:
+    if run.adashare is not None:
+        from finetune.adashare import search_completed
+
+        return search_completed(run)
     return all((Path(p.output_dir) / EVAL_FILE).is_file()
                and json.loads((Path(p.output_dir) / EVAL_FILE).read_text()).get("config_hash") == math_hash(run)
                for p in run.parts)
@@ -81,12 +90,17 @@ def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
     first = cfg.parts[0]
     teacher_model = load_teacher(first) if needs_teacher_model(first) else None
     base, tokenizer_folder = build_model(first, teacher_model)
-    student = MultiTaskClassifier(base, {n: len(p.labels) for n, p in zip(cfg.task_names, cfg.parts)}, seed=cfg.seed)
+    layers = base.config.num_hidden_layers
+    policies = None if cfg.adashare is None and cfg.policy is None else \
+        TaskPolicies(len(cfg.parts), layers, cfg=cfg.adashare, fixed=cfg.policy)
+    student = MultiTaskClassifier(base, {n: len(p.labels) for n, p in zip(cfg.task_names, cfg.parts)}, seed=cfg.seed,
+                                  policies=policies)
     tokenizer = load_tokenizer(str(tokenizer_folder))
     sources = [training_rows(p, str(tokenizer_folder), tokenizer) for p in cfg.parts]
     cached = set.intersection(*[set(c) for _, c, _ in sources])
     teacher_config = teacher_config_of(first, teacher_model)  # every task's teacher has the same shape (one config)
-    offer = make_offer(first, student, teacher_config, cached, sources[0][2])
+    offer = dataclasses.replace(make_offer(first, student, teacher_config, cached, sources[0][2]),
+                                policies=cfg.adashare is not None)
     module = DistillModule(student, cfg.objectives, offer, seed=cfg.seed, teacher_width=teacher_config.hidden_size)
     rows = [r for r, _, _ in sources]
     sampler = MultiTaskSampler([len(r) for r in rows], cfg.sampling, micro_batch=cfg.engine.micro_batch,
@@ -116,14 +130,21 @@ def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
     def finish(model, final_checkpoint, module_state, step: int, metrics: dict) -> str:
         if not rank0:
             return ""
+        if cfg.adashare is not None:
+            from finetune.adashare import write_policies
+
+            return write_policies(cfg, model, step, metrics)
         lines = []
         for name, part in zip(cfg.task_names, cfg.parts):
             plain = model.task_model(name, part.labels)
             folder = Path(part.output_dir)
             with atomic_directory(folder / EXPORT, replace=folder.joinpath(EXPORT).exists()) as tmp:
                 save_classifier(plain, tmp, resolve_model_path(str(tokenizer_folder)))
-            record = write_predictions(part, plain, tokenizer, folder, device,
-                                       {"steps": step, "validation": metrics, "config_hash": math_hash(cfg)})
+            extra = {"steps": step, "validation": metrics, "config_hash": math_hash(cfg)}
+            if cfg.policy is not None:  # AdaShare: which of the student's layers this task's model executes
+                executed = cfg.policy[cfg.task_names.index(name)]
+                extra.update(layers_executed=sum(executed), layers_of_student=len(executed), policy=executed)
+            record = write_predictions(part, plain, tokenizer, folder, device, extra)
             lines.append(f"{name} {record['metrics']['accuracy']:.4f}")
         return f"multi-task {cfg.arm} fold {cfg.fold} seed {cfg.seed}: held-out accuracy " + ", ".join(lines)
 

@@ -83,13 +83,17 @@ def _eval_record(folder: Path) -> dict:
         _require(path, speed, "sequences_per_s", lambda v: _is_number(v) and v > 0, "a number > 0", "speed.")
         for key in ("batch_size", "threads"):
             _require(path, speed, key, lambda v: _is_int(v) and v >= 1, "an int >= 1", "speed.")
+    layers = data.get("layers_executed")  # optional: an AdaShare task model executes a subset of the layers
+    if layers is not None:
+        _require(path, data, "layers_executed", lambda v: _is_int(v) and v >= 1, "an int >= 1 (or no field at all)")
     labels = _require(path, data, "labels", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
                       "a list of label names")
     if task_type == "classification" and not labels:
         raise ReaderError(f"{path}: field 'labels': a classification run needs its label names, got []")
     return {"arm": arm, "fold": fold, "seed": seed, "task_type": task_type, "labels": labels,
             "metrics": {k: math.nan if v is None else float(v) for k, v in metrics.items()},
-            "parameters": parameters, "speed": None if speed is None else dict(speed), "folder": str(folder)}
+            "parameters": parameters, "speed": None if speed is None else dict(speed), "folder": str(folder),
+            "layers_executed": layers}
 
 
 def collect(run_folders: Iterable[str | os.PathLike]) -> list[dict]:
@@ -152,7 +156,8 @@ def aggregate(records: list[dict]) -> dict:
     for arm in arms:
         runs = by_arm[arm]
         counts = sorted({r["parameters"] for r in runs})
-        if len(counts) > 1:
+        variable_depth = all(r["layers_executed"] is not None for r in runs)  # AdaShare: a policy per fold and seed
+        if len(counts) > 1 and not variable_depth:
             raise ReaderError(f"arm {arm!r}: runs report different parameter counts {counts} "
                               f"({', '.join(r['folder'] for r in runs)}); one arm is one model size")
         folds = sorted({r["fold"] for r in runs})
@@ -168,7 +173,8 @@ def aggregate(records: list[dict]) -> dict:
             "metrics": metrics,
             "teacher_mean_same_folds": teacher_means,
             "percent_of_teacher": {m: percent_of(metrics[m]["mean"], teacher_means[m]) for m in names},
-            "parameters": counts[0],
+            "parameters": counts[0], "parameters_max": counts[-1],
+            "layers_executed": summarize([r["layers_executed"] for r in runs]) if variable_depth else None,
             "sequences_per_s": speed, "speed_settings": _settings(runs),
             "speedup_vs_teacher": speed["mean"] / teacher_speed if comparable else math.nan,
         }
@@ -262,6 +268,11 @@ def _mean_std(summary: dict) -> str:
     return f"{_num(summary['mean'], f'.{DECIMALS}f')} ± {_num(summary['std'], f'.{DECIMALS}f')}"
 
 
+def _parameters(arm: dict) -> str:
+    low, high = arm["parameters"], arm.get("parameters_max", arm["parameters"])
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
             + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows])
@@ -282,13 +293,17 @@ def _markdown(title: str, result: dict, files: dict) -> str:
               + ["parameters", "sequences/s", "speed-up", "runs"])
     rows = [[arm] + [_mean_std(a["metrics"][m]) for m in names]
             + [_num(a["percent_of_teacher"][m], ".2f", "%") for m in names]
-            + [f"{a['parameters']:,}", _num(a["sequences_per_s"]["mean"], ".1f"),
+            + [_parameters(a), _num(a["sequences_per_s"]["mean"], ".1f"),
                _num(a["speedup_vs_teacher"], ".2f", "×"), str(a["n"])] for arm, a in arms.items()]
     lines += _table(header, rows)
     settings = {arm: " and ".join(f"batch_size {s['batch_size']}, threads {s['threads']}" for s in a["speed_settings"])
                 or "not timed" for arm, a in arms.items()}
-    lines += ["", "Speed settings: " + "; ".join(f"{arm} ({s})" for arm, s in settings.items()) + ".", "",
-              "## Per fold (mean ± std over seeds)", ""]
+    lines += ["", "Speed settings: " + "; ".join(f"{arm} ({s})" for arm, s in settings.items()) + ".", ""]
+    depth = {arm: a["layers_executed"] for arm, a in arms.items() if a.get("layers_executed")}
+    if depth:
+        lines += ["Layers executed per task model (AdaShare; mean ± std over folds × seeds, parameters min–max): "
+                  + "; ".join(f"{arm} {_mean_std(d)}" for arm, d in depth.items()) + ".", ""]
+    lines += ["## Per fold (mean ± std over seeds)", ""]
     lines += _table(["fold", "arm", "seeds"] + names,
                     [[str(row["fold"]), row["arm"], str(len(row["seeds"]))]
                      + [_mean_std(row["metrics"][m]) for m in names] for row in result["per_fold"]])

@@ -307,12 +307,14 @@ def all_reduce_sum(tensor) -> None:
         dist.all_reduce(tensor)
 
 
-def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0, by_depth: bool = False):
+def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0, by_depth: bool = False,
+               rates: Optional[dict] = None):
     """deepspeed.initialize with our optimizer choice; returns the engine (optimizer and scheduler inside).
 
     Parameter groups come from kdlib.lr_groups: weight decay on matrices only, and with layer_decay < 1 one
     peak rate per depth (num_layers: the student's transformer layers), which the scheduler keeps per group;
-    by_depth: per-depth groups tagged with their depth (progressive transfer)."""
+    by_depth: per-depth groups tagged with their depth (progressive transfer); rates: {name regex: rate} for
+    parameters with a rate of their own (kdlib.lr_groups)."""
     import deepspeed
     import torch
 
@@ -320,7 +322,7 @@ def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0,
 
     groups = param_groups(module.named_parameters(), learning_rate=optim.learning_rate,
                           weight_decay=optim.weight_decay, layer_decay=optim.layer_decay, num_layers=num_layers,
-                          by_depth=by_depth)
+                          by_depth=by_depth, rates=rates)
     if "scheduler" in ds_config:
         ds_config = {**ds_config, "scheduler": scheduler_with_group_lrs(ds_config["scheduler"], groups,
                                                                         optim.learning_rate)}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Iterable
+from typing import Iterable, Optional
 
 from torch import nn
 
@@ -66,7 +66,8 @@ def _check_rate(name: str, value: float, *, low: float, low_open: bool, high: fl
 
 
 def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learning_rate: float,
-                 weight_decay: float, layer_decay: float = 1.0, num_layers: int, by_depth: bool = False) -> list[dict]:
+                 weight_decay: float, layer_decay: float = 1.0, num_layers: int, by_depth: bool = False,
+                 rates: Optional[dict[str, float]] = None) -> list[dict]:
     """Optimizer param groups {"params", "lr", "weight_decay"}; parameters with requires_grad=False are left out.
 
     layer_decay == 1: exactly kdlib.engine.initialize's two groups (matrices with weight decay, then
@@ -77,6 +78,9 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learni
     The "lr" of a group is its peak rate; see `scheduler_with_group_lrs` for DeepSpeed's schedulers.
     by_depth: the per-depth groups whatever the decay, each with its "depth" (kdlib.progressive scales rates
     by depth while training).
+    rates: {name regex: peak rate}: parameters whose name matches go, in that order, into one group per
+    pattern at that rate without weight decay, after all the others (AdaShare's policy logits); an empty
+    or absent mapping changes nothing.
     """
     _check_rate("learning_rate", learning_rate, low=0.0, low_open=True)
     _check_rate("weight_decay", weight_decay, low=0.0, low_open=False)
@@ -84,6 +88,19 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learni
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers: expected an integer >= 0, got {num_layers!r}")
     trained = [(name, p) for name, p in named_parameters if p.requires_grad]
+    special: list[dict] = []
+    for pattern, rate in (rates or {}).items():
+        _check_rate(f"rates[{pattern!r}]", rate, low=0.0, low_open=True)
+        members = [p for name, p in trained if re.search(pattern, name)]
+        trained = [(name, p) for name, p in trained if not re.search(pattern, name)]
+        if members:
+            special.append({"params": members, "lr": float(rate), "weight_decay": 0.0,
+                            **({"depth": num_layers + 1} if by_depth else {})})
+    return _groups(trained, learning_rate, weight_decay, layer_decay, num_layers, by_depth) + special
+
+
+def _groups(trained: list, learning_rate: float, weight_decay: float, layer_decay: float, num_layers: int,
+            by_depth: bool) -> list[dict]:
     if layer_decay == 1.0 and not by_depth:
         for name, _ in trained:
             layer_depth(name, num_layers)  # a wrong num_layers is an error whatever the decay

@@ -15,7 +15,7 @@ EXPECTED = {
     "minilmv2_relations", "mlm_ce", "nst_mmd", "pkd_patient", "rkd_angle", "rkd_distance",
     "teacher_annealing_ce", "value_relation_kl",
     "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl", "kd_sparse", "uld",
-    "next_token_ce",
+    "next_token_ce", "adashare_sparsity", "adashare_sharing",
 }
 
 
@@ -24,10 +24,10 @@ def test_registry_contents_and_docstrings():
     for name in known_losses():
         spec = get_spec(name)
         assert " -- " in spec.formula, name  # "formula -- source" on the first docstring line
-        assert spec.paper and spec.kind in ("output", "intermediate", "relational", "mutual")
+        assert spec.paper and spec.kind in ("output", "intermediate", "relational", "mutual", "regularizer")
         token_level = bool({"mask", "aligned_mask"} & set(inspect.signature(spec.fn).parameters))
         assert token_level or name in ("pkd_patient", "rkd_distance", "rkd_angle", "bert_emd", "hard_mse") \
-            or name.startswith("pooled_"), name
+            or name.startswith(("pooled_", "adashare_")), name
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -42,7 +42,7 @@ def test_unknown_name_lists_known_names():
     assert "kd_kll" in str(err.value) and all(n in str(err.value) for n in EXPECTED)
     with pytest.raises(KeyError):
         get_loss("kd_kll")
-    with pytest.raises(UnknownLossError, match="known losses: attention_kl"):
+    with pytest.raises(UnknownLossError, match="known losses: adashare_sharing, adashare_sparsity, attention_kl"):
         get_loss("nope")
 
 

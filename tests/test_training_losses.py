@@ -162,7 +162,8 @@ def _emd(r, f):
 
 # Losses a masked-LM run cannot feed (one output per sequence; next-token targets); each is tested, against a
 # hand computation of a real step, by the stage it serves.
-SEQUENCE_ONLY = {"hard_mse": "tests/test_finetune_regression.py", "next_token_ce": "tests/test_pretrain_causal.py"}
+SEQUENCE_ONLY = {"hard_mse": "tests/test_finetune_regression.py", "next_token_ce": "tests/test_pretrain_causal.py",
+                 "adashare_sparsity": "tests/test_adashare.py", "adashare_sharing": "tests/test_adashare.py"}
 MASKED_LM_LOSSES = [n for n in known_losses() if n not in SEQUENCE_ONLY]
 
 

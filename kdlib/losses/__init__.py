@@ -4,7 +4,7 @@ Importing this package imports every loss module, which registers the losses.
 """
 from kdlib.losses.registry import (KINDS, LossSpec, UnknownLossError, get_chunked, get_loss, get_spec, known_losses,
                                    register_chunked, register_loss)
-from kdlib.losses import output, adaptive, topk, sparse, intermediate, attention, relational, emd, embedding, cross_tokenizer  # noqa: F401  (registration)
+from kdlib.losses import output, adaptive, topk, sparse, intermediate, attention, relational, emd, embedding, cross_tokenizer, policy  # noqa: F401  (registration)
 from kdlib.losses import chunked_twins  # noqa: F401,E402  (chunked twins of the output losses)
 from kdlib.losses.output import (hard_ce, kd_ce, kd_kl, logit_mse, mlm_ce, next_token_ce, soft_kd_per_position,
                                  teacher_annealing_ce)
@@ -19,6 +19,7 @@ from kdlib.losses.relational import dml, rkd_angle, rkd_distance
 from kdlib.losses.emd import bert_emd
 from kdlib.losses.embedding import pooled_contrastive, pooled_cosine, pooled_mse, pooled_relation_kl
 from kdlib.losses.cross_tokenizer import uld
+from kdlib.losses.policy import adashare_sharing, adashare_sparsity
 
 __all__ = [
     "KINDS", "LossSpec", "UnknownLossError", "get_chunked", "get_loss", "register_chunked", "get_spec", "known_losses", "register_loss",
@@ -28,5 +29,5 @@ __all__ = [
     "embedding_mse", "fsp", "fsp_matrix", "hidden_mse", "make_projection", "nst_mmd", "pkd_patient",
     "attention_kl", "attention_mse", "minilmv2_relations", "value_relation_kl", "dml", "rkd_angle",
     "rkd_distance", "bert_emd", "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl",
-    "kd_sparse", "sparse_kd_per_position", "next_token_ce", "uld",
+    "kd_sparse", "sparse_kd_per_position", "next_token_ce", "uld", "adashare_sparsity", "adashare_sharing",
 ]

@@ -14,7 +14,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-KINDS = ("output", "intermediate", "relational", "mutual")
+KINDS = ("output", "intermediate", "relational", "mutual", "regularizer")
 
 
 class UnknownLossError(ValueError, KeyError):

@@ -58,7 +58,7 @@ def reads_total_steps(config) -> list[str]:
 def math_hash(config) -> str:
     """Hash of everything that changes what a step computes (see the module docstring)."""
     data = {k: v for k, v in to_dict(config).items() if k not in BOOKKEEPING}
-    for name in ("early_stopping", "progressive"):  # absent and unset hash alike: older checkpoints stay resumable
+    for name in ("early_stopping", "progressive", "adashare", "policy"):  # absent and unset hash alike: older checkpoints stay resumable
         if data.get(name, 0) is None:
             del data[name]
     for shape in (data.get("student"), data.get("student_shape")):  # the plain BERT shape hashes as before

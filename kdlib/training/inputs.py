@@ -45,6 +45,7 @@ class Offer:
     student_heads: int = 0  # attention heads (0: not checked)
     teacher_heads: int = 0
     causal: bool = False  # causal LMs: every position predicts the next token (next_token_labels)
+    policies: bool = False  # the student learns AdaShare layer policies (select_probs, policy_mask)
 
 
 @dataclass
@@ -61,8 +62,9 @@ class StepInputs:
     """What providers read during one micro-batch: the batch, the models' views, the trainer's state."""
 
     def __init__(self, batch: dict, offer: Offer, *, student, teacher=None, peer=None, projections=None, emd=None,
-                 step: int = 0, total_steps: int = 1):
+                 step: int = 0, total_steps: int = 1, model=None):
         self.batch, self.offer = batch, offer
+        self.model = model  # the student module itself (its learned AdaShare policies), beside its outputs' view
         self.student, self.teacher, self.peer = student, teacher, peer
         self.projections, self.emd = projections if projections is not None else {}, emd
         self.step, self.total_steps = step, total_steps
@@ -140,6 +142,11 @@ def _causal_check(offer: Offer, layers: list[int]) -> Optional[str]:
 
 def _peer_check(offer: Offer, layers: list[int]) -> Optional[str]:
     return None if offer.peer else "this stage cannot train a second student"
+
+
+def _policy_check(offer: Offer, layers: list[int]) -> Optional[str]:
+    return None if offer.policies else ("it regularises learned layer policies: a multi-task run with "
+                                        "multitask.adashare.enabled adds it to its policy search itself")
 
 
 def _emd_check(offer: Offer, layers: list[int]) -> Optional[str]:
@@ -341,6 +348,11 @@ PROVIDERS: dict[str, Provider] = {
     "layer_cost": Provider(ALL_LAYERS, _layer_cost, _emd_check, student_reads=frozenset({"hidden"}),
                            teacher_reads=frozenset({"hidden"}), what="the layer-to-layer cost matrix"),
     "transport_plan": Provider(ALL_LAYERS, _transport_plan, _emd_check, what="the EMD transport plan"),
+    # AdaShare: the multi-task student's (task, layer) execute probabilities and which of them learn now
+    "select_probs": Provider(BATCH, lambda x, s: x.model.policies.select_probs(), _policy_check,
+                             what="the layer policies' execute probabilities"),
+    "policy_mask": Provider(BATCH, lambda x, s: x.model.policies.learned_mask(), _policy_check,
+                            what="the policies learning now"),
     # the trainer's clock
     "step": Provider(BATCH, lambda x, s: x.step, what="the step"),
     "total_steps": Provider(BATCH, lambda x, s: x.total_steps, what="the run's steps"),

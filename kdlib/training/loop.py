@@ -137,7 +137,8 @@ class Trainer:
         self.progressive = getattr(job.module, "progressive", None)
         self.engine = ds.initialize(job.module, job.ds_config, self.cfg.engine.optim,
                                     num_layers=job.module.student.config.num_hidden_layers,
-                                    by_depth=self.progressive is not None)
+                                    by_depth=self.progressive is not None,
+                                    rates=getattr(job.module.student, "learning_rates", dict)())
         self.module = self.engine.module
         self.names = [o.name for o in self.cfg.objectives]
         self.hash = math_hash(self.cfg)

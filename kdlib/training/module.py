@@ -132,7 +132,7 @@ class DistillModule(nn.Module):
                          chunk_size=self.logit_chunk_size)
         peer = run_model(self.peer, ids, mask, hidden=False, qkv=False, heads=self.heads) if self.peer else None
         x = StepInputs(batch, self.offer, student=mine, teacher=teacher, peer=peer, projections=self.projections,
-                       emd=self.emd, step=step, total_steps=total_steps)
+                       emd=self.emd, step=step, total_steps=total_steps, model=self.student)
         layer = self.progressive.begin(step) if self.progressive is not None else None
         parts: dict[str, Tensor] = {}
         fused = []  # (name, weight, ChunkTerm): losses on the factored logits, evaluated in one pass below
