@@ -136,6 +136,7 @@ from finetune.config import FinetuneConfig  # noqa: E402
 # Each shipped config and the class that reads it; a new file in configs/ must be added here.
 SHIPPED = {
     "demo_teacher.yaml": TeacherPrepConfig,
+    "finetune_adashare.yaml": FinetuneConfig,
     "finetune_demo.yaml": FinetuneConfig,
     "finetune_multitask.yaml": FinetuneConfig,
     "finetune_pkd.yaml": FinetuneConfig,
@@ -147,6 +148,7 @@ SHIPPED = {
     "pretrain_online_minilm.yaml": PretrainConfig,
     "pretrain_zero3_bf16.yaml": PretrainConfig,
     "evaluate_demo.yaml": EvaluateConfig,
+    "deploy_demo.yaml": __import__("deploy.config", fromlist=["DeployConfig"]).DeployConfig,
     "recipes/transfer_set.yaml": PipelineConfig,
     "chain/assistant.yaml": PretrainConfig,
     "chain/assistant_transfer_set.yaml": PipelineConfig,

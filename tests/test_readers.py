@@ -437,3 +437,22 @@ def test_normalize_text():
     assert normalize_text("") == ""
     with pytest.raises(TypeError):
         normalize_text(None)  # type: ignore[arg-type]
+
+
+def test_analogy_sections_are_labels_and_a_short_read_is_balanced(tmp_path):
+    path = tmp_path / "analogies.txt"
+    path.write_text(": capital\nAthens Greece Rome Italy\nParis France Oslo Norway\nLima Peru Kiev Ukraine\n"
+                    ": family\nboy girl son daughter\nking queen man woman\n")
+    examples = list(read_task(TaskConfig(kind="analogy", path=str(path))))
+    assert sorted((e.label, e.text) for e in examples) == [
+        ("capital", "Athens Greece Rome Italy"), ("capital", "Lima Peru Kiev Ukraine"),
+        ("capital", "Paris France Oslo Norway"), ("family", "boy girl son daughter"), ("family", "king queen man woman")]
+    assert [e.label for e in examples] == ["capital", "family", "capital", "family", "capital"]  # round robin
+    assert {e.id for e in examples} == {f"analogies.txt:{n}" for n in (2, 3, 4, 6, 7)}
+    real = list(read_task(TaskConfig(kind="analogy", path="gensim:questions-words.txt", max_examples=140)))
+    assert Counter(e.label for e in real) == {label: 10 for label in {e.label for e in real}} and len(set(
+        e.label for e in real)) == 14
+    assert len({e.id for e in real}) == 140 and all(len(e.text.split()) == 4 for e in real)
+    path.write_text("Athens Greece Rome Italy\n: capital\n")
+    with pytest.raises(ReaderError, match=r"analogies.txt: line 1: expected a `: section` header"):
+        list(read_task(TaskConfig(kind="analogy", path=str(path))))

@@ -1,4 +1,5 @@
-"""Labelled task sets (CSV, TSV, JSONL, fastText `__label__` lines) for task-specific distillation."""
+"""Labelled task sets (CSV, TSV, JSONL, fastText `__label__` lines, word-analogy files) for task-specific
+distillation."""
 
 import itertools
 import math
@@ -12,7 +13,7 @@ from kdlib.readers.documents import Example
 from kdlib.readers.lines import check_encoding, iter_lines
 from kdlib.readers.paths import resolve_path
 
-TASK_KINDS = ("csv", "tsv", "jsonl", "fasttext")
+TASK_KINDS = ("csv", "tsv", "jsonl", "fasttext", "analogy")
 FASTTEXT_PREFIX = "__label__"
 
 
@@ -20,7 +21,8 @@ FASTTEXT_PREFIX = "__label__"
 class TaskConfig:
     """Which labelled file to read and which columns hold text and label; see `read_task`."""
 
-    kind: Literal["csv", "tsv", "jsonl", "fasttext"]  # input format
+    kind: Literal["csv", "tsv", "jsonl", "fasttext", "analogy"]  # input format (analogy: `: section` headers, then
+    #                                                               `a b c d` lines; the label is the section)
     path: str  # file path, or `gensim:<name>` for gensim test data (e.g. gensim:pang_lee_polarity.cor)
     text_column: str = "text"  # column/key with the (first) text segment (csv, tsv, jsonl)
     label_column: str = "label"  # column/key with the label, kept as written (csv, tsv, jsonl)
@@ -44,7 +46,7 @@ class TaskConfig:
                                            or not self.id_column):
             raise ValueError(f"id_column: expected null, or a column name for kind csv, tsv or jsonl, got "
                              f"{self.id_column!r} for kind {self.kind!r}")
-        if self.kind == "fasttext" and self.text_b_column is not None:
+        if self.kind in ("fasttext", "analogy") and self.text_b_column is not None:
             raise ValueError(f"text_b_column: expected null for kind 'fasttext' (one text per line), "
                              f"got {self.text_b_column!r}")
         cols = [self.text_column, self.label_column] + ([self.text_b_column] if self.text_b_column else []) \
@@ -91,6 +93,38 @@ def read_fasttext(path: Path, encoding: str = "utf-8") -> Iterator[Example]:
         raise ReaderError(f"{path}: empty input: no `__label__` lines (expected at least one example)")
 
 
+def read_analogy(path: Path, encoding: str = "utf-8") -> Iterator[Example]:
+    """A word-analogy file (word2vec's questions-words.txt): the text is a line's four words, the label its
+    `: section` (the relation: capital-world, family, gram3-comparative, ...).
+
+    The examples come round-robin over the sections, each section's lines in a seeded random order, so that
+    max_examples takes a balanced sample spread over each whole section rather than its first lines."""
+    import numpy as np
+
+    sections: dict[str, list[Example]] = {}
+    current = None
+    for lineno, line in iter_lines(path, encoding):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith(":"):
+            current = line[1:].strip()
+            sections.setdefault(current, [])
+            continue
+        if current is None or len(line.split()) != 4:
+            raise ReaderError(f"{path}: line {lineno}: expected a `: section` header before four words per line, "
+                              f"got {line[:40]!r}")
+        sections[current].append(Example(id=f"{path.name}:{lineno}", text=line, label=current))
+    if not any(sections.values()):
+        raise ReaderError(f"{path}: empty input: no analogy lines under a `: section` header")
+    orders = [[rows[i] for i in np.random.Generator(np.random.PCG64(0)).permutation(len(rows))]
+              for rows in sections.values()]
+    for round_ in range(max(len(o) for o in orders)):
+        for order in orders:
+            if round_ < len(order):
+                yield order[round_]
+
+
 def _column_examples(rows: Iterator[records.Row], path: Path, cfg: TaskConfig) -> Iterator[Example]:
     count = 0
     for rid, where, values in rows:
@@ -119,6 +153,8 @@ def read_task(cfg: TaskConfig) -> Iterator[Example]:
         raise ReaderError(f"{path}: expected a {cfg.kind} file, got a directory")
     if cfg.kind == "fasttext":
         examples = read_fasttext(path, cfg.encoding)
+    elif cfg.kind == "analogy":
+        examples = read_analogy(path, cfg.encoding)
     else:
         columns = [cfg.text_column, cfg.label_column] + ([cfg.text_b_column] if cfg.text_b_column else []) \
             + ([cfg.id_column] if cfg.id_column else [])
