@@ -90,3 +90,26 @@ def write_score_task(path: Path, examples: int = 40, seed: int = 2) -> Path:
         lines.append(json.dumps({"text": " ".join(words), "score": f"{good - bad + rng.uniform(-0.2, 0.2):.3f}"}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def kill_at_first_checkpoint(command: list[str], checkpoints: Path, log: Path, timeout: float = 240) -> int:
+    """Run `python -m finetune <command>` in its own process group, SIGKILL the group as soon as `checkpoints/latest`
+    exists, and return the step of that checkpoint (the run must still be going when it appears)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune", *command], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    while not (checkpoints / "latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (checkpoints / "latest").exists(), log.read_text()[-3000:]
+    return int((checkpoints / "latest").read_text().strip().split("-")[-1])

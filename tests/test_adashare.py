@@ -4,12 +4,7 @@ a model without the layer, and the multi-task stage's search + retraining (polic
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +17,7 @@ from kdlib.adashare import (AdaShareConfig, TaskPolicies, fixed_policy, gated_be
                             gumbel_softmax, keep_layers, learned_layers, temperature)
 from kdlib.losses import get_loss
 from kdlib.lr_groups import param_groups
-from tests.finetune_fixture import base_config, write_config, write_topic_task
+from tests.finetune_fixture import base_config, kill_at_first_checkpoint, write_config, write_topic_task
 
 
 def tiny_classifier(layers: int = 4, seed: int = 0) -> BertForSequenceClassification:
@@ -260,19 +255,9 @@ def test_policies_and_weights_survive_kill_9_and_resume(adashare, tmp_path):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("multitask", "multitask-*", "report"))
     path = write_config({**data, "output_dir": str(copy)}, tmp_path / "config.yaml")
     search = copy / "multitask/fold-0/seed-0/adashare-search"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     command = ["distill", "--config", str(path), "--fold", "0"]
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "finetune", *command], env=env, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240
-    while not (search / "checkpoints/latest").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, log.read_text()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert (search / "checkpoints/latest").exists() and not (search / "policies.json").exists(), "killed too late"
+    kill_at_first_checkpoint(command, search / "checkpoints", tmp_path / "killed.log")
+    assert not (search / "policies.json").exists(), "killed after the search ended"
     assert main(command) == 0
     straight = load_file(str(run / "multitask/fold-0/seed-0/adashare-search/student.safetensors"))
     resumed = load_file(str(search / "student.safetensors"))

@@ -7,10 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +23,7 @@ from finetune.steps import student_run
 from kdlib.cache import TransferSet
 from kdlib.cache.reader import IGNORE_INDEX
 from kdlib.config import from_dict
-from tests.finetune_fixture import base_config, write_config
+from tests.finetune_fixture import base_config, kill_at_first_checkpoint, write_config
 
 OBJECTIVES = [{"name": "kd_kl", "weight": 0.5, "params": {"temperature": 2.0}}, {"name": "hard_ce", "weight": 0.5},
               {"name": "pkd_patient", "weight": 0.1}, {"name": "rkd_distance", "weight": 0.1}]
@@ -161,20 +157,9 @@ def test_kill_9_and_resume_give_the_same_weights(augmented, tmp_path):
     kd = copy / "fold-0/seed-0/kd"
     straight = load_file(str(kd / "export/model.safetensors"))
     shutil.rmtree(kd)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    assert not any(k in env for k in RENDEZVOUS), "a finished run left its rendezvous in the environment"
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "finetune", *command], env=env, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while not (kd / "checkpoints/latest").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, log.read_text()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert (kd / "checkpoints/latest").exists() and not (kd / "eval.json").exists(), "killed before the end"
-    killed_at = int((kd / "checkpoints/latest").read_text().strip().split("-")[-1])
+    assert not any(k in os.environ for k in RENDEZVOUS), "a finished run left its rendezvous in the environment"
+    killed_at = kill_at_first_checkpoint(command, kd / "checkpoints", tmp_path / "killed.log", timeout=120)
+    assert not (kd / "eval.json").exists(), "killed before the end"
     assert 0 < killed_at < 120
     assert main(command) == 0
     resumed = load_file(str(kd / "export/model.safetensors"))
