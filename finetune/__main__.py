@@ -1,6 +1,6 @@
 """`python -m finetune [step] --config X.yaml [--set key=value ...] [--fold K] [--seed S] [--arm kd|baseline]`.
 
-With no step, every step runs in order: folds, teacher, transfer, distill, speed, report. Each step can be
+With no step, every step runs in order: folds, teacher, transfer, distill, speed, deploy, report. Each step can be
 run alone (it finds the earlier steps' files in output_dir); finished work is skipped. Exit status: 0
 done, 2 a user error (config, data, fingerprints; named before any training), 75 preempted after a
 checkpoint (run the same command again to resume).

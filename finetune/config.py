@@ -200,6 +200,24 @@ class EvaluationConfig:
 
 
 @dataclass
+class DeployStepConfig:
+    """The deploy step: each KD student exported to ONNX and int8 (kdlib.deploy), scored on its held-out fold as
+    the arm kd-int8, with a size / speed / quality table in the report."""
+
+    enabled: bool = False  # export and score the int8 artefact of every KD student
+    threads: int = 1  # CPU threads of every timed candidate (torch and onnxruntime alike)
+    speed_length: int = 128  # tokens per timed sequence
+    speed_batches: list[int] = field(default_factory=lambda: [1, 32])  # latency at the smallest, throughput at the largest
+    repeats: int = 3  # timed passes per candidate (best taken)
+
+    def __post_init__(self) -> None:
+        _positive(self, "threads", "speed_length", "repeats")
+        if not self.speed_batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                         for b in self.speed_batches):
+            raise ValueError(f"speed_batches: expected positive batch sizes, got {self.speed_batches!r}")
+
+
+@dataclass
 class NamedTask:
     """One task of a multi-task run."""
 
@@ -238,6 +256,7 @@ class FinetuneConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)  # step 3
     baseline: BaselineConfig = field(default_factory=BaselineConfig)  # the no-KD comparison
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # step 4
+    deploy: DeployStepConfig = field(default_factory=DeployStepConfig)  # int8 artefacts of the KD students
     threads: int = 0  # torch CPU threads (0: torch's default)
     progress_bar: bool = True  # tqdm bars (quiet when stderr is not a terminal)
 

@@ -48,13 +48,19 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
         distill_step(cfg, labels, fold_list, seed_list, arm_list)
     if wanted("speed"):
         speed_step(cfg, labels, fold_list, lambda fold: fold_run_folders(cfg, fold) + extra_runs(fold))
+    if wanted("deploy"):
+        from finetune.int8 import deploy_step
+
+        deploy_step(cfg, labels, fold_list, seed_list)
     if wanted("report"):
+        from finetune.int8 import deployment_section, int8_folders
         from finetune.report import write_report
 
         folders = [f for f in run_folders(cfg) + [e for k in range(cfg.evaluation.folds) for e in extra_runs(k)]
-                   if (f / "eval.json").is_file()]
+                   if (f / "eval.json").is_file()] + int8_folders(cfg)
         path = write_report(lay.report(), folders, title=f"Task distillation: {cfg.task.path}",
-                            configs={"finetune": str(lay.root / "resolved_config.yaml")})
+                            configs={"finetune": str(lay.root / "resolved_config.yaml")},
+                            appendix=deployment_section(cfg))
         print(f"[finetune] report: {path}", flush=True)
     return 0
 
@@ -88,7 +94,7 @@ def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, *, step:
     for derived in tasks:
         lay = Layout(derived)
         run_steps(derived, setups[derived.output_dir], source, step=step, folds=folds, seeds=seeds, arms=arms,
-                  steps=("speed", "report"),
+                  steps=("speed", "deploy", "report"),
                   extra_runs=lambda fold, lay=lay: [lay.run(fold, f"multitask-{a}", s) for s in cfg.evaluation.seeds
                                                     for a in multi_arms])
     return 0

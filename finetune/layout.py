@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-STEPS = ("folds", "teacher", "transfer", "distill", "speed", "report")  # the stage's sub-steps, in order
+STEPS = ("folds", "teacher", "transfer", "distill", "speed", "deploy", "report")  # the stage's sub-steps, in order
 FOLDS_DIR = "folds"
 REPORT_DIR = "report"
 

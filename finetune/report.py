@@ -278,7 +278,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows])
 
 
-def _markdown(title: str, result: dict, files: dict) -> str:
+def _markdown(title: str, result: dict, files: dict, appendix: str = "") -> str:
     names, arms = result["metrics"], result["arms"]
     runs = sum(a["n"] for a in arms.values())
     lines = [f"# {title}", "",
@@ -311,6 +311,8 @@ def _markdown(title: str, result: dict, files: dict) -> str:
     lines += [f"![{arm}: training loss]({path})" for arm, path in files["loss_curves"].items()]
     if not files["loss_curves"]:
         lines.append("No run folder holds a metrics.jsonl training log, so there are no loss curves.")
+    if appendix:
+        lines += ["", appendix.rstrip("\n")]
     lines += ["", "## Files", "", f"- [per-example predictions]({files['predictions']}) (all runs)",
               "- [report.json](report.json) (the numbers above, unrounded)"]
     lines += [f"- [config: {name}]({path})" for name, path in files["configs"].items()]
@@ -381,10 +383,11 @@ def _predictions_csv(records: list[dict], predictions: list[list[dict]]) -> str:
 
 
 def write_report(report_dir: str | os.PathLike, run_folders: Iterable[str | os.PathLike], *, title: str,
-                 configs: Optional[Mapping[str, str | os.PathLike]] = None) -> Path:
+                 configs: Optional[Mapping[str, str | os.PathLike]] = None, appendix: str = "") -> Path:
     """Read and cross-check the runs, then write the report into `report_dir`; returns report.md's path.
 
-    `configs` maps a name ("kd", "baseline", ...) to a resolved config file to copy into configs/.
+    `configs` maps a name ("kd", "baseline", ...) to a resolved config file to copy into configs/; `appendix`:
+    Markdown sections placed before the list of files (the int8 deployment table).
     Nothing is written until every input has been read and checked.
     """
     report_dir = Path(report_dir)
@@ -410,5 +413,5 @@ def write_report(report_dir: str | os.PathLike, run_folders: Iterable[str | os.P
     runs = [{k: r[k] for k in ("arm", "fold", "seed", "metrics", "parameters", "speed", "folder")} for r in records]
     document = {"title": title, **result, "runs": runs, "files": files, "display_decimals": DECIMALS}
     atomic_write_text(report_dir / "report.json", json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
-    atomic_write_text(report_dir / "report.md", _markdown(title, result, files))
+    atomic_write_text(report_dir / "report.md", _markdown(title, result, files, appendix))
     return report_dir / "report.md"

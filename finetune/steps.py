@@ -6,6 +6,8 @@
             import each other) on the training split, augmented, with the teacher's dense logits
   distill   the KD student and the no-KD baseline per fold and seed, on the training core
   speed     teacher and students timed side by side on the held-out fold (same batches, same threads)
+  deploy    with deploy.enabled: each KD student's ONNX fp32 + int8 artefact, scored as the arm kd-int8
+            (finetune.int8)
   report    report/ with the table, the bar chart, loss curves, configs and per-example predictions
 
 Every step skips work that is complete for the same config (a run is complete when its eval.json exists

@@ -170,6 +170,9 @@ def validate(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> Setup:
     else:
         labels = check_labels(cfg, source, sorted(counts), teacher_dict, field_prefix)
         check_folds(cfg, source, counts)
+    if cfg.deploy.enabled and any(ex.text_b for ex in examples):
+        raise ConfigError(f"{source}: field 'deploy.enabled': the int8 export reads one text per example; this task "
+                          "has text pairs (text_b); set deploy.enabled: false")
     student = check_student(cfg, source, teacher_folder, teacher_dict)
     needs = plan_needs(cfg, source, teacher_dict, student)
     return Setup(labels=labels, needs=needs, examples=len(examples))

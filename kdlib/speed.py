@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, Mapping
+from functools import partial
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -100,6 +101,32 @@ def _one_pass(model: torch.nn.Module, batches: list[dict], device: torch.device)
     return time.perf_counter() - start
 
 
+def compare_calls(passes: Mapping[str, Callable[[], object]], threads: int, *, warmup: int = 1,
+                  repeats: int = 3) -> dict[str, float]:
+    """Best-of-repeats seconds of each `passes[name]()` (one timed pass over the caller's batches), interleaved.
+
+    The scheduling core of `compare_speed`, for anything callable (an onnxruntime session as much as a torch
+    module): torch's thread count is set for the block, each pass runs `warmup` times untimed, then the passes
+    take turns, starting with a different one each repeat. A callable with its own thread pool (onnxruntime)
+    must be built with the same `threads`; that is the caller's part.
+    """
+    _validate([{"input_ids": torch.zeros((1, 1))}], threads, warmup, repeats)
+    if not passes:
+        raise ValueError("models: expected at least one model, got none")
+    names = list(passes)
+    best = {name: float("inf") for name in names}
+    with _threads(threads), torch.inference_mode():
+        for name in names:
+            for _ in range(warmup):
+                passes[name]()
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                passes[name]()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def compare_speed(models: Mapping[str, torch.nn.Module], batches: list[dict], threads: int, *,
                   warmup: int = 1, repeats: int = 3) -> dict[str, dict]:
     """Throughput of each model on the same batches and thread count, measured side by side.
@@ -115,18 +142,11 @@ def compare_speed(models: Mapping[str, torch.nn.Module], batches: list[dict], th
     names = list(models)
     sequences = sum(int(b["input_ids"].shape[0]) for b in batches)
     placed = {name: [{k: v.to(_device(models[name])) for k, v in b.items()} for b in batches] for name in names}
-    best = {name: float("inf") for name in names}
     with ExitStack() as stack:
-        stack.enter_context(_threads(threads))
-        stack.enter_context(torch.inference_mode())
         for name in names:
             stack.enter_context(_eval_mode(models[name]))
-        for name in names:
-            for _ in range(warmup):
-                _one_pass(models[name], placed[name], _device(models[name]))
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                best[name] = min(best[name], _one_pass(models[name], placed[name], _device(models[name])))
+        best = compare_calls({name: partial(_one_pass, models[name], placed[name], _device(models[name]))
+                              for name in names}, threads, warmup=warmup, repeats=repeats)
     return {name: {"sequences_per_s": sequences / best[name], "seconds": best[name], "batch_size": batch_size,
                    "threads": threads} for name in names}
 

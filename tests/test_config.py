@@ -132,6 +132,7 @@ def test_hash_is_stable_and_resolved_config_is_saved(tmp_path):
 
 from evaluate.config import EvaluateConfig  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
+from deploy.config import DeployConfig  # noqa: E402
 
 # Each shipped config and the class that reads it; a new file in configs/ must be added here.
 SHIPPED = {
@@ -148,7 +149,7 @@ SHIPPED = {
     "pretrain_online_minilm.yaml": PretrainConfig,
     "pretrain_zero3_bf16.yaml": PretrainConfig,
     "evaluate_demo.yaml": EvaluateConfig,
-    "deploy_demo.yaml": __import__("deploy.config", fromlist=["DeployConfig"]).DeployConfig,
+    "deploy_demo.yaml": DeployConfig,
     "recipes/transfer_set.yaml": PipelineConfig,
     "chain/assistant.yaml": PretrainConfig,
     "chain/assistant_transfer_set.yaml": PipelineConfig,

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -29,9 +30,11 @@ def records(path, kind: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    """Two folds, no augmentation, KD objective with alpha = 1 (hard labels only): the whole stage once."""
+    """Two folds, no augmentation, KD objective with alpha = 1 (hard labels only), the int8 deploy step: the whole
+    stage once."""
     root = tmp_path_factory.mktemp("finetune-plain")
     data = base_config(root, copies=0, objectives=HARD_ONLY)
+    data["deploy"] = {"enabled": True, "threads": 1, "speed_length": 32, "speed_batches": [1, 8], "repeats": 1}
     path = write_config(data, root / "config.yaml")
     assert main(["--config", str(path)]) == 0
     return root / "run", path, data
@@ -50,7 +53,7 @@ def test_alpha_one_reproduces_the_no_kd_run_exactly(plain):
 def test_held_out_metrics_equal_scikit_learn(plain):
     run, _, _ = plain
     evals = sorted(run.glob("fold-*/**/eval.json"))
-    assert len(evals) == 6  # 2 folds x (teacher, kd, baseline)
+    assert len(evals) == 8  # 2 folds x (teacher, kd, baseline, kd-int8)
     for path in evals:
         record = json.loads(path.read_text())
         rows = [json.loads(line) for line in (path.parent / "predictions.jsonl").read_text().splitlines()]
@@ -58,7 +61,11 @@ def test_held_out_metrics_equal_scikit_learn(plain):
         assert p == [int(np.argmax(r["scores"])) for r in rows]
         assert abs(record["metrics"]["accuracy"] - accuracy_score(y, p)) < 1e-12
         assert abs(record["metrics"]["macro_f1"] - f1_score(y, p, average="macro", labels=[0, 1], zero_division=0)) < 1e-12
-        assert record["examples"] == 20 and record["speed"]["sequences_per_s"] > 0
+        assert record["examples"] == 20
+        if record["arm"] == "kd-int8":  # timed in its deployment table instead (the other arms: the speed step)
+            assert record["deployment"]["onnxruntime int8"]["throughput_seq_per_s"] > 0
+        else:
+            assert record["speed"]["sequences_per_s"] > 0
 
 
 def test_report_shows_the_numbers_of_the_eval_files(plain):
@@ -219,3 +226,59 @@ def test_an_already_fine_tuned_teacher_is_scored_without_training(plain, tmp_pat
     assert mine["metrics"] == theirs["metrics"] and mine["steps"] == 0
     assert not (tmp_path / "run/fold-0/teacher/checkpoints").exists()
     assert main(["teacher", "--config", str(path), "--fold", "0"]) == 0  # done: skipped
+
+
+# ---------------------------------------------------------------- the deploy step (finetune.int8)
+
+def test_the_int8_arm_is_the_onnx_int8_model_on_the_held_out_fold(plain):
+    from transformers import AutoTokenizer
+
+    run, _, _ = plain
+    for fold in (0, 1):
+        folder = run / f"fold-{fold}/seed-0/kd-int8"
+        record = json.loads((folder / "eval.json").read_text())
+        tests = [json.loads(line) for line in (run / f"folds/fold-{fold}/test.jsonl").read_text().splitlines()]
+        tokenizer = AutoTokenizer.from_pretrained(folder / "export", local_files_only=True)
+        session = ort.InferenceSession(str(folder / "export/model.int8.onnx"), providers=["CPUExecutionProvider"])
+        encoded = tokenizer([t["text"] for t in tests], padding=True, truncation=True, max_length=32,
+                            return_tensors="np")
+        logits = session.run(None, {"input_ids": encoded["input_ids"].astype(np.int64),
+                                    "attention_mask": encoded["attention_mask"].astype(np.int64)})[0]
+        labels = np.array([["neg", "pos"].index(t["label"]) for t in tests])
+        accuracy = float((logits.argmax(-1) == labels).mean())
+        assert abs(record["metrics"]["accuracy"] - accuracy) < 1e-12 and record["arm"] == "kd-int8"
+        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == [t["id"] for t in tests]
+        scores = np.array([r["scores"] for r in rows])
+        assert np.abs(scores - logits).max() <= 1e-5 * max(1.0, float(np.abs(logits).max()))
+        # int8 against the fp32 student's own held-out predictions
+        fp32 = np.array([json.loads(line)["scores"] for line in
+                         (run / f"fold-{fold}/seed-0/kd/predictions.jsonl").read_text().splitlines()])
+        assert np.abs(fp32 - logits).max() <= 0.1 * max(1.0, float(np.abs(fp32).max()))
+        kd = json.loads((run / f"fold-{fold}/seed-0/kd/eval.json").read_text())
+        assert record["parameters"] == kd["parameters"] and record["source_config_hash"] == kd["config_hash"]
+        deployment = record["deployment"]
+        assert set(deployment) == {"transformers fp32", "torch dynamic int8", "onnxruntime fp32", "onnxruntime int8"}
+        sizes = {k: v["size_bytes"] for k, v in deployment.items()}
+        assert sizes["onnxruntime int8"] < sizes["onnxruntime fp32"]
+
+
+def test_the_report_shows_the_int8_arm_and_its_table(plain):
+    run, _, _ = plain
+    report = json.loads((run / "report/report.json").read_text())
+    assert set(report["arms"]) == {"teacher", "kd", "baseline", "kd-int8"}
+    values = [json.loads((run / f"fold-{f}/seed-0/kd-int8/eval.json").read_text())["metrics"]["accuracy"]
+              for f in (0, 1)]
+    assert abs(report["arms"]["kd-int8"]["metrics"]["accuracy"]["mean"] - np.mean(values)) < 1e-12
+    text = (run / "report/report.md").read_text()
+    assert "## Deployment: int8" in text and "onnxruntime int8" in text
+    deploy = json.loads((run / "fold-0/seed-0/kd-int8/export/deploy.json").read_text())
+    int8 = deploy["candidates"]["onnxruntime int8"]
+    assert f"{int8['size_bytes'] / 1e6:.2f}" in text  # the table's size column, from deploy.json
+
+
+def test_a_rerun_skips_the_finished_artefacts(plain):
+    run, path, _ = plain
+    before = {p: p.stat().st_mtime_ns for p in run.glob("fold-*/seed-*/kd-int8/eval.json")}
+    assert len(before) == 2 and main(["deploy", "--config", str(path)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in run.glob("fold-*/seed-*/kd-int8/eval.json")} == before
