@@ -22,7 +22,6 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from kdlib.config import config_hash, content_hash, save_resolved, to_dict
 from kdlib.errors import KDError
@@ -32,6 +31,7 @@ from kdlib.models import quiet_transformers
 from kdlib.outputs import check_output_folder, output_lock
 from kdlib.packing import pack_documents
 from kdlib.readers import CorpusConfig, normalize_text, read_corpus
+from teacher.training import optimise, warmup_cosine
 from teacher.tokenizer_training import check_vocab, save_tokenizer, special_tokens, train_tokenizer
 
 
@@ -327,24 +327,15 @@ def train_decoder(model, rows: torch.Tensor, cfg: DecoderPrepConfig) -> list[flo
     """`cfg.steps` AdamW steps of next-token cross-entropy on seeded batches of rows; returns the losses."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
-    warmup = max(cfg.warmup_steps, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
     batches = _batches(len(rows), cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
     model.train()
-    losses = []
-    bar = tqdm(range(cfg.steps), desc="training decoder", unit="step", disable=None)
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         ids = rows[next(batches)]
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+
+    losses = optimise(loss_at, optimizer, schedule, cfg.steps, desc="training decoder", clip=model.parameters())
     model.eval()
     return losses
 

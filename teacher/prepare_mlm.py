@@ -31,6 +31,7 @@ from kdlib.outputs import check_output_folder, output_lock
 from kdlib.packing import pack_documents
 from kdlib.readers import CorpusConfig, normalize_text, read_corpus
 from kdlib.schemas import check_against_teacher
+from teacher.training import optimise, warmup_cosine
 
 
 @dataclass
@@ -191,23 +192,15 @@ def _prepare(cfg: TeacherPrepConfig, replace: bool) -> dict:
           f"({before['positions']} positions; {len(train_y)} training positions)")
 
     optimizer = torch.optim.AdamW(head_params, lr=cfg.learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.cls.train()
-    losses = []
-    bar = tqdm(range(cfg.steps), desc="training MLM head", unit="step", disable=None)
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(len(train_y), (cfg.positions_per_step,), generator=gen)
-        logits = model.cls(train_x[idx])
-        loss = torch.nn.functional.cross_entropy(logits, train_y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        return torch.nn.functional.cross_entropy(model.cls(train_x[idx]), train_y[idx])
+
+    losses = optimise(loss_at, optimizer, schedule, cfg.steps, desc="training MLM head")
     model.eval()
 
     after = head_metrics(model, eval_x, eval_y)
