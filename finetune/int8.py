@@ -115,6 +115,6 @@ def deployment_section(cfg: FinetuneConfig) -> str:
         "thread(s) for every candidate, measured side by side in one process; agreement and accuracy on that "
         "fold's held-out examples; max |Δ| = the largest absolute logit difference from the transformers fp32 "
         "model.", "",
-        deployment_table(record), "",
+        deployment_table(record).rstrip("\n"), "",
         f"Artefacts: [{rel}]({rel}) (model.onnx, model.int8.onnx, deploy.json); every fold's in "
         f"fold-K/seed-S/{ARM}/export/.", ""])
