@@ -2,7 +2,8 @@
 
   search   output_dir/multitask/fold-K/seed-S/adashare-search/: the weights and the (task, layer) policies learn
            together (warm-up, then the top-down curriculum), with the sparsity and sharing regularisers; at the
-           end the policies are drawn once and written to policies.json (+ policies.png);
+           end candidate policies are drawn and the best on the validation split is written to policies.json
+           (+ policies.png);
   retrain  output_dir/multitask/fold-K/seed-S/adashare/: the student starts again from its initialisation with
            those policies fixed, so each task executes only its selected layers; each task's export (a plain
            classifier with only those layers), eval.json and predictions land in
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlib.adashare import TaskPolicies, fixed_policy
+from kdlib.adashare import TaskPolicies, candidate_policies
 from kdlib.io import atomic_write_bytes, atomic_write_text
 from kdlib.objectives import ObjectiveConfig
 from kdlib.training.config import math_hash
@@ -66,18 +67,32 @@ def read_policy(run) -> list[list[bool]]:
     return json.loads((Path(run.output_dir) / POLICIES_FILE).read_text())["policy"]
 
 
-def write_policies(run, student, step: int, metrics: dict) -> str:
-    """student.safetensors (the searched weights and policy logits, for inspection), policies.png and
-    policies.json (learned probabilities, the fixed draw, the config hash; written last); a summary line."""
+def validation_score(student, policy: list[list[bool]], evaluate) -> float:
+    """Mean validation accuracy over the tasks with `policy` fixed on the searched weights (policies restored)."""
+    learned = student.policies
+    student.policies = TaskPolicies(learned.num_tasks, learned.num_layers, fixed=policy)
+    try:
+        return float(evaluate(student)["accuracy"])
+    finally:
+        student.policies = learned
+
+
+def write_policies(run, student, step: int, metrics: dict, evaluate) -> str:
+    """Choose the fixed policy (candidate_policies, scored on validation), then write student.safetensors (the
+    searched weights and policy logits), policies.png and policies.json (learned probabilities, the candidates
+    and their scores, the chosen policy, the config hash; written last); a summary line."""
     from safetensors.torch import save_file
 
     policies: TaskPolicies = student.policies
     probs = policies.select_probs().detach().double().cpu().numpy()
-    a = run.adashare
-    policy = fixed_policy(probs, a.policy, seed=run.seed, min_layers=a.min_layers)
+    candidates = candidate_policies(probs, run.adashare, run.seed, run.fold)
+    scores = [validation_score(student, c, evaluate) for c in candidates]
+    best = int(np.argmax(scores))  # the first of equals: the most probable policy wins a tie
+    policy = candidates[best]
     record = {"tasks": run.task_names, "layers": policies.num_layers, "select_probability": probs.tolist(),
-              "policy": policy, "drawn_by": a.policy, "seed": run.seed, "steps": step, "validation": metrics,
-              "config_hash": math_hash(run)}
+              "policy": policy, "drawn_by": run.adashare.policy, "candidates": candidates,
+              "candidate_validation_accuracy": scores, "chosen": best, "seed": run.seed, "steps": step,
+              "validation": metrics, "config_hash": math_hash(run)}
     out = Path(run.output_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     buffer_file = out / "student.safetensors.tmp"

@@ -133,7 +133,7 @@ def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
         if cfg.adashare is not None:
             from finetune.adashare import write_policies
 
-            return write_policies(cfg, model, step, metrics)
+            return write_policies(cfg, model, step, metrics, evaluate)
         lines = []
         for name, part in zip(cfg.task_names, cfg.parts):
             plain = model.task_model(name, part.labels)

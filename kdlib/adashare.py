@@ -9,8 +9,9 @@ the choice stays differentiable. The run has three parts:
   * policy learning with AdaShare's curriculum: the top layer's policies learn first, one more layer joins
     every `curriculum_fraction / L` of the phase, the rest execute; tau falls geometrically from
     `temperature_start` to `temperature_end`;
-  * then the policies are drawn once (`policy: sample`, AdaShare's choice, or `argmax`) and fixed, and the
-    student is retrained from its initialisation with each task executing only its selected layers.
+  * then policies are drawn from the learned probabilities (`policy: sample`; the most probable one is a
+    candidate too) and the one with the best validation accuracy under the searched weights is fixed (AdaShare
+    samples several and keeps the best), or the most probable one is (`argmax`); the student is retrained from its initialisation with each task executing only its selected layers.
 The regularisers are registered losses (kdlib.losses.policy): sparsity pushes each learned policy towards
 skipping; sharing pulls the tasks' policies together, more strongly in lower layers.
 
@@ -46,6 +47,7 @@ class AdaShareConfig:
     sparsity_weight: float = 0.05  # weight of adashare_sparsity (towards skipping)
     sharing_weight: float = 0.05  # weight of adashare_sharing (towards the same policy in every task)
     policy: Literal["sample", "argmax"] = "sample"  # how the fixed policy is drawn from the learned probabilities
+    candidates: int = 8  # policy sample: the most probable policy and draws up to this many, the best on validation kept
     min_layers: int = 1  # every task executes at least this many layers (the most probable ones)
 
     def __post_init__(self) -> None:
@@ -63,8 +65,10 @@ class AdaShareConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-        if isinstance(self.min_layers, bool) or not isinstance(self.min_layers, int) or self.min_layers < 1:
-            raise ValueError(f"min_layers: expected an integer >= 1, got {self.min_layers!r}")
+        for name in ("min_layers", "candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
 
 
 # ---------------------------------------------------------------- sampling
@@ -115,6 +119,18 @@ def fixed_policy(select_probs: np.ndarray, how: str, seed: int, min_layers: int 
             for layer in [i for i in np.argsort(-row, kind="stable") if not chosen[task, i]][:need]:
                 chosen[task, layer] = True
     return [[bool(v) for v in row] for row in chosen]
+
+
+def candidate_policies(select_probs: np.ndarray, cfg: AdaShareConfig, seed: int, fold: int) -> list[list[list[bool]]]:
+    """The policies to choose from after the search: the most probable one first, then (policy: sample) draws
+    from the learned probabilities up to cfg.candidates in all, each seeded by (seed, fold, draw), so folds and
+    seeds draw independently. AdaShare samples several and keeps the best on validation (see write_policies)."""
+    found = [fixed_policy(select_probs, "argmax", 0, cfg.min_layers)]
+    if cfg.policy == "sample":
+        for draw in range(1, cfg.candidates):
+            state = int(np.random.SeedSequence([seed, fold, draw]).generate_state(1)[0])
+            found.append(fixed_policy(select_probs, "sample", state, cfg.min_layers))
+    return found
 
 
 # ---------------------------------------------------------------- policies

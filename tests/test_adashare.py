@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from finetune.__main__ import main
-from kdlib.adashare import (AdaShareConfig, TaskPolicies, fixed_policy, gated_bert_forward, gumbel_noise,
+from kdlib.adashare import (AdaShareConfig, TaskPolicies, candidate_policies, fixed_policy, gated_bert_forward, gumbel_noise,
                             gumbel_softmax, keep_layers, learned_layers, temperature)
 from kdlib.losses import get_loss
 from kdlib.lr_groups import param_groups
@@ -94,6 +94,15 @@ def test_fixed_policy_draws_are_seeded_and_keep_a_layer():
     assert np.abs(draws.mean(0) - probs).max() < 5 * np.sqrt(0.25 / 3000)
     two = fixed_policy(np.array([[0.01, 0.3, 0.2, 0.02]]), "argmax", seed=0, min_layers=2)
     assert two == [[False, True, True, False]]
+
+
+def test_candidates_are_the_most_probable_policy_then_draws_independent_per_fold():
+    probs = np.full((2, 6), 0.5)
+    cfg = AdaShareConfig(enabled=True, candidates=5)
+    fold0, fold1 = candidate_policies(probs, cfg, seed=0, fold=0), candidate_policies(probs, cfg, seed=0, fold=1)
+    assert len(fold0) == 5 and fold0[0] == fixed_policy(probs, "argmax", seed=0) == [[True] * 6] * 2
+    assert fold0 == candidate_policies(probs, cfg, seed=0, fold=0) and fold0[1:] != fold1[1:]
+    assert candidate_policies(probs, AdaShareConfig(enabled=True, policy="argmax"), seed=0, fold=0) == fold0[:1]
 
 
 # ---------------------------------------------------------------- the regularisers, by hand in float64
@@ -222,6 +231,10 @@ def test_search_learns_policies_and_retraining_exports_only_the_selected_layers(
         search = json.loads((run / f"multitask/fold-{fold}/seed-0/adashare-search/policies.json").read_text())
         probs = np.array(search["select_probability"])
         assert probs.shape == (2, 3) and np.abs(probs - 0.5).min() > 1e-3  # every policy learned (none at 0.5)
+        scores = search["candidate_validation_accuracy"]
+        assert len(search["candidates"]) == len(scores) == 8  # the most probable policy is candidate 0
+        assert search["candidates"][0] == fixed_policy(probs, "argmax", seed=0, min_layers=1)
+        assert search["policy"] == search["candidates"][search["chosen"]] and search["chosen"] == int(np.argmax(scores))
         weights = load_file(str(run / f"multitask/fold-{fold}/seed-0/adashare-search/student.safetensors"))
         assert torch.allclose(torch.softmax(weights["policies.policy_logits"].double(), -1)[..., 0],
                               torch.tensor(probs), rtol=0, atol=1e-7)
