@@ -113,3 +113,14 @@ def kill_at_first_checkpoint(command: list[str], checkpoints: Path, log: Path, t
     proc.wait()
     assert (checkpoints / "latest").exists(), log.read_text()[-3000:]
     return int((checkpoints / "latest").read_text().strip().split("-")[-1])
+
+
+def multitask_config(root: Path) -> dict:
+    """base_config with two tasks: the polarity task and the three-topic task (no single-task students)."""
+    data = base_config(root, copies=0)
+    topic = write_topic_task(root / "topic.jsonl")
+    data["tasks"] = [{"name": "polarity", "task": data.pop("task")},
+                     {"name": "topic", "task": {"kind": "jsonl", "path": str(topic), "text_column": "sentence",
+                                                "label_column": "topic"}}]
+    data["multitask"] = {"sampling": {"alpha": 0.5}, "single_task": False}
+    return data

@@ -17,7 +17,7 @@ from kdlib.adashare import (AdaShareConfig, TaskPolicies, candidate_policies, fi
                             gumbel_softmax, keep_layers, learned_layers, temperature)
 from kdlib.losses import get_loss
 from kdlib.lr_groups import param_groups
-from tests.finetune_fixture import base_config, kill_at_first_checkpoint, write_config, write_topic_task
+from tests.finetune_fixture import base_config, kill_at_first_checkpoint, multitask_config, write_config
 
 
 def tiny_classifier(layers: int = 4, seed: int = 0) -> BertForSequenceClassification:
@@ -199,20 +199,15 @@ def test_a_soft_gate_mixes_the_layer_with_its_input():
 # ---------------------------------------------------------------- the stage
 
 def adashare_config(root):
-    data = base_config(root, copies=0)
-    topic = write_topic_task(root / "topic.jsonl")
-    data["tasks"] = [{"name": "polarity", "task": data.pop("task")},
-                     {"name": "topic", "task": {"kind": "jsonl", "path": str(topic), "text_column": "sentence",
-                                                "label_column": "topic"}}]
+    data = multitask_config(root)
     data["student"] = {"shape": {"num_layers": 3, "init": "explicit", "init_layers": [1, 2, 4]}}
     data["baseline"] = {"enabled": False}
     data["distill"]["eval_every"] = 10
     data["teacher"]["steps"] = 10  # the teachers' quality does not matter here; the tests time every run
     data["distill"]["steps"] = 16
-    data["multitask"] = {"sampling": {"alpha": 0.5}, "single_task": False,
-                         "adashare": {"enabled": True, "search_steps": 70, "warmup_fraction": 0.1,
-                                      "curriculum_fraction": 0.5, "policy_learning_rate": 0.05,
-                                      "sparsity_weight": 0.2, "sharing_weight": 0.1}}
+    data["multitask"]["adashare"] = {"enabled": True, "search_steps": 70, "warmup_fraction": 0.1,
+                                     "curriculum_fraction": 0.5, "policy_learning_rate": 0.05,
+                                     "sparsity_weight": 0.2, "sharing_weight": 0.1}
     return data
 
 

@@ -14,18 +14,13 @@ from safetensors.torch import load_file
 from finetune.__main__ import main
 from finetune.multitask_model import MultiTaskSampler
 from kdlib.task_sampling import TaskSamplingConfig, task_probabilities
-from tests.finetune_fixture import base_config, write_config, write_topic_task
+from tests.finetune_fixture import multitask_config, write_config
 
 
 @pytest.fixture(scope="module")
 def multitask(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune-multitask")
-    data = base_config(root, copies=0)
-    topic = write_topic_task(root / "topic.jsonl")
-    data["tasks"] = [{"name": "polarity", "task": data.pop("task")},
-                     {"name": "topic", "task": {"kind": "jsonl", "path": str(topic), "text_column": "sentence",
-                                                "label_column": "topic"}}]
-    data["multitask"] = {"sampling": {"alpha": 0.5}, "single_task": False}
+    data = multitask_config(root)
     path = write_config(data, root / "config.yaml")
     assert main(["--config", str(path)]) == 0
     return root / "run", path
