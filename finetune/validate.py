@@ -38,6 +38,9 @@ def check_labels(cfg: FinetuneConfig, source: str, found: list[str], teacher_dic
     unknown = sorted(set(found) - set(labels))
     if unknown:
         _fail(source, f"{prefix}labels", f"the task has labels {unknown} that are not listed in {labels}")
+    if len(found) < 2:
+        _fail(source, f"{prefix}task", f"a classification task needs examples of at least two labels, found only "
+              f"{found} (a max_examples cut of a file sorted by label does this)")
     if cfg.teacher.finetuned is not None:
         head = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher_dict.get("id2label") or {}).items())]
         lacking = [name for name in labels if name not in head]

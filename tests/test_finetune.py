@@ -190,6 +190,16 @@ def test_a_teacher_head_without_the_task_labels_is_refused(tmp_path, capsys):
     assert "field 'teacher.finetuned'" in err and "missing ['neg', 'pos']" in err
 
 
+def test_a_task_with_one_label_is_refused_before_any_work(tmp_path, capsys):
+    data = base_config(tmp_path)
+    lines = (tmp_path / "task.txt").read_text().splitlines()
+    (tmp_path / "task.txt").write_text("\n".join(l for l in lines if l.startswith("__label__neg")) + "\n")
+    assert main(["--config", str(write_config(data, tmp_path / "c.yaml"))]) == 2
+    err = capsys.readouterr().err
+    assert "field 'task'" in err and "at least two labels, found only ['neg']" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_student_with_another_tokenizer_is_refused(tmp_path, capsys):
     data = base_config(tmp_path)
     student = tmp_path / "student"
