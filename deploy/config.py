@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-def _positive(owner, *names: str) -> None:
-    for name in names:
-        value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+from kdlib.config import check_positive_ints
 
 
 @dataclass
@@ -41,7 +36,7 @@ class DeployConfig:
                 raise ValueError(f"{name}: expected a path, got {value!r}")
         if self.model.startswith("package:") and not self.model[len("package:"):].strip():
             raise ValueError("model: expected package:<module>, got no module name")
-        _positive(self, "max_length", "batch_size", "threads", "speed_length", "repeats")
+        check_positive_ints(self, "max_length", "batch_size", "threads", "speed_length", "repeats")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup: expected an integer >= 0, got {self.warmup!r}")
         if not self.speed_batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1

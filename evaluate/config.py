@@ -10,12 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-
-def _positive(owner, *names: str) -> None:
-    for name in names:
-        value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+from kdlib.config import check_positive_ints
 
 
 def _non_negative(owner, *names: str) -> None:
@@ -38,7 +33,7 @@ class HeldOutConfig:
     batch_size: int = 16  # sequences per forward pass
 
     def __post_init__(self) -> None:
-        _positive(self, "max_length", "max_sequences", "min_length", "batch_size")
+        check_positive_ints(self, "max_length", "max_sequences", "min_length", "batch_size")
         _non_negative(self, "seed")
         if self.max_length < 2:
             raise ValueError(f"max_length: expected at least 2 ([CLS] and one token), got {self.max_length}")
@@ -62,7 +57,7 @@ class SpeedConfig:
     seed: int = 0  # seed of the token ids timed (uniform below the smallest vocabulary: cost depends on shape only)
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "length", "batches", "threads", "repeats")
+        check_positive_ints(self, "batch_size", "length", "batches", "threads", "repeats")
         _non_negative(self, "warmup", "seed")
 
 
@@ -101,5 +96,5 @@ class EvaluateConfig:
         if self.heldout.enabled and not (self.transfer_set or "").strip():
             raise ValueError("transfer_set: expected the students' transfer-set folder (it decides which text is "
                              "held out), got none; or set heldout.enabled: false")
-        _positive(self, "word_batch_size")
+        check_positive_ints(self, "word_batch_size")
         _non_negative(self, "threads")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.adashare import TaskPolicies, candidate_policies
-from kdlib.io import atomic_write_bytes, atomic_write_text
+from kdlib.io import atomic_target, atomic_write_bytes, atomic_write_text
 from kdlib.objectives import ObjectiveConfig
 from kdlib.training.config import math_hash
 from finetune.config import FinetuneConfig
@@ -95,9 +95,8 @@ def write_policies(run, student, step: int, metrics: dict, evaluate) -> str:
               "validation": metrics, "config_hash": math_hash(run)}
     out = Path(run.output_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    buffer_file = out / "student.safetensors.tmp"
-    save_file(state, str(buffer_file))
-    buffer_file.replace(out / "student.safetensors")
+    with atomic_target(out / "student.safetensors") as tmp:
+        save_file(state, tmp)
     _plot(probs, policy, run.task_names, out / "policies.png")
     atomic_write_text(out / POLICIES_FILE, json.dumps(record, indent=1) + "\n")  # last: the search is done
     shown = "; ".join(f"{name} executes {sum(p)}/{len(p)} layers ({''.join('x' if v else '.' for v in p)})"

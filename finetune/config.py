@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from kdlib.adashare import AdaShareConfig
 from kdlib.augment import AugmentConfig
+from kdlib.config import check_positive_ints
 from kdlib.engine import EngineConfig, OptimConfig
 from kdlib.layer_maps import LayerMapConfig
 from kdlib.multi_teacher import MultiTeacherConfig
@@ -28,13 +29,6 @@ ARMS = ("teacher", "kd", "baseline")
 def _engine(learning_rate: float, micro_batch: int, warmup: int) -> EngineConfig:
     return EngineConfig(zero_stage=0, micro_batch=micro_batch,
                         optim=OptimConfig(learning_rate=learning_rate, warmup_steps=warmup))
-
-
-def _positive(owner, *names: str) -> None:
-    for name in names:
-        value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
 def _small_engine(engine: EngineConfig) -> None:
@@ -60,7 +54,7 @@ class TeacherConfig:
         if (self.init is None) == (self.finetuned is None):
             raise ValueError("init: expected exactly one of 'init' (an encoder to fine-tune) or 'finetuned' "
                              "(a fine-tuned classifier folder)")
-        _positive(self, "steps", "eval_every", "patience")
+        check_positive_ints(self, "steps", "eval_every", "patience")
         _small_engine(self.engine)
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected distinct seeds, got {self.seeds}")
@@ -81,7 +75,7 @@ class TransferConfig:
     tokenize_per_model: bool = False  # keep each row's text so a student with another tokenizer encodes it itself
 
     def __post_init__(self) -> None:
-        _positive(self, "num_shards", "batch_size")
+        check_positive_ints(self, "num_shards", "batch_size")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads: expected >= 0, got {self.torch_threads}")
         if self.augment.mlm_replace_prob > 0 and self.augment_model is None:
@@ -108,7 +102,7 @@ class PhaseConfig:
     objectives: list[ObjectiveConfig]  # the losses active during this phase only
 
     def __post_init__(self) -> None:
-        _positive(self, "steps")
+        check_positive_ints(self, "steps")
         self.objectives = validate_objectives(self.objectives)
         for i, obj in enumerate(self.objectives):
             if obj.weight_schedule is not None:
@@ -140,7 +134,7 @@ class DistillConfig:
     eval_every: int = 50  # steps between validation evaluations (logged; held-out test data is never read here)
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "eval_every")
+        check_positive_ints(self, "steps", "eval_every")
         _small_engine(self.engine)
         if self.phases:
             names = [p.name for p in self.phases]
@@ -196,7 +190,7 @@ class EvaluationConfig:
             raise ValueError(f"seeds: expected a non-empty list of distinct seeds, got {self.seeds}")
         if not 0.0 < self.validation_fraction < 0.5:
             raise ValueError(f"validation_fraction: expected a fraction in (0, 0.5), got {self.validation_fraction}")
-        _positive(self, "speed_batch", "speed_threads", "speed_repeats")
+        check_positive_ints(self, "speed_batch", "speed_threads", "speed_repeats")
 
 
 @dataclass
@@ -211,7 +205,7 @@ class DeployStepConfig:
     repeats: int = 3  # timed passes per candidate (best taken)
 
     def __post_init__(self) -> None:
-        _positive(self, "threads", "speed_length", "repeats")
+        check_positive_ints(self, "threads", "speed_length", "repeats")
         if not self.speed_batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                                          for b in self.speed_batches):
             raise ValueError(f"speed_batches: expected positive batch sizes, got {self.speed_batches!r}")

@@ -35,6 +35,15 @@ class _FieldError(Exception):
         self.message = message
 
 
+def check_positive_ints(owner: Any, *names: str) -> None:
+    """ValueError naming the first of `owner`'s fields `names` that is not an int >= 1 (bools refused), for the
+    configs' __post_init__ checks; load_config turns it into a ConfigError naming the file and field."""
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
 def _join(path: str, name: str | int) -> str:
     if isinstance(name, int):
         return f"{path}[{name}]"
