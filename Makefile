@@ -4,16 +4,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-task test clean
+.PHONY: setup demo bench test clean
 
 setup:
 	bash scripts/setup.sh
 
-demo: setup
+demo:
 	bash scripts/demo.sh
-
-demo-task: demo
-	DS_ACCELERATOR=cpu $(PY) -m finetune --config configs/finetune_demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

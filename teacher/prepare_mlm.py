@@ -206,6 +206,7 @@ def _prepare(cfg: TeacherPrepConfig, replace: bool) -> dict:
     after = head_metrics(model, eval_x, eval_y)
     print(f"after:  held-out masked accuracy {after['masked_accuracy']:.2%}, perplexity {after['perplexity']:.1f}")
     report = {"before": before, "after": after, "steps": cfg.steps, "train_loss_last20": float(np.mean(losses[-20:])),
+              "train_loss": [round(x, 5) for x in losses],  # per step: the report's loss curve
               "encoder": cfg.encoder, "encoder_fingerprint": model_fingerprint(source),
               "config_hash": teacher_hash(cfg), "seconds": round(time.time() - t0, 1)}
     save_teacher(model, source, Path(cfg.output_dir), cfg, report, replace)

@@ -12,6 +12,7 @@ from kdlib.objectives import ObjectiveConfig
 from kdlib.schemas import StudentConfig, TeacherOutputsConfig, check_against_teacher
 from data_pipeline.config import PipelineConfig
 from pretrain.config import PretrainConfig
+from report.config import ReportConfig
 from teacher.prepare_decoder import DecoderPrepConfig
 from teacher.prepare_mlm import TeacherPrepConfig
 
@@ -150,6 +151,7 @@ SHIPPED = {
     "pretrain_zero3_bf16.yaml": PretrainConfig,
     "evaluate_demo.yaml": EvaluateConfig,
     "deploy_demo.yaml": DeployConfig,
+    "demo_report.yaml": ReportConfig,
     "recipes/transfer_set.yaml": PipelineConfig,
     "chain/assistant.yaml": PretrainConfig,
     "chain/assistant_transfer_set.yaml": PipelineConfig,

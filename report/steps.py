@@ -1,0 +1,65 @@
+"""`python -m report.steps --file steps.json --name NAME -- command ...`: run one demo step and record how long it took.
+
+The demo script wraps each of its steps in this, so the report can show the time every step took on this machine.
+A rerun of the demo skips finished work inside each stage, so a step's latest time can be seconds where the first
+took minutes: each record keeps both (`seconds`, the latest run, and `work_seconds`, the longest run since the
+step's command last changed). The child's exit status is passed through; a failed step is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kdlib.io import atomic_write_text
+
+
+def read_steps(path: str | Path) -> dict:
+    """The step records in run order ({} when the file does not exist yet)."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def record_step(path: str | Path, name: str, command: list[str], seconds: float, returncode: int, started: str) -> dict:
+    """Merge one run of step `name` into the file (atomically) and return its record."""
+    steps = read_steps(path)
+    previous = steps.get(name, {})
+    same_command = previous.get("command") == command
+    done = returncode == 0
+    work = max(seconds, previous.get("work_seconds", 0.0)) if same_command and done else seconds
+    steps[name] = {"command": command, "seconds": round(seconds, 2), "work_seconds": round(work, 2),
+                   "started": started, "returncode": returncode,
+                   "runs": previous.get("runs", 0) + 1 if same_command else 1}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(steps, indent=2) + "\n")
+    return steps[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--file", required=True, help="the steps file (JSON), created when missing")
+    parser.add_argument("--name", required=True, help="the step's name in the report")
+    parser.add_argument("--seconds", type=float, help="record this time for a step run elsewhere (no command)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if args.seconds is not None:  # a step timed by the caller (setup runs before this interpreter exists)
+        record_step(args.file, args.name, command or [args.name], args.seconds, 0, started)
+        return 0
+    if not command:
+        parser.error("no command given after --")
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    t0 = time.monotonic()
+    returncode = subprocess.call(command)
+    record_step(args.file, args.name, command, time.monotonic() - t0, returncode, started)
+    return returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
