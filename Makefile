@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (set up, run the main job) and `make test`.
+# The two commands of the README: `make demo` (set up, run the main job) and `make test`; `make bench` after the demo.
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -11,6 +11,9 @@ setup:
 
 demo:
 	bash scripts/demo.sh
+
+bench: setup
+	$(PY) -m bench
 
 test: setup
 	$(PY) -m pytest -q tests
