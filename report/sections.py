@@ -174,7 +174,7 @@ def targets_section(n: Numbers, p: Paths, cfg: ReportConfig, report_config: str)
         why.append(f"- **KD against the baseline:** the teacher scores {pm(n, task, 'arms', 'teacher', 'metrics', m)}, "
                    f"the student trained on the labels alone {pm(n, task, 'arms', 'baseline', 'metrics', m)}. A teacher "
                    "no better than the student's own fine-tuning has little to add; its soft targets on the augmented "
-                   "sentences carry its mistakes as well." + (f" {cfg.notes['task_percent']}" if "task_percent" in cfg.notes else ""))
+                   "sentences carry its mistakes as well.")
     elif not met:
         why += _why(cfg, "task_percent", False)
 

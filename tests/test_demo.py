@@ -151,11 +151,11 @@ def test_every_step_is_timed_and_a_rerun_skips_finished_work(demo):
     assert list(steps) == ["setup", "teacher", "transfer_set", "general_distillation", "general_evaluation",
                            "task_distillation", "int8_export"]
     assert all(s["returncode"] == 0 and s["work_seconds"] >= s["seconds"] >= 0 for s in steps.values())
-    first = {k: s["work_seconds"] for k, s in steps.items()}
+    first = {k: s["work_seconds"] for k, s in steps.items() if k != "setup"}  # setup's time is measured, not run
     again = run_demo(root, root / "configs")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     steps = json.loads((root / "runs" / "steps.json").read_text())
-    assert {k: s["work_seconds"] for k, s in steps.items()} == first  # the first runs did the work
+    assert {k: s["work_seconds"] for k, s in steps.items() if k != "setup"} == first  # the first runs did the work
     assert all(s["runs"] == 2 for s in steps.values())
     assert steps["general_distillation"]["seconds"] < first["general_distillation"]
     assert verify(root / "runs" / "report") == []
