@@ -176,7 +176,10 @@ def targets_section(n: Numbers, p: Paths, cfg: ReportConfig, report_config: str)
                    "no better than the student's own fine-tuning has little to add; its soft targets on the augmented "
                    "sentences carry its mistakes as well.")
     elif not met:
-        why += _why(cfg, "task_percent", False)
+        why.append(f"- **KD against the baseline:** the teacher ({pm(n, task, 'arms', 'teacher', 'metrics', m)}) is "
+                   f"ahead of the student trained on the labels alone ({pm(n, task, 'arms', 'baseline', 'metrics', m)}), "
+                   "but its soft targets did not carry that lead to the student in this budget; the knobs are "
+                   "`distill.steps` and `transfer.augment.copies`.")
 
     if "kd-int8" in n.value(task, "arms"):
         i8 = n.value(task, "arms", "kd-int8", "metrics", m)["mean"]
