@@ -151,11 +151,14 @@ def test_every_step_is_timed_and_a_rerun_skips_finished_work(demo):
     assert list(steps) == ["setup", "teacher", "transfer_set", "general_distillation", "general_evaluation",
                            "task_distillation", "int8_export"]
     assert all(s["returncode"] == 0 and s["work_seconds"] >= s["seconds"] >= 0 for s in steps.values())
-    first = {k: s["work_seconds"] for k, s in steps.items() if k != "setup"}  # setup's time is measured, not run
+    # Steps that find their outputs complete skip the work; setup is timed, not run; the evaluation and the int8
+    # table measure speed again on every run (their timings are of this machine now), so they are not compared.
+    skipping = ("teacher", "transfer_set", "general_distillation", "task_distillation")
+    first = {k: steps[k]["work_seconds"] for k in skipping}
     again = run_demo(root, root / "configs")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     steps = json.loads((root / "runs" / "steps.json").read_text())
-    assert {k: s["work_seconds"] for k, s in steps.items() if k != "setup"} == first  # the first runs did the work
+    assert {k: steps[k]["work_seconds"] for k in skipping} == first  # the first runs did the work
     assert all(s["runs"] == 2 for s in steps.values())
     assert steps["general_distillation"]["seconds"] < first["general_distillation"]
     assert verify(root / "runs" / "report") == []
