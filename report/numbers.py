@@ -113,14 +113,10 @@ def verify(report_dir: str | Path) -> list[str]:
     report_dir = Path(report_dir)
     text = (report_dir / "report.md").read_text(encoding="utf-8")
     entries = [Shown(**e) for e in json.loads((report_dir / NUMBERS_FILE).read_text(encoding="utf-8"))]
-    problems, files = [], {}
+    problems, sources = [], Numbers()  # its value() reads each file once
     for e in entries:
         try:
-            values = []
-            for file, key, _ in e.terms:
-                if file not in files:
-                    files[file] = _load(file)
-                values.append(lookup(files[file], key, file))
+            values = [sources.value(file, *key) for file, key, _ in e.terms]
             again = render(values, [c for _, _, c in e.terms], e.fmt, e.scale)
         except ReaderError as error:
             problems.append(str(error))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdlib.config import read_config_file
 from report.numbers import Numbers
 
 
@@ -47,7 +46,7 @@ STEPS = (
 
 
 def _knob(n: Numbers, file: str, dotted: str) -> str | None:
-    data = read_config_file(file)
+    data = n.value(file)  # read once per file; show() below records the value from the same copy
     for part in dotted.split("."):
         if not isinstance(data, dict) or part not in data:
             return None  # the stage's default: not in the file, so not shown

@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not command:
         parser.error("no command given after --")
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     t0 = time.monotonic()
     returncode = subprocess.call(command)
     record_step(args.file, args.name, command, time.monotonic() - t0, returncode, started)
