@@ -44,5 +44,6 @@ step int8_export bash -c "$PY -m finetune deploy --config '$CONFIGS/finetune_dem
   && $PY -m finetune report --config '$CONFIGS/finetune_demo.yaml'"
 
 echo "== 8/8  report: every number from the metrics file that holds it"
-$PY -m report --config "$CONFIGS/demo_report.yaml"
-echo "== done: $(sed -n 's/^output_dir: *//p' "$CONFIGS/demo_report.yaml" | sed 's/ *#.*//')/report.md"
+report=$($PY -m report --config "$CONFIGS/demo_report.yaml")
+echo "$report"
+echo "== done: ${report##*\[report\] }"
