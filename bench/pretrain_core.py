@@ -9,7 +9,8 @@ the median tokens/s of the steps after the first two and the wall seconds of the
 (start-up, the step-0 and final evaluations, checkpoint and export included), medians over rounds,
 and the first and last losses and final held-out top-1 agreement of the first round (the two
 should train the same model). Needs the demo's
-teacher and transfer set (`make demo`, steps 1-3).
+teacher and transfer set (`make demo`, steps 1-3). Both variants train on the base commit's copy of
+the config.
 """
 
 from __future__ import annotations
@@ -32,19 +33,22 @@ def main() -> None:
     demo = REPO / "runs" / "demo"  # absolute: each command runs from its own tree's root
     sets = (f"teacher.path={demo / 'teacher_mlm'}", f"transfer_set={demo / 'transfer_set'}")
     base = worktree(args.base)
+    # Both variants read the base commit's copy of the config: the newer one may name objectives the
+    # base does not have, and the comparison is of the training code, not of the recipe.
+    config = str(base / args.config)
     trees = {f"base {args.base}": base, "training core (working tree)": REPO}
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     try:
         for r in range(args.rounds):
             for i, (name, tree) in enumerate(trees.items()):
-                runs[name].append(run(args.config, 2, 1, args.steps, tree=tree, tag=f"core_v{i}_r{r}", sets=sets))
+                runs[name].append(run(config, 2, 1, args.steps, tree=tree, tag=f"core_v{i}_r{r}", sets=sets))
     finally:
         remove(base)
     med = {name: {k: statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "wall_s")} for name, rs in runs.items()}
     first = [rs[0]["first_loss"] for rs in runs.values()]
     last = [rs[0]["last_loss"] for rs in runs.values()]
     agree = [rs[0]["top1_agreement"] for rs in runs.values()]
-    print(f"\n{args.config}, {args.steps} steps, 2 processes x 1 thread, median of {args.rounds} rounds")
+    print(f"\n{args.config} as of {args.base}, {args.steps} steps, 2 processes x 1 thread, median of {args.rounds} rounds")
     for name, m in med.items():
         print(f"{name:32s} {m['tokens_per_s']:8,.0f} tokens/s   {m['wall_s']:6.1f} s wall")
     (b, n) = med.values()

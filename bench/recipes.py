@@ -2,7 +2,8 @@
 
 `python -m bench.recipes [--recipes distilbert,tinybert,...] [--seeds 0,1,2] [--steps 30]
 [--out runs/bench/recipes]` trains each shipped recipe (configs/recipes/<name>.yaml) for the same
-steps and batch from the same transfer set, once per seed, on `python -m launch local --nproc 2`;
+steps and batch from the same teacher and transfer set (--teacher, --transfer-set; the recipes' own by
+default), once per seed, on `python -m launch local --nproc 2`;
 writes the untrained student (every-other teacher layers, the recipes' common starting point) with
 `python -m pretrain --export-init`; then scores the teacher, the untrained student and every trained
 student with `python -m evaluate`'s API. Prints (and writes to OUT/recipes.md, OUT/recipes.json) a
@@ -22,23 +23,24 @@ from bench.local_runs import REPO, env, launch_local
 RECIPES = ["sentence", "pooled", "distilbert", "tinybert", "minilm", "minilmv2", "bert_emd"]
 
 
-def train(recipe: str, seed: int, steps: int, out: Path) -> tuple[Path, float]:
-    """Train one (recipe, seed) unless its export exists; returns (export folder, seconds spent)."""
+def train(recipe: str, seed: int, steps: int, out: Path, data: tuple[str, ...]) -> tuple[Path, float]:
+    """Train one (recipe, seed) unless its export exists; returns (export folder, seconds spent). `data`: the
+    --set items naming the teacher and transfer set, so every recipe trains on the data it is scored against."""
     run = out / f"{recipe}-seed{seed}"
     export = run / "export"
     if (export / "model.safetensors").is_file():
         return export, 0.0
     args = ["--config", f"configs/recipes/{recipe}.yaml", "--set", f"seed={seed}", "--set", f"steps={steps}",
             "--set", f"output_dir={run}", "--set", f"eval_every={steps}", "--set", f"checkpoint_every={steps}",
-            "--set", "progress_bar=false"]
+            "--set", "progress_bar=false", *data]
     return export, launch_local(args, out / "logs" / f"{run.name}.log", f"{recipe} seed {seed}")
 
 
-def export_init(recipe: str, out: Path) -> Path:
+def export_init(recipe: str, out: Path, data: tuple[str, ...]) -> Path:
     folder = out / "untrained"
     if not (folder / "model.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "pretrain", "--config", f"configs/recipes/{recipe}.yaml",
-                        "--export-init", str(folder)], cwd=REPO, env=env(), check=True)
+                        "--export-init", str(folder), *data], cwd=REPO, env=env(), check=True)
     return folder
 
 
@@ -99,7 +101,8 @@ def write_table(scores: dict, recipes: list[str], seeds: list[int], args, out: P
     text = "\n".join(rows) + (
         f"\n\nSpeed (batch 32 x 128, 2 threads, best of 5): teacher {speed['teacher']:.1f} sequences/s, 3-layer student "
         f"{speed['untrained']:.1f} ({speed['untrained'] / speed['teacher']:.2f}x). {len(seeds)} seed(s) {seeds}, "
-        f"{args.steps} steps x 16 sequences x 128 tokens per recipe, transfer set {args.transfer_set}; held-out text: "
+        f"{args.steps} steps x 16 sequences x 128 tokens per recipe, transfer set {args.transfer_set}; "
+        f"held-out text: "
         f"{scores['settings']['heldout']}.\n")
     print(text)
     (out / "recipes.md").write_text(text)
@@ -146,12 +149,13 @@ def main(argv=None) -> None:
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     exports, seconds = {}, {}
+    data = ("--set", f"teacher.path={args.teacher}", "--set", f"transfer_set={args.transfer_set}")
     for seed in seeds:  # every recipe's first seed first: an early look at the comparison
         for recipe in recipes:
-            exports[(recipe, seed)], seconds[(recipe, seed)] = train(recipe, seed, args.steps, out)
+            exports[(recipe, seed)], seconds[(recipe, seed)] = train(recipe, seed, args.steps, out, data)
             print(f"[bench.recipes] {recipe} seed {seed}: {exports[(recipe, seed)]} "
                   f"({seconds[(recipe, seed)]:.0f} s)", flush=True)
-    models = {"teacher": args.teacher, "untrained": str(export_init(recipes[0], out))}
+    models = {"teacher": args.teacher, "untrained": str(export_init(recipes[0], out, data))}
     models.update({f"{r}-seed{s}": str(p) for (r, s), p in exports.items()})
     scores = score(models, args.transfer_set, out)
     write_table(scores, recipes, seeds, args, out, seconds)
