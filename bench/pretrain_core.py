@@ -1,26 +1,45 @@
 """General distillation on the demo before and after the shared training core, in one run.
 
     python -m bench.pretrain_core [--config configs/pretrain_demo.yaml] [--steps 16] [--rounds 2] [--base 9a93e88]
+        [--documents 40]
 
 Runs `torchrun --nproc_per_node 2 -m pretrain` (2 gloo processes x 1 thread, the demo's launch) from
 the base commit (checked out with `git worktree` under bench/out/, imported through PYTHONPATH) and
-from the working tree, on the same teacher and transfer set, rounds interleaved. Reports per variant
-the median tokens/s of the steps after the first two and the wall seconds of the whole command
+from the working tree, on the same teacher, transfer set and config, rounds interleaved. Reports per
+variant the median tokens/s of the steps after the first two and the wall seconds of the whole command
 (start-up, the step-0 and final evaluations, checkpoint and export included), medians over rounds,
 and the first and last losses and final held-out top-1 agreement of the first round (the two
-should train the same model). Needs the demo's
-teacher and transfer set (`make demo`, steps 1-3). Both variants train on the base commit's copy of
-the config.
+should train the same model). Needs the demo's teacher (`make demo`, step 2).
+
+Both variants read what the base can read: the base commit's copy of the config (a newer one may name
+objectives the base lacks) and a transfer set its own pipeline writes under bench/out/ once (its
+configs/demo_pipeline.yaml on the first --documents articles; the base's reader predates the cached
+hidden states and pooled embeddings).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
-from bench.base_tree import REPO, remove, worktree
+from bench.base_tree import OUT, REPO, remove, worktree
+from bench.local_runs import env
 from bench.pretrain_scaling import run
+
+
+def base_transfer_set(base: Path, teacher: Path, documents: int) -> Path:
+    """The transfer set of the base's pipeline on the first `documents` articles (skipped when complete)."""
+    out = OUT / f"pretrain_core_transfer_set_{documents}"
+    cmd = [sys.executable, "-m", "data_pipeline", "--config", str(base / "configs" / "demo_pipeline.yaml"),
+           "--set", f"output_dir={out}", "--set", f"teacher.path={teacher}",
+           "--set", f"corpus.max_documents={documents}"]
+    proc = subprocess.run(cmd, cwd=base, env=dict(env(), PYTHONPATH=str(base)), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} (in {base}): exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return out
 
 
 def main() -> None:
@@ -29,16 +48,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--base", default="9a93e88", help="the commit before the training core")
+    parser.add_argument("--documents", type=int, default=40, help="articles in the transfer set (the demo's 40)")
     args = parser.parse_args()
     demo = REPO / "runs" / "demo"  # absolute: each command runs from its own tree's root
-    sets = (f"teacher.path={demo / 'teacher_mlm'}", f"transfer_set={demo / 'transfer_set'}")
     base = worktree(args.base)
-    # Both variants read the base commit's copy of the config: the newer one may name objectives the
-    # base does not have, and the comparison is of the training code, not of the recipe.
     config = str(base / args.config)
     trees = {f"base {args.base}": base, "training core (working tree)": REPO}
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     try:
+        data = base_transfer_set(base, demo / "teacher_mlm", args.documents)
+        sets = (f"teacher.path={demo / 'teacher_mlm'}", f"transfer_set={data}")
         for r in range(args.rounds):
             for i, (name, tree) in enumerate(trees.items()):
                 runs[name].append(run(config, 2, 1, args.steps, tree=tree, tag=f"core_v{i}_r{r}", sets=sets))
