@@ -126,7 +126,8 @@ def _text(value) -> str:
 def results_block(outcomes: list[Outcome], date: str, host: str, total_s: float) -> str:
     """The generated part of RESULTS.md: a summary table, then each benchmark's command and printed output."""
     lines = [BEGIN, f"## Latest `make bench`: {date}", "",
-             f"Machine: {host}. All {len(outcomes)} benchmarks in {total_s / 60:.1f} min, one after another in one "
+             f"Machine: {host}. {len(outcomes)} benchmarks ({sum(o.returncode == 0 for o in outcomes)} ok) in "
+             f"{total_s / 60:.1f} min, one after another in one "
              "run, each at the size of its command below (smaller than the record sections further down, which "
              "keep their own commands and analysis). Logs: `runs/bench/make_bench/`.", "",
              "| benchmark | what it measures | seconds | result |", "|---|---|---:|---|"]
