@@ -28,6 +28,15 @@ def remove(tree: Path) -> None:
     subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
 
 
+def run_in(tree: Path, cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`cmd` inside `tree` with PYTHONPATH=tree (`-m` then imports that tree's code); a failure raises, naming the
+    command, the tree and the end of its stderr."""
+    proc = subprocess.run(cmd, cwd=tree, env=dict(env, PYTHONPATH=str(tree)), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} (in {tree}): exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def check_imported(module_file: str, tree: Path, tag: str) -> None:
     """A variant that imported the project from anywhere but `tree` measured the wrong code."""
     if not Path(module_file).resolve().is_relative_to(tree.resolve()):

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from bench.base_tree import OUT, REPO, remove, worktree
+from bench.base_tree import OUT, REPO, remove, run_in, worktree
 from bench.local_runs import env
 from bench.pretrain_scaling import run
 
@@ -36,9 +35,7 @@ def base_transfer_set(base: Path, teacher: Path, documents: int) -> Path:
     cmd = [sys.executable, "-m", "data_pipeline", "--config", str(base / "configs" / "demo_pipeline.yaml"),
            "--set", f"output_dir={out}", "--set", f"teacher.path={teacher}",
            "--set", f"corpus.max_documents={documents}"]
-    proc = subprocess.run(cmd, cwd=base, env=dict(env(), PYTHONPATH=str(base)), capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} (in {base}): exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    run_in(base, cmd, env())
     return out
 
 

@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.base_tree import run_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,11 +40,8 @@ def run(config: str, processes: int, threads: int, steps: int, *, tree: Path = R
            "--set", "eval_every=0", "--set", f"checkpoint_every={steps}", "--set", "progress_bar=false"]
     for item in sets:
         cmd += ["--set", item]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONPATH=str(tree))
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} (in {tree}): exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    run_in(tree, cmd, dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads)))
     wall = time.perf_counter() - started
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train"]

@@ -102,8 +102,7 @@ def write_table(scores: dict, recipes: list[str], seeds: list[int], args, out: P
         f"\n\nSpeed (batch 32 x 128, 2 threads, best of 5): teacher {speed['teacher']:.1f} sequences/s, 3-layer student "
         f"{speed['untrained']:.1f} ({speed['untrained'] / speed['teacher']:.2f}x). {len(seeds)} seed(s) {seeds}, "
         f"{args.steps} steps x 16 sequences x 128 tokens per recipe, transfer set {args.transfer_set}; "
-        f"held-out text: "
-        f"{scores['settings']['heldout']}.\n")
+        f"held-out text: {scores['settings']['heldout']}.\n")
     print(text)
     (out / "recipes.md").write_text(text)
     (out / "recipes.json").write_text(json.dumps({"summary": summary, "speed": speed, "seeds": seeds,
