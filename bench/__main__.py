@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {i}/{len(benches)}] {b.name}: {outcome.seconds:.0f} s, {state}", flush=True)
     total = time.time() - t0
     if not args.no_write:
-        from kdlib.io import atomic_write_text
+        from kdlib.runtime.io import atomic_write_text
 
         atomic_write_text(RESULTS, rewrite_results(RESULTS.read_text(), results_block(outcomes, date, host, total)))
         print(f"[bench] {RESULTS.relative_to(RESULTS.parents[1])} rewritten", flush=True)

@@ -15,7 +15,7 @@ import pstats
 import re
 import time
 
-from kdlib.augment import AugmentConfig, PosVocabulary, augment_batch, default_tagger, serial_augment
+from kdlib.text.augment import AugmentConfig, PosVocabulary, augment_batch, default_tagger, serial_augment
 
 _SENT_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 

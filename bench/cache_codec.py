@@ -4,10 +4,10 @@
 [--transfer-set runs/demo/transfer_set]` runs the demo teacher (the config's `teacher`, runs/demo/teacher_mlm:
 prepare it with `python -m teacher --config configs/demo_teacher.yaml`) over the first rows of the config's
 corpus (its documents tokenized and cut into max_length rows; or the rows of a transfer set), writes each
-(k, encoding) as one shard with the pipeline's own row builder and writer (kdlib.teacher_outputs.rows_from_outputs,
+(k, encoding) as one shard with the pipeline's own row builder and writer (kdlib.teachers.outputs.rows_from_outputs,
 kdlib.cache.write_shard), and prints a markdown table: compressed bytes per position of the top-k columns
 (ids, logits, log-sum-exp: in total and by part), the kept mass and KL of the reconstruction on sampled
-positions (kdlib.teacher_outputs.topk_reconstruction, on the stored values), the largest |stored - teacher
+positions (kdlib.teachers.outputs.topk_reconstruction, on the stored values), the largest |stored - teacher
 logit| over every position, the share of positions whose read-back order is the teacher's whole top-k order
 (the top-1 always is), and the time to collate a 32-row batch.
 """
@@ -30,11 +30,11 @@ from kdlib.cache.codec import TOPK_COLUMNS, stored_topk_logits
 from kdlib.cache.shards import column_bytes_per_position
 from kdlib.config import load_config
 from kdlib.errors import KDError
-from kdlib.models import check_model_folder, load_model, load_tokenizer, resolve_model_path
-from kdlib.padding import pad_sequences
-from kdlib.readers import read_corpus
+from kdlib.runtime.models import check_model_folder, load_model, load_tokenizer, resolve_model_path
+from kdlib.text.padding import pad_sequences
+from kdlib.text.readers import read_corpus
 from kdlib.schemas import TeacherOutputsConfig
-from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, topk_reconstruction
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward, topk_reconstruction
 
 ENCODINGS = ("fp16", "q8")
 

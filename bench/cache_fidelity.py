@@ -112,7 +112,7 @@ class Teacher:
     """The frozen demo teacher, its logits over some rows computed once (batches of 8), kept in float32."""
 
     def __init__(self, folder: Path):
-        from kdlib.models import ModelConfig, load_model, load_tokenizer
+        from kdlib.runtime.models import ModelConfig, load_model, load_tokenizer
 
         self.folder = folder
         self.model = load_model(ModelConfig(path=str(folder), task="masked_lm")).eval()
@@ -121,8 +121,8 @@ class Teacher:
 
     def forward(self, rows: list[dict], batch: int = 8):
         """[(rows, ids, mask, raw)] per batch of rows."""
-        from kdlib.padding import pad_sequences
-        from kdlib.teacher_outputs import teacher_forward
+        from kdlib.text.padding import pad_sequences
+        from kdlib.teachers.outputs import teacher_forward
 
         out = []
         for start in range(0, len(rows), batch):
@@ -135,7 +135,7 @@ class Teacher:
 def cache_rows(batches, rep: Rep, vocab: int, seed: int = 0) -> list[dict]:
     """The rows the pipeline would store for `rep` (draws seeded as data_pipeline seeds them)."""
     from data_pipeline.rows import stable_hash
-    from kdlib.teacher_outputs import rows_from_outputs
+    from kdlib.teachers.outputs import rows_from_outputs
 
     rows = []
     for part, ids, mask, raw in batches:
@@ -158,7 +158,7 @@ def cache_rows_many(teacher: "Teacher", rows: list[dict], reps: list[Rep]) -> di
 def write_set(directory: Path, rows: list[dict], rep: Rep, teacher: Teacher, shards: int = 1):
     """A transfer set in the pipeline's format (real writer, manifest with the teacher's fingerprints)."""
     from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
-    from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+    from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 
     shutil.rmtree(directory, ignore_errors=True)
     extra = {"topk_encoding": rep.encoding} if rep.encoding else {}

@@ -24,7 +24,7 @@ import torch
 from kdlib.cache import TransferSet
 from kdlib.cache.vectors import encode, fidelity_sums, reconstruct, vector_fields
 from kdlib.losses.attention import relation_log_probs, split_relation_heads
-from kdlib.models import ModelConfig, load_model
+from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.training.internals import capture_qkv
 
 

@@ -11,7 +11,7 @@ The variants run interleaved, one of each per round, on one student and optimize
   kd_chunked  the same with the output layer chunked, 256 positions a chunk (chunked_logits: auto, the default)
 Peak memory (on by default on CPU, off on cuda): how far one step's peak exceeds the memory before it, each
 variant in a fresh process after a warm-up step on a 2 x 16 batch, high-water mark reset (resident set through
-kdlib.speed on CPU; torch's allocated device memory on cuda).
+kdlib.runtime.speed on CPU; torch's allocated device memory on cuda).
 Shapes (random weights: timing does not depend on them):
   tiny  GPT-2 (GPT2LMHeadModel) student, 4 layers, width 256, 8 heads, vocabulary 50,257, batch 8 x 128; the
         cached rows come from a 6-layer same-width random GPT-2 teacher's forward
@@ -19,7 +19,7 @@ Shapes (random weights: timing does not depend on them):
         vocabulary 128,256, tied embeddings), batch 8 x 1024, for a GPU (--device cuda --precision bf16); the
         cached rows come from the student-shaped model's own forward, once, before any step (no deeper teacher)
 Either way the batch is in the real transfer-set format: top-32 ids/logits and log-sum-exp cut per row by
-kdlib.teacher_outputs.rows_from_outputs and collated by kdlib.cache.collate_rows (rows of 3/4 to all of T tokens).
+kdlib.teachers.outputs.rows_from_outputs and collated by kdlib.cache.collate_rows (rows of 3/4 to all of T tokens).
 bf16 is torch.autocast over fp32 weights (DeepSpeed's bf16 keeps bf16 weights and fp32 master weights instead:
 the same matmul precision, other weight and optimizer memory). On cuda, MFU = model FLOPs 6 x parameters x real
 (unpadded) tokens per step / step time / 989 TFLOP/s, the H100/H200 SXM bf16 dense peak (a fp32 run is held to
@@ -38,11 +38,11 @@ import torch
 
 from bench.pretrain_step import adamw_update, fresh_process_peak_mib, median_ms_interleaved, random_padded_ids
 from kdlib.cache import collate_rows
-from kdlib.objectives import ObjectiveConfig
+from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.schemas import TeacherOutputsConfig
-from kdlib.speed import count_parameters
-from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
-from kdlib.training.inputs import Offer
+from kdlib.runtime.speed import count_parameters
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
+from kdlib.training.providers import Offer
 from kdlib.training.module import DistillModule
 
 CHUNK, TOP_K, PEAK_TFLOPS = 256, 32, 989.0  # chunk = engine.logit_chunk_size's default; H100/H200 bf16 dense

@@ -3,7 +3,7 @@
     python -m bench.finetune_speed [--run runs/demo/finetune --fold 0 --seed 0 --batches 1,8,32 --threads 1,2]
 
 Loads a fold's fine-tuned teacher and its KD student (the exports of `python -m finetune`), then for each
-batch size and thread count times both on the same held-out sentences (kdlib.speed.compare_speed: a
+batch size and thread count times both on the same held-out sentences (kdlib.runtime.speed.compare_speed: a
 warm-up pass each, then passes interleaved with a rotating order, best of --repeats) and prints
 sequences/s of each and the student's speed-up. Performance is reported, never asserted.
 """
@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     from finetune.data import EncodedExamples
     from finetune.folds import read_split
     from finetune.models import load_classifier
-    from kdlib.models import load_tokenizer
-    from kdlib.speed import compare_speed, count_parameters
+    from kdlib.runtime.models import load_tokenizer
+    from kdlib.runtime.speed import compare_speed, count_parameters
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/demo/finetune")

@@ -60,7 +60,7 @@ def step(variant: str, x: dict) -> None:
 def peak_in_fresh_process(variant: str, vocab: int, positions: int, hidden: int) -> float:
     """MiB the resident set grows by over one step (after a warm-up step), in its own process."""
     code = ("import torch, json; from bench.kd_chunked import inputs, step; "
-            "from kdlib.speed import resident_peak_kib; "
+            "from kdlib.runtime.speed import resident_peak_kib; "
             f"x = inputs({vocab}, {positions}, {hidden}); torch.set_num_threads(2); "
             f"step('{variant}', inputs(64, 4, {hidden})); "
             "before = resident_peak_kib(); "

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from kdlib.cache import TransferSet
-from kdlib.models import ModelConfig, load_model
-from kdlib.teacher_outputs import topk_fidelity
+from kdlib.runtime.models import ModelConfig, load_model
+from kdlib.teachers.outputs import topk_fidelity
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "pipeline_transfer_set"

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from kdlib.cache import collate_rows
-from kdlib.objectives import ObjectiveConfig
+from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.schemas import TeacherOutputsConfig
-from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
-from kdlib.training.inputs import Offer
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
+from kdlib.training.providers import Offer
 from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 
@@ -131,13 +131,13 @@ def fresh_process_peak_mib(setup_code: str, variant: str, cuda: bool = False) ->
     """MiB one step's peak memory exceeds the memory before it, in its own process. `setup_code` (Python run
     there first) binds `steps` and `small`: variant name -> one step on the measured / a small batch. The small
     step warms up optimizer state and kernels, then the high-water mark is reset. CPU: the resident set
-    (kdlib.speed), glibc told to return large blocks; cuda: torch's allocated device memory."""
+    (kdlib.runtime.speed), glibc told to return large blocks; cuda: torch's allocated device memory."""
     if cuda:
         step = (f"small['{variant}'](); torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); "
                 f"before = torch.cuda.memory_allocated(); steps['{variant}'](); torch.cuda.synchronize(); "
                 "print(json.dumps((torch.cuda.max_memory_allocated() - before) / 2 ** 20))")
     else:
-        step = ("from kdlib.speed import reset_resident_peak, resident_kib, resident_peak_kib; "
+        step = ("from kdlib.runtime.speed import reset_resident_peak, resident_kib, resident_peak_kib; "
                 f"small['{variant}'](); reset_resident_peak(); before = resident_kib(); steps['{variant}'](); "
                 "print(json.dumps((resident_peak_kib() - before) / 1024))")
     code = f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); {setup_code}; {step}"

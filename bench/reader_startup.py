@@ -51,11 +51,11 @@ def build(directory: Path, shards: int, seed: int) -> None:
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
-    from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-    from kdlib.padding import pad_sequences
-    from kdlib.readers import gensim_test_data
+    from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+    from kdlib.text.padding import pad_sequences
+    from kdlib.text.readers import gensim_test_data
     from kdlib.schemas import TeacherOutputsConfig
-    from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
+    from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
     from tests.tiny_models import make_tiny_bert
 
     t0 = time.perf_counter()

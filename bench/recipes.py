@@ -118,7 +118,7 @@ def plot(summary: dict, teacher: dict, untrained: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from kdlib.plots import finish_bar_chart
+    from kdlib.runtime.plots import finish_bar_chart
 
     keys = [(k, label) for k, label in METRICS if k != "masked_kl"]
     x = np.arange(len(keys))

@@ -9,7 +9,7 @@ import sys
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.pipeline import default_beam_args, run
-from kdlib.cli import config_parser, exit_code_of, parse_overrides
+from kdlib.runtime.cli import config_parser, exit_code_of, parse_overrides
 from kdlib.config import load_config
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from kdlib.augment import AugmentConfig
-from kdlib.masking import MaskingConfig
-from kdlib.models import ModelConfig
-from kdlib.readers import CorpusConfig, TaskConfig
+from kdlib.text.augment import AugmentConfig
+from kdlib.text.masking import MaskingConfig
+from kdlib.runtime.models import ModelConfig
+from kdlib.text.readers import CorpusConfig
+from kdlib.tasks.readers import TaskConfig
 from kdlib.schemas import TeacherOutputsConfig
 
 

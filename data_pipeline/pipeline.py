@@ -34,15 +34,17 @@ from kdlib.cache.codec import TOPK_COLUMNS
 from kdlib.cache.sampling import REFERENCE_STUDENT_SCALE
 from kdlib.cache.shards import SHARD_DIR, column_bytes_per_position
 from kdlib.cache.vectors import merge_fidelity
-from kdlib.config import config_hash, save_resolved, to_dict
+from kdlib.config import config_hash, to_dict
+from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import CacheError, ConfigError, KDError
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.io import atomic_write_text, replace_directory, staging_path
-from kdlib.models import check_model_folder, load_tokenizer, resolve_model_path
-from kdlib.outputs import check_output_folder, output_lock
-from kdlib.packing import packing_for, packing_ids
-from kdlib.readers import read_corpus, read_task
-from kdlib.readers.tasks import label_number
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.runtime.io import atomic_write_text, replace_directory, staging_path
+from kdlib.runtime.models import check_model_folder, load_tokenizer, resolve_model_path
+from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.text.packing import packing_for, packing_ids
+from kdlib.text.readers import read_corpus
+from kdlib.tasks.readers import read_task
+from kdlib.tasks.readers import label_number
 from kdlib.schemas import check_against_teacher, shape_fields
 
 BUILD = "build.json"

@@ -2,7 +2,7 @@
 
 Everything here is a function of its inputs, never of worker count or arrival order: Beam may
 split and reorder work freely and the transfer set comes out the same. The packing itself is
-`kdlib.packing`; this module orders a group's units, names the rows and (char_offsets) gives each
+`kdlib.text.packing`; this module orders a group's units, names the rows and (char_offsets) gives each
 row its text and the character span of every token in it, for students with another tokenizer.
 """
 
@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from kdlib.packing import PackedRow, pack_documents
+from kdlib.text.packing import PackedRow, pack_documents
 
 
 def stable_hash(text: str) -> int:
@@ -55,7 +55,7 @@ def pack_group(items: list[TokenizedText], *, max_length: int, min_length: int, 
 
     Returns dicts with id, source_id, augmentation, input_ids (int32) and word_starts (bool); a
     row's id names the document its first token comes from and the row's index in the group.
-    `cls_id` None packs causally (kdlib/packing.py: no prefix, `sep_id` the eos). With `char_offsets`
+    `cls_id` None packs causally (kdlib/text/packing.py: no prefix, `sep_id` the eos). With `char_offsets`
     (units carry text and spans) each row also gets text, char_offsets and text_breaks (`row_text`).
     """
     items = sorted(items, key=lambda t: t.unit_id)

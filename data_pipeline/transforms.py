@@ -13,11 +13,12 @@ from apache_beam.metrics import Metrics
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.rows import TokenizedText, pack_group, row_id, stable_hash
-from kdlib.masking import MaskTokens, mask_tokens, word_starts
-from kdlib.packing import packing_for, packing_ids
-from kdlib.padding import pad_sequences
-from kdlib.readers import normalize_text, read_corpus, read_task
-from kdlib.tokenize import tokenize_texts
+from kdlib.text.masking import MaskTokens, mask_tokens, word_starts
+from kdlib.text.packing import packing_for, packing_ids
+from kdlib.text.padding import pad_sequences
+from kdlib.text.readers import normalize_text, read_corpus
+from kdlib.tasks.readers import read_task
+from kdlib.text.tokenize import tokenize_texts
 
 NS = "data_pipeline"
 
@@ -48,7 +49,7 @@ class ReadSource(beam.DoFn):
 
 def pos_pairs(batch: list[dict], mask_token: str):
     """(tag, lowercased word) for every eligible word of a batch of units: input to the POS vocabulary."""
-    from kdlib.augment import default_tagger, is_eligible, tag_sentences, tokenize
+    from kdlib.text.augment import default_tagger, is_eligible, tag_sentences, tokenize
 
     words = [tokenize(u["text"], mask_token).words for u in batch]
     for ws, tags in zip(words, tag_sentences(default_tagger(), words)):
@@ -59,7 +60,7 @@ def pos_pairs(batch: list[dict], mask_token: str):
 
 def build_vocabulary(counts: list[tuple[str, int]], min_count: int = 1) -> str:
     """Counted (tag, word) pairs -> PosVocabulary JSON (a plain string travels to workers safely)."""
-    from kdlib.augment import PosVocabulary
+    from kdlib.text.augment import PosVocabulary
 
     entries: dict[str, list] = {}
     for key, count in counts:
@@ -77,20 +78,20 @@ class AugmentUnits(beam.DoFn):
         self.copies = Metrics.counter(NS, "augmented_copies")
 
     def setup(self):
-        from kdlib.augment import default_tagger
+        from kdlib.text.augment import default_tagger
 
         self.tagger = default_tagger()
         self.vocab_json = None
         self.mlm_fn = None
         if self.cfg.augment.mlm_replace_prob > 0:
-            from kdlib.augment import make_mlm_candidates_fn
-            from kdlib.models import load_model, load_tokenizer
+            from kdlib.text.augment import make_mlm_candidates_fn
+            from kdlib.runtime.models import load_model, load_tokenizer
 
             swap = self.cfg.swap_model
             self.mlm_fn = make_mlm_candidates_fn(load_model(swap), load_tokenizer(swap.path), self.cfg.augment.mlm_top_k)
 
     def process(self, batch: list[dict], vocab_json: str):
-        from kdlib.augment import PosVocabulary, augment_batch
+        from kdlib.text.augment import PosVocabulary, augment_batch
 
         if vocab_json != self.vocab_json:
             self.vocab, self.vocab_json = PosVocabulary.from_json(vocab_json), vocab_json
@@ -111,7 +112,7 @@ class TokenizeUnits(beam.DoFn):
         self.cfg = cfg
 
     def setup(self):
-        from kdlib.models import load_tokenizer
+        from kdlib.runtime.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.cfg.teacher.path)
 
@@ -139,13 +140,13 @@ def masked_row(row_id: str, seed: int, fraction: float) -> bool:
 
 class PackAndMask(beam.DoFn):
     """Pack one hash group of corpus units into max_length rows ([CLS] + chunk for masked LMs, plain chunks
-    ending documents with eos for causal LMs: kdlib/packing.py), then apply seeded MLM masking."""
+    ending documents with eos for causal LMs: kdlib/text/packing.py), then apply seeded MLM masking."""
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
 
     def setup(self):
-        from kdlib.models import load_tokenizer
+        from kdlib.runtime.models import load_tokenizer
 
         tok = load_tokenizer(self.cfg.teacher.path)
         self.cls_id, self.sep_id = packing_ids(tok, packing_for(self.cfg.teacher.task))
@@ -192,7 +193,7 @@ class TeacherShard(beam.DoFn):
         self.skipped = Metrics.counter(NS, "shards_skipped")
 
     def setup(self):
-        from kdlib.models import load_model, load_tokenizer
+        from kdlib.runtime.models import load_model, load_tokenizer
 
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
@@ -228,7 +229,7 @@ class TeacherShard(beam.DoFn):
     def _forward(self, batch: list[dict], fidelity: dict, rng: np.random.Generator, quota: int) -> list[dict]:
         from kdlib.cache.sampling import position_samples, sampled_fidelity_sums
         from kdlib.cache.vectors import fidelity_sums, merge_sums, vector_names
-        from kdlib.teacher_outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_reconstruction
+        from kdlib.teachers.outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_reconstruction
 
         outputs = self.cfg.teacher_outputs
         ids, mask = pad_sequences([r["input_ids"] for r in batch], self.pad_id)

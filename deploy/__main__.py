@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.cli import run_stage
+    from kdlib.runtime.cli import run_stage
     from deploy.config import DeployConfig
     from deploy.run import run
 

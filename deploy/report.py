@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdlib.deploy import CANDIDATES, deployment_table
-from kdlib.io import atomic_write_text
-from kdlib.plots import finish_bar_chart
+from kdlib.runtime.io import atomic_write_text
+from kdlib.runtime.plots import finish_bar_chart
 
 
 def how_measured(record: dict) -> list[str]:

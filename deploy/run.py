@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kdlib.config import config_hash, content_hash, save_resolved, to_dict
+from kdlib.config import config_hash, content_hash, to_dict
+from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import ConfigError, KDError
 from deploy.config import DeployConfig
 
@@ -69,7 +70,7 @@ def read_eval_data(path: Path, label2id: Optional[dict], source: str) -> tuple[l
 def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
     """The model folder loadable and safe, the eval file readable with the model's labels, the lengths within
     the model's positions: checked before any work. Errors are ConfigErrors naming the field and file."""
-    from kdlib.models import check_model_folder, resolve_model_path, task_of
+    from kdlib.runtime.models import check_model_folder, resolve_model_path, task_of
 
     try:
         folder = resolve_model_path(cfg.model)
@@ -96,7 +97,7 @@ def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
 
 def claim_of(cfg: DeployConfig, inputs: Inputs) -> str:
     """What a deployment folder holds: the config (less where it was written) and the weights and eval file."""
-    from kdlib.fingerprints import file_digest, model_fingerprint
+    from kdlib.runtime.fingerprints import file_digest, model_fingerprint
 
     return config_hash({"config": content_hash(cfg, RUN_ONLY), "model": model_fingerprint(inputs.folder),
                         "eval_data": file_digest(Path(cfg.eval_data).expanduser())})
@@ -115,7 +116,7 @@ def run(cfg: DeployConfig, source: str = "<config>") -> Path:
     from tqdm import tqdm
 
     from kdlib.deploy import deploy_model
-    from kdlib.outputs import check_output_folder, output_lock
+    from kdlib.runtime.outputs import check_output_folder, output_lock
     from deploy.report import write_report
 
     inputs = check_inputs(cfg, source)

@@ -45,7 +45,7 @@ class HeldOutConfig:
 
 @dataclass
 class SpeedConfig:
-    """CPU inference speed of each encoder, all timed side by side (kdlib.speed.compare_speed)."""
+    """CPU inference speed of each encoder, all timed side by side (kdlib.runtime.speed.compare_speed)."""
 
     enabled: bool = True  # time the models (off: quicker evaluations; the speed column shows n/a)
     batch_size: int = 32  # sequences per timed batch

@@ -1,11 +1,11 @@
 """Held-out text: the documents of the transfer set's own corpus that come after the ones it was built from.
 
 A corpus transfer set records its corpus config in manifest.json; `corpus.max_documents = N` means the
-pipeline read the first N documents of that stream (`kdlib.readers.read_corpus` stops after N), so the
+pipeline read the first N documents of that stream (`kdlib.text.readers.read_corpus` stops after N), so the
 documents from N + 1 on were never seen by a student trained on it. They are tokenized and packed exactly
 as the pipeline packs ([CLS] + chunks of max_length - 1 tokens, documents separated by [SEP]) and the first
 `max_sequences` rows are kept: the same text on every run. Masks come from the project's one masking
-function (kdlib.masking), row r seeded with default_rng([seed, r]), so every model sees the same masks.
+function (kdlib.text.masking), row r seeded with default_rng([seed, r]), so every model sees the same masks.
 
 The selection is refused, never guessed, when it could overlap what was trained on: a transfer set built
 without max_documents (every document may be in it), one built from a task set, a held-out document
@@ -24,10 +24,10 @@ import numpy as np
 from kdlib.cache import TransferSet, read_manifest
 from kdlib.config import from_dict, to_dict
 from kdlib.errors import CacheError, ReaderError
-from kdlib.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
-from kdlib.packing import pack_documents
-from kdlib.readers import CorpusConfig, normalize_text, read_corpus, resolve_path
-from kdlib.tokenize import tokenize_texts
+from kdlib.text.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
+from kdlib.text.packing import pack_documents
+from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus, resolve_path
+from kdlib.text.tokenize import tokenize_texts
 
 
 @dataclass
@@ -54,7 +54,7 @@ class HeldOut:
                 "skipped_documents": self.skipped_documents, "article_ids": list(self.article_ids),
                 "articles": len(self.article_ids), "sequences": len(self.input_ids),
                 "tokens": int(sum(len(r) for r in self.input_ids)), "masked_positions": self.masked_positions,
-                **self.settings, "masking": "BERT 80/10/10 whole-word (kdlib.masking), row r: default_rng([seed, r])"}
+                **self.settings, "masking": "BERT 80/10/10 whole-word (kdlib.text.masking), row r: default_rng([seed, r])"}
 
 
 def corpus_of(transfer_set: str | Path) -> tuple[CorpusConfig, int]:

@@ -4,7 +4,7 @@ A folder is loaded as a masked LM only when its safetensors hold masked-LM head 
 (the packaged all-MiniLM-L6-v2 has embeddings, layers and a pooler, no `cls.predictions.*`) would get a
 random head from AutoModelForMaskedLM, and its "agreement" would be noise. Such a model is scored on
 everything else and shows n/a for the masked-LM metrics. Detection reads only the safetensors headers;
-`kdlib.models.load_model` then refuses a head that is only partly present.
+`kdlib.runtime.models.load_model` then refuses a head that is only partly present.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdlib.fingerprints import model_fingerprint
-from kdlib.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
+from kdlib.runtime.fingerprints import model_fingerprint
+from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
 
 # Key prefixes of masked-LM heads in the architectures transformers ships (BERT and its relatives, RoBERTa
 # and XLM-R, DistilBERT, ALBERT, ELECTRA's generator). A causal LM's `lm_head.` is excluded by task_of.
@@ -31,7 +31,7 @@ class ModelEntry:
     folder: Path  # resolved
     config: dict  # config.json
     has_mlm_head: bool
-    fingerprint: str  # sha256 over weights and config.json (kdlib.fingerprints)
+    fingerprint: str  # sha256 over weights and config.json (kdlib.runtime.fingerprints)
 
     @property
     def hidden_size(self) -> int | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlib.io import atomic_write_text, json_safe
-from kdlib.plots import finish_bar_chart
+from kdlib.runtime.io import atomic_write_text, json_safe
+from kdlib.runtime.plots import finish_bar_chart
 
 # (key, column title, decimals of the value, how it relates to the teacher: "percent", "ratio" or None)
 METRICS = (

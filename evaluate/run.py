@@ -25,7 +25,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from kdlib.config import config_hash, content_hash, save_resolved, to_dict
+from kdlib.config import config_hash, content_hash, to_dict
+from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import ConfigError, KDError
 from evaluate.config import EvaluateConfig
 from evaluate.loading import LoadedModel, ModelEntry, find_model, load
@@ -173,7 +174,7 @@ def evaluate_models(cfg: EvaluateConfig, *, reference: Optional[PreparedReferenc
     """Score every model of `cfg` against its teacher; returns the evaluation.json content (nan = n/a)."""
     from tqdm import tqdm
 
-    from kdlib.speed import compare_speed, count_parameters
+    from kdlib.runtime.speed import compare_speed, count_parameters
     from evaluate.report import relate
     from evaluate.wordsim import DATASETS, word_similarity
 
@@ -251,7 +252,7 @@ def run(cfg: EvaluateConfig, source: str = "<config>") -> Path:
 
     An output_dir holding this stage's evaluation of the same config and weights is re-measured in place;
     one of another config or other weights is replaced only with overwrite: true; other files are never."""
-    from kdlib.outputs import check_output_folder, output_lock
+    from kdlib.runtime.outputs import check_output_folder, output_lock
     from evaluate.report import write_evaluation
 
     entries = check_inputs(cfg, source)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kdlib.errors import ReaderError
-from kdlib.readers import gensim_test_data
+from kdlib.text.readers import gensim_test_data
 
 DATASETS = {"simlex999": "simlex999.txt", "wordsim353": "wordsim353.tsv"}  # name -> file in gensim's test data
 

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.cli import config_parser, parse_overrides
+    from kdlib.runtime.cli import config_parser, parse_overrides
     from kdlib.config import load_config
     from kdlib.errors import KDError
     from finetune.layout import STEPS

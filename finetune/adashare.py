@@ -1,4 +1,4 @@
-"""AdaShare for the multi-task student (kdlib.adashare), per fold and seed, in two runs on the training core:
+"""AdaShare for the multi-task student (kdlib.students.adashare), per fold and seed, in two runs on the training core:
 
   search   output_dir/multitask/fold-K/seed-S/adashare-search/: the weights and the (task, layer) policies learn
            together (warm-up, then the top-down curriculum), with the sparsity and sharing regularisers; at the
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlib.adashare import TaskPolicies, candidate_policies
-from kdlib.io import atomic_target, atomic_write_bytes, atomic_write_text
-from kdlib.objectives import ObjectiveConfig
+from kdlib.students.adashare import TaskPolicies, candidate_policies
+from kdlib.runtime.io import atomic_target, atomic_write_bytes, atomic_write_text
+from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.training.config import math_hash
 from finetune.config import FinetuneConfig
 from finetune.layout import Layout

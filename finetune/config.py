@@ -10,18 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from kdlib.adashare import AdaShareConfig
-from kdlib.augment import AugmentConfig
+from kdlib.students.adashare import AdaShareConfig
+from kdlib.text.augment import AugmentConfig
 from kdlib.config import check_positive_ints
-from kdlib.engine import EngineConfig, OptimConfig
-from kdlib.layer_maps import LayerMapConfig
-from kdlib.multi_teacher import MultiTeacherConfig
-from kdlib.objectives import ObjectiveConfig, validate_objectives
-from kdlib.readers import TaskConfig
-from kdlib.schedules import ScheduleConfig
+from kdlib.training.deepspeed_engine import EngineConfig, OptimConfig
+from kdlib.students.layer_maps import LayerMapConfig
+from kdlib.teachers.multi_teacher import MultiTeacherConfig
+from kdlib.losses.objectives import ObjectiveConfig, validate_objectives
+from kdlib.tasks.readers import TaskConfig
+from kdlib.losses.schedules import ScheduleConfig
 from kdlib.schemas import StudentConfig
-from kdlib.task_sampling import TaskSamplingConfig
-from kdlib.theseus import TheseusConfig
+from kdlib.tasks.sampling import TaskSamplingConfig
+from kdlib.students.theseus import TheseusConfig
 
 ARMS = ("teacher", "kd", "baseline")
 
@@ -230,7 +230,7 @@ class MultiTaskConfig:
 
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)  # task i drawn with p ~ n_i ** alpha
     single_task: bool = True  # also distil one student per task (the report then compares multi- with single-task)
-    adashare: AdaShareConfig = field(default_factory=AdaShareConfig)  # per-task layer skipping (kdlib.adashare)
+    adashare: AdaShareConfig = field(default_factory=AdaShareConfig)  # per-task layer skipping (kdlib.students.adashare)
 
 
 @dataclass
@@ -239,7 +239,7 @@ class FinetuneConfig:
 
     output_dir: str  # folds/, per-run folders, report/
     teacher: TeacherConfig  # step 1 (with several tasks: the settings of each task's teachers)
-    task: Optional[TaskConfig] = None  # the labelled set (kdlib.readers: csv, tsv, jsonl, fastText)
+    task: Optional[TaskConfig] = None  # the labelled set (kdlib.text.readers: csv, tsv, jsonl, fastText)
     tasks: list[NamedTask] = field(default_factory=list)  # or several: multi-task distillation (each in output_dir/<name>)
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)  # with tasks
     labels: list[str] = field(default_factory=list)  # label names in index order (empty: the sorted labels found)

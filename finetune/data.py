@@ -4,7 +4,7 @@ baseline, evaluation) and task transfer-set rows in a canonical order (distillat
 Both sources put rows in the same order: the fold's training examples in file order, and in a
 transfer set each example's original row before its augmented copies. So a transfer set without
 augmentation hands the trainer exactly the batches the baseline gets, which is what makes "alpha = 1
-reproduces the no-KD run" a testable statement. Padding is kdlib.padding's, for both.
+reproduces the no-KD run" a testable statement. Padding is kdlib.text.padding's, for both.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from kdlib.cache import TransferSet
 from kdlib.cache.reader import IGNORE_INDEX
 from kdlib.errors import CacheError
-from kdlib.padding import pad_sequences
-from kdlib.readers import Example
-from kdlib.tokenize import tokenize_texts
+from kdlib.text.padding import pad_sequences
+from kdlib.text.readers import Example
+from kdlib.text.tokenize import tokenize_texts
 
 ORIGINAL = "original"
 

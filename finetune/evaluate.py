@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdlib.io import atomic_write_text
-from kdlib.models import load_tokenizer
-from kdlib.speed import compare_speed
+from kdlib.runtime.io import atomic_write_text
+from kdlib.runtime.models import load_tokenizer
+from kdlib.runtime.speed import compare_speed
 from finetune.data import EncodedExamples
 from finetune.folds import read_split
 from finetune.layout import Layout

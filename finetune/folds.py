@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlib.io import atomic_write_text
-from kdlib.readers import Example, normalize_text, read_task
+from kdlib.runtime.io import atomic_write_text
+from kdlib.text.readers import Example, normalize_text
+from kdlib.tasks.readers import read_task
 
 SPLITS = ("train", "valid", "test")
 

@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 
 from kdlib.config import config_hash
-from kdlib.io import atomic_write_text
-from kdlib.task_metrics import task_metrics
+from kdlib.runtime.io import atomic_write_text
+from kdlib.tasks.metrics import task_metrics
 from finetune.config import FinetuneConfig
 from finetune.folds import read_split
 from finetune.layout import Layout

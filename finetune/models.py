@@ -1,7 +1,7 @@
 """The models of a task run: the teacher's classifier (an encoder plus a new head), the student (a student
 folder plus a new head, or a shape built from the fine-tuned teacher with its layers copied in), and
 BERT-of-Theseus' replacement model over the fine-tuned teacher. Offline and safetensors only, like
-every load in this project (kdlib.models)."""
+every load in this project (kdlib.runtime.models)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from kdlib.errors import ModelLoadError
-from kdlib.models import check_model_folder, quiet_transformers, resolve_model_path
+from kdlib.runtime.models import check_model_folder, quiet_transformers, resolve_model_path
 from kdlib.schemas import StudentConfig
-from kdlib.student_shape import init_from_teacher, student_config
+from kdlib.students.shape import init_from_teacher, student_config
 
 HEAD_PREFIXES = ("classifier.", "bert.pooler.", "score.")  # weights a masked-LM, bare encoder or decoder LM folder may lack (GPT-2 / Llama heads are "score")
 
@@ -69,7 +69,7 @@ def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels:
 
 def save_classifier(model: torch.nn.Module, folder: Path, tokenizer_from: Path) -> None:
     """config.json + model.safetensors + the tokenizer files, written into `folder` (already a staging folder)."""
-    from kdlib.models import copy_tokenizer_files
+    from kdlib.runtime.models import copy_tokenizer_files
 
     quiet_transformers()  # its shard-writing bar says nothing our own line does not
     model.save_pretrained(str(folder), safe_serialization=True)

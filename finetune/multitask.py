@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from kdlib.adashare import AdaShareConfig, TaskPolicies
-from kdlib.engine import EngineConfig, deepspeed_config
-from kdlib.objectives import ObjectiveConfig
-from kdlib.io import atomic_directory
-from kdlib.models import load_tokenizer, resolve_model_path
-from kdlib.task_sampling import TaskSamplingConfig
+from kdlib.students.adashare import AdaShareConfig, TaskPolicies
+from kdlib.training.deepspeed_engine import EngineConfig, deepspeed_config
+from kdlib.losses.objectives import ObjectiveConfig
+from kdlib.runtime.io import atomic_directory
+from kdlib.runtime.models import load_tokenizer, resolve_model_path
+from kdlib.tasks.sampling import TaskSamplingConfig
 from kdlib.training import loop
 from kdlib.training.batches import BatchStream
 from kdlib.training.config import LoopConfig, math_hash

@@ -1,5 +1,5 @@
 """Multi-task pieces: one student encoder with a classifier head per task, and a step sampler that picks a
-task per optimizer step (kdlib.task_sampling: n_i ** alpha, so no large task dominates) and that task's
+task per optimizer step (kdlib.tasks.sampling: n_i ** alpha, so no large task dominates) and that task's
 next batch from its own resumable batch order.
 
 The student routes by batch: the loader tags each batch with its task, and `DistillModule` calls
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from kdlib.adashare import POLICY_PARAMETER, TaskPolicies, gated_bert_forward, keep_layers
-from kdlib.task_sampling import TaskSampler, TaskSamplingConfig
+from kdlib.students.adashare import POLICY_PARAMETER, TaskPolicies, gated_bert_forward, keep_layers
+from kdlib.tasks.sampling import TaskSampler, TaskSamplingConfig
 from kdlib.training.sampler import DistributedBatchSampler
 
 
@@ -55,7 +55,7 @@ class MultiTaskSampler:
 
 class MultiTaskClassifier(nn.Module):
     """A BERT-family classifier's encoder shared by every task, one linear head per task (seeded per task), and
-    optionally AdaShare's per-task layer policies (kdlib.adashare: learned, or fixed for retraining)."""
+    optionally AdaShare's per-task layer policies (kdlib.students.adashare: learned, or fixed for retraining)."""
 
     def __init__(self, base: nn.Module, num_labels: dict[str, int], seed: int,
                  policies: Optional[TaskPolicies] = None):
@@ -82,7 +82,7 @@ class MultiTaskClassifier(nn.Module):
             self.policies.set_step(step, total)
 
     def learning_rates(self) -> dict:
-        """{parameter-name regex: rate} for kdlib.lr_groups: the learned policies' own rate."""
+        """{parameter-name regex: rate} for kdlib.training.lr_groups: the learned policies' own rate."""
         if self.policies is None or self.policies.cfg is None:
             return {}
         return {POLICY_PARAMETER: self.policies.cfg.policy_learning_rate}

@@ -26,11 +26,11 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 
 from kdlib.errors import ReaderError
-from kdlib.io import atomic_write_bytes, atomic_write_text, json_safe
-from kdlib.plots import finish_bar_chart
-from kdlib.metrics import read_metrics
-from kdlib.plots import loss_curve
-from kdlib.task_metrics import TASK_TYPES, percent_of, summarize, task_metrics
+from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
+from kdlib.runtime.plots import finish_bar_chart
+from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.plots import loss_curve
+from kdlib.tasks.metrics import TASK_TYPES, percent_of, summarize, task_metrics
 
 TEACHER = "teacher"  # the reference arm for "% of teacher" and speed-up
 ARM_ORDER = (TEACHER, "kd", "baseline")  # known arms first, then any others alphabetically

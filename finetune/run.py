@@ -21,20 +21,20 @@ import torch
 
 from kdlib.cache import TransferSet
 from kdlib.cache.reader import cached_batch_keys
-from kdlib.engine import EngineConfig, deepspeed_config
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.io import atomic_directory, atomic_write_text
-from kdlib.layer_maps import LayerMapConfig
-from kdlib.models import load_tokenizer, resolve_model_path
-from kdlib.multi_teacher import MultiTeacherConfig, MultiTeacherSet
-from kdlib.objectives import ObjectiveConfig, validate_objectives
+from kdlib.training.deepspeed_engine import EngineConfig, deepspeed_config
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.runtime.io import atomic_directory, atomic_write_text
+from kdlib.students.layer_maps import LayerMapConfig
+from kdlib.runtime.models import load_tokenizer, resolve_model_path
+from kdlib.teachers.multi_teacher import MultiTeacherConfig, MultiTeacherSet
+from kdlib.losses.objectives import ObjectiveConfig, validate_objectives
 from kdlib.schemas import StudentConfig
-from kdlib.task_metrics import task_metrics
-from kdlib.theseus import TheseusConfig, TheseusModel
+from kdlib.tasks.metrics import task_metrics
+from kdlib.students.theseus import TheseusConfig, TheseusModel
 from kdlib.training import loop
 from kdlib.training.batches import BatchStream
 from kdlib.training.config import LoopConfig, math_hash
-from kdlib.training.inputs import Offer
+from kdlib.training.providers import Offer
 from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 from kdlib.training.sampler import DistributedBatchSampler
@@ -177,8 +177,8 @@ def validation_metrics(model, valid: EncodedExamples, batch_size: int, device, r
 def phase_curves(cfg: RunConfig, out: Path) -> Optional[Path]:
     """loss_phases.png for a run with phases: each objective drawn over the steps of its own phase only (outside
     it its weight is 0), so each phase's losses read on their own scale. None for a run without phases."""
-    from kdlib.metrics import read_metrics
-    from kdlib.plots import loss_curve
+    from kdlib.runtime.metrics import read_metrics
+    from kdlib.runtime.plots import loss_curve
 
     windows = {o.name: o.weight_schedule.milestones for o in cfg.objectives
                if o.weight_schedule is not None and o.weight_schedule.name == "window"}

@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from kdlib.config import save_resolved
+from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import OutputError
-from kdlib.io import atomic_write_text
-from kdlib.objectives import ObjectiveConfig
+from kdlib.runtime.io import atomic_write_text
+from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.schemas import StudentConfig
 from kdlib.training.config import math_hash
 from kdlib.training.early_stop import EarlyStoppingConfig

@@ -18,7 +18,7 @@ import yaml
 
 from kdlib.config import to_dict
 from kdlib.errors import KDError
-from kdlib.io import atomic_write_text
+from kdlib.runtime.io import atomic_write_text
 from finetune.config import FinetuneConfig
 from finetune.folds import read_split
 from finetune.layout import Layout

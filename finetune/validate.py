@@ -1,7 +1,7 @@
 """Everything the task stage can check before it trains anything, each failure one ConfigError naming the
 config file and the field: labels the teacher's head lacks, a student tokenizer that is not the teacher's,
 more folds than the smallest class allows, Theseus layer counts, layer maps, and whether every objective
-can get its inputs (kdlib.training.inputs). It also works out what the transfer sets must cache: the
+can get its inputs (kdlib.training.providers). It also works out what the transfer sets must cache: the
 teacher hidden states and pooled embeddings the objectives read.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdlib.errors import ConfigError
-from kdlib.fingerprints import tokenizer_fingerprint
-from kdlib.models import check_model_folder, resolve_model_path
-from kdlib.readers.tasks import label_number
+from kdlib.runtime.fingerprints import tokenizer_fingerprint
+from kdlib.runtime.models import check_model_folder, resolve_model_path
+from kdlib.tasks.readers import label_number
 from kdlib.schemas import check_against_teacher, shape_fields
-from kdlib.training.inputs import PROVIDERS, Offer
+from kdlib.training.providers import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
 from finetune.config import FinetuneConfig
 from finetune.folds import class_counts, read_examples
@@ -127,7 +127,7 @@ def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tu
         except ValueError as err:
             _fail(source, "distill.layer_map", str(err))
     cached = {"labels", "teacher_logits", "teacher_pooled"} | {f"teacher_hidden_{i}" for i in range(layers_t + 1)}
-    if len(cfg.teacher.seeds) > 1:  # combined sets carry the combined logits only (kdlib.multi_teacher)
+    if len(cfg.teacher.seeds) > 1:  # combined sets carry the combined logits only (kdlib.teachers.multi_teacher)
         cached = {"labels", "teacher_logits"}
     offer = Offer(online_teacher=d.online_teacher, cached=frozenset(cached), pairs=pairs,
                   emd=d.layer_map is not None and d.layer_map.name == "emd", teacher_layers=layers_t,

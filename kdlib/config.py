@@ -243,16 +243,3 @@ def config_hash(config: Any) -> str:
 def content_hash(config: Any, leave_out: tuple[str, ...]) -> str:
     """Hash of a config less the top-level fields that change where or how fast it runs, never its result."""
     return config_hash({k: v for k, v in to_dict(config).items() if k not in leave_out})
-
-
-def save_resolved(config: Any, directory: str | os.PathLike, name: str = "resolved_config") -> Path:
-    """Write the resolved config (YAML, plus its hash) next to an artifact, atomically."""
-    from kdlib.io import atomic_write_text
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    body = yaml.safe_dump(to_dict(config), sort_keys=False)
-    text = f"# config_hash: {config_hash(config)}\n{body}"
-    target = directory / f"{name}.yaml"
-    atomic_write_text(target, text)
-    return target

@@ -73,8 +73,8 @@ class StudentConfig:
     """The student's shape, and how (whether) it is initialised from the teacher.
 
     init: random; every_other (DistilBERT: teacher layers 2, 4, ...) or explicit (init_layers), copied at the
-    teacher's width; svd: those layers compressed into a narrower width, heads and FFN (kdlib.student_width);
-    embeddings (bottleneck only): the teacher's embeddings and MLM head, fresh blocks (kdlib.bottleneck).
+    teacher's width; svd: those layers compressed into a narrower width, heads and FFN (kdlib.students.width);
+    embeddings (bottleneck only): the teacher's embeddings and MLM head, fresh blocks (kdlib.students.bottleneck).
     """
 
     num_layers: int = 3  # transformer layers

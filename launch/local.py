@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Optional
 
-from kdlib.engine import free_port
+from kdlib.runtime.process_group import free_port
 
 STAGES = ("pretrain",)  # stages with the rank contract; finetune joins when it exists
 USER_ERROR, REQUEUE = 2, 75
@@ -34,7 +34,7 @@ GRACE_S = 30.0  # how long ranks get to finish after one failed, before SIGKILL
 
 
 def rank_env(rank: int, nproc: int, port: int, base: Optional[dict] = None) -> dict:
-    """The variables every launcher sets for a rank (kdlib.engine.dist_env reads them)."""
+    """The variables every launcher sets for a rank (kdlib.runtime.process_group.dist_env reads them)."""
     env = dict(os.environ if base is None else base)
     env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")

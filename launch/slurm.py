@@ -22,7 +22,7 @@ from pathlib import Path
 from string import Template
 from typing import Optional
 
-from kdlib.cli import parse_overrides
+from kdlib.runtime.cli import parse_overrides
 from kdlib.config import read_config_data
 from kdlib.errors import KDError
 from launch.local import STAGES, USER_ERROR

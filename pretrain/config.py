@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kdlib.engine import EngineConfig, logit_chunk_size
-from kdlib.layer_maps import LayerMapConfig
-from kdlib.models import ModelConfig
-from kdlib.objectives import ObjectiveConfig, validate_objectives
-from kdlib.progressive import ProgressiveConfig
+from kdlib.training.deepspeed_engine import EngineConfig, logit_chunk_size
+from kdlib.students.layer_maps import LayerMapConfig
+from kdlib.runtime.models import ModelConfig
+from kdlib.losses.objectives import ObjectiveConfig, validate_objectives
+from kdlib.training.progressive import ProgressiveConfig
 from kdlib.schemas import StudentConfig
 from kdlib.training.config import LoopConfig, math_hash
 

@@ -21,8 +21,8 @@ _ALLOWED = frozenset({"student_logits", "topk_logits", "teacher_lse", "aligned_m
 
 def check_cross_tokenizer(cfg, source: str, manifest) -> Path:
     """The student tokenizer's folder, after every check; ConfigError naming the field and why otherwise."""
-    from kdlib.alignment import alignment_problem
-    from kdlib.models import load_tokenizer, resolve_model_path
+    from kdlib.text.alignment import alignment_problem
+    from kdlib.runtime.models import load_tokenizer, resolve_model_path
 
     def fail(field: str, message: str) -> None:
         raise ConfigError(f"{source}: field '{field}': {message}")

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from kdlib.config import to_dict
-from kdlib.engine import consolidated_fp32_state_dict
-from kdlib.io import atomic_directory
-from kdlib.models import copy_tokenizer_files
+from kdlib.training.checkpoints import consolidated_fp32_state_dict
+from kdlib.runtime.io import atomic_directory
+from kdlib.runtime.models import copy_tokenizer_files
 from kdlib.training.export import student_state_dict
-from kdlib.student_shape import student_config
+from kdlib.students.shape import student_config
 from pretrain.student import student_class, student_task
 
 

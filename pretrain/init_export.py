@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdlib.io import atomic_directory
-from kdlib.models import copy_tokenizer_files
+from kdlib.runtime.io import atomic_directory
+from kdlib.runtime.models import copy_tokenizer_files
 
 
 def export_init(cfg, setup, folder: str | Path) -> Path:

@@ -4,10 +4,10 @@ teacher.
 
 The student config is the teacher's config.json with the shape fields replaced (layers, width,
 heads, feed-forward width), or for architecture=bottleneck a MobileBertConfig derived from it
-(kdlib.bottleneck), so tokenizer, vocabulary, position table and activation all match the teacher.
+(kdlib.students.bottleneck), so tokenizer, vocabulary, position table and activation all match the teacher.
 With init=every_other / explicit, the student copies the teacher's embeddings, its masked-LM head
 and the chosen transformer layers (DistilBERT, Sanh et al. 2019); init=svd copies them compressed
-into a narrower width (kdlib.student_width); init=embeddings (bottleneck) copies the embeddings and
+into a narrower width (kdlib.students.width); init=embeddings (bottleneck) copies the embeddings and
 the MLM head. Nothing here knows about DeepSpeed or ranks.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdlib.models import ModelConfig, load_model
+from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.schemas import StudentConfig
-from kdlib.student_shape import init_from_teacher, needs_teacher, student_config
+from kdlib.students.shape import init_from_teacher, needs_teacher, student_config
 
 
 def student_task(teacher_cfg: ModelConfig) -> str:
@@ -44,7 +44,7 @@ def build_student(teacher_cfg: ModelConfig, teacher_config, student: StudentConf
         init_from_teacher(model, teacher, student)
         del teacher
     if student.architecture == "bottleneck":
-        from kdlib.bottleneck import register_head_parameters
+        from kdlib.students.bottleneck import register_head_parameters
 
         register_head_parameters(model)  # for ZeRO-3
     return model

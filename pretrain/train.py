@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from kdlib.engine import logit_chunk_size
-from kdlib.models import ModelConfig, load_model
-from kdlib.progressive import ProgressiveTransfer
+from kdlib.training.deepspeed_engine import logit_chunk_size
+from kdlib.runtime.models import ModelConfig, load_model
+from kdlib.training.progressive import ProgressiveTransfer
 from kdlib.training import loop
 from kdlib.training.batches import BatchStream
 from kdlib.training.internals import run_model
@@ -63,7 +63,7 @@ def online_teacher(cfg: PretrainConfig, setup: Setup, module: DistillModule, dev
 def cross_tokenizer_reading(cfg: PretrainConfig, setup: Setup, student):
     """(load, agreement) for a student with its own tokenizer: batches aligned on character spans, and the
     held-out agreement as "the same next piece of text" (the two top-1 tokens' text) at aligned positions."""
-    from kdlib.models import load_tokenizer
+    from kdlib.runtime.models import load_tokenizer
     from kdlib.training.cross_tokenizer import AlignedBatches, piece_texts
 
     tokenizer = load_tokenizer(str(setup.student_tokenizer_folder), model_config={})

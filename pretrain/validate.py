@@ -1,5 +1,5 @@
 """Everything that can be checked before a process group starts: teacher, student shape, layer map,
-transfer-set fingerprints and contents, every objective's inputs (kdlib.training.inputs), batch shape
+transfer-set fingerprints and contents, every objective's inputs (kdlib.training.providers), batch shape
 against the data, the DeepSpeed JSON.
 
 Each rank runs this before `init_distributed`, so a bad config stops every process with one
@@ -13,14 +13,16 @@ from pathlib import Path
 
 from kdlib.cache import MANIFEST, TransferSet
 from kdlib.cache.reader import cached_batch_keys
-from kdlib.engine import DistEnv, deepspeed_config, dist_env
+from kdlib.runtime.process_group import DistEnv, dist_env
+from kdlib.training.deepspeed_engine import deepspeed_config
 from kdlib.errors import ConfigError, KDError
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.io import sha256_file
-from kdlib.models import check_model_folder, resolve_model_path
-from kdlib.progressive import coverage_problem
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.runtime.io import sha256_file
+from kdlib.runtime.models import check_model_folder, resolve_model_path
+from kdlib.training.progressive import coverage_problem
 from kdlib.schemas import check_against_teacher
-from kdlib.training.inputs import Offer, cached_reads
+from kdlib.training.objective_plan import cached_reads
+from kdlib.training.providers import Offer
 from kdlib.training.loop import check_run_folder
 from kdlib.training.module import plan_objectives
 from pretrain.config import PretrainConfig
@@ -53,7 +55,7 @@ def _check_student_architecture(cfg: PretrainConfig, source: str, teacher_config
     teacher's, and its head must be of the kind the teacher trains (a causal LM under a causal teacher)."""
     if cfg.student.config is None:
         return
-    from kdlib.student_shape import architecture_config
+    from kdlib.students.shape import architecture_config
 
     try:
         arch = architecture_config(cfg.student.config)

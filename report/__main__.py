@@ -8,7 +8,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.cli import run_stage
+    from kdlib.runtime.cli import run_stage
     from report.build import build_report
     from report.config import ReportConfig
 

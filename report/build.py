@@ -10,8 +10,8 @@ from pathlib import Path
 
 from kdlib.config import read_config_file
 from kdlib.errors import ReaderError
-from kdlib.io import atomic_target, atomic_write_text
-from kdlib.metrics import read_metrics
+from kdlib.runtime.io import atomic_target, atomic_write_text
+from kdlib.runtime.metrics import read_metrics
 from report.config import ReportConfig
 from report.numbers import Numbers, verify
 from report.scaling import scaling_section

@@ -18,7 +18,7 @@ from typing import Any
 
 from kdlib.config import read_config_file
 from kdlib.errors import ReaderError
-from kdlib.io import atomic_write_text
+from kdlib.runtime.io import atomic_write_text
 
 NUMBERS_FILE = "numbers.json"
 NUMBER = re.compile(r"(?<![\w.\-/])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")

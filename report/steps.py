@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kdlib.io import atomic_write_text
+from kdlib.runtime.io import atomic_write_text
 
 
 def read_steps(path: str | Path) -> dict:

@@ -20,7 +20,7 @@ t0=$(date +%s)
 echo "== 1/8  setup: .venv with the pinned requirements (skipped when up to date)"
 bash scripts/setup.sh
 $PY -m report.steps --file "$STEPS" --name setup --seconds "$(( $(date +%s) - t0 ))" -- bash scripts/setup.sh
-$PY -m kdlib.inspect --model "$TEACHER" --corpus "$CORPUS"
+$PY -m kdlib.teachers.inspect --model "$TEACHER" --corpus "$CORPUS"
 
 echo "== 2/8  teacher preparation: a masked-LM head over the frozen encoder"
 step teacher $PY -m teacher --config "$CONFIGS/demo_teacher.yaml"

@@ -2,7 +2,7 @@
 
 import sys
 
-from kdlib.cli import run_stage
+from kdlib.runtime.cli import run_stage
 from teacher.prepare_mlm import TeacherPrepConfig, prepare_teacher
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ tokenizers) from scratch on a local corpus."""
 
 import sys
 
-from kdlib.cli import run_stage
+from kdlib.runtime.cli import run_stage
 from teacher.prepare_decoder import DecoderPrepConfig, prepare_decoder
 
 if __name__ == "__main__":

@@ -23,14 +23,15 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from kdlib.config import config_hash, content_hash, save_resolved, to_dict
+from kdlib.config import config_hash, content_hash, to_dict
+from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import KDError
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.io import atomic_directory, atomic_write_text
-from kdlib.models import quiet_transformers
-from kdlib.outputs import check_output_folder, output_lock
-from kdlib.packing import pack_documents
-from kdlib.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.runtime.io import atomic_directory, atomic_write_text
+from kdlib.runtime.models import quiet_transformers
+from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.text.packing import pack_documents
+from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
 from teacher.training import optimise, warmup_cosine
 from teacher.tokenizer_training import check_vocab, save_tokenizer, special_tokens, train_tokenizer
 
@@ -166,7 +167,7 @@ def read_texts(corpus: CorpusConfig) -> tuple[list[str], list[str]]:
 
 def pack_rows(documents: list[str], tokenizer, max_length: int) -> torch.Tensor:
     """[rows, max_length] ids: the documents' tokens, each document followed by eos, cut every max_length
-    tokens (kdlib.packing's causal layout); the short tail is dropped, so no row pads."""
+    tokens (kdlib.text.packing's causal layout); the short tail is dropped, so no row pads."""
     encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
     packed = pack_documents(((ids, [True] * len(ids)) for ids in encoded), max_length=max_length,
                             min_length=max_length, cls_id=None, sep_id=tokenizer.eos_token_id)

@@ -20,16 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdlib.config import content_hash, save_resolved, to_dict
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.config import content_hash, to_dict
+from kdlib.runtime.outputs import save_resolved
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.errors import KDError
-from kdlib.io import atomic_directory, atomic_write_text
-from kdlib.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
-from kdlib.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
+from kdlib.runtime.io import atomic_directory, atomic_write_text
+from kdlib.text.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
+from kdlib.runtime.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
                           resolve_model_path)
-from kdlib.outputs import check_output_folder, output_lock
-from kdlib.packing import pack_documents
-from kdlib.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.text.packing import pack_documents
+from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
 from kdlib.schemas import check_against_teacher
 from teacher.training import optimise, warmup_cosine
 

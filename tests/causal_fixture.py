@@ -17,7 +17,7 @@ import torch
 
 from kdlib.cache import row_schema
 from kdlib.schemas import TeacherOutputsConfig
-from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
 from tests.tiny_models import make_tiny_decoder
 from tests.tiny_tokenizers import wikipedia_lines
 from tests.transfer_fixture import pad, write_fixture_set

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from kdlib.engine import free_port
+from kdlib.runtime.process_group import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from finetune.__main__ import main
-from kdlib.adashare import (AdaShareConfig, TaskPolicies, candidate_policies, fixed_policy, gated_bert_forward, gumbel_noise,
+from kdlib.students.adashare import (AdaShareConfig, TaskPolicies, candidate_policies, fixed_policy, gated_bert_forward, gumbel_noise,
                             gumbel_softmax, keep_layers, learned_layers, temperature)
 from kdlib.losses import get_loss
-from kdlib.lr_groups import param_groups
+from kdlib.training.lr_groups import param_groups
 from tests.finetune_fixture import base_config, kill_at_first_checkpoint, multitask_config, write_config
 
 

@@ -1,7 +1,7 @@
-"""Character-span alignment of a byte-level BPE teacher and a WordPiece student (kdlib.alignment).
+"""Character-span alignment of a byte-level BPE teacher and a WordPiece student (kdlib.text.alignment).
 
 The expected spans below were written by hand from the tokenizers' printed offsets and the rules in
-kdlib/alignment.py: 'é' is two BPE byte pieces sharing one span, a bare 'Ġ' (empty span) and a tab /
+kdlib/text/alignment.py: 'é' is two BPE byte pieces sharing one span, a bare 'Ġ' (empty span) and a tab /
 newline token (whitespace only) are zero-width and prefix the next span, [UNK] covers what BPE spells
 in bytes."""
 
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from kdlib.alignment import DEFAULT_PROBE, Span, align_spans, alignment_problem, coverage, span_ends
+from kdlib.text.alignment import DEFAULT_PROBE, Span, align_spans, alignment_problem, coverage, span_ends
 from kdlib.errors import KDError
 from tests.tiny_tokenizers import make_tokenizer, wikipedia_lines
 

@@ -1,4 +1,4 @@
-"""Tests of kdlib.augment: rates, POS swaps, n-gram windows, determinism, batch == serial, MLM."""
+"""Tests of kdlib.text.augment: rates, POS swaps, n-gram windows, determinism, batch == serial, MLM."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from kdlib.augment import (
+from kdlib.text.augment import (
     AugmentConfig,
     PosVocabulary,
     augment_batch,
@@ -26,7 +26,7 @@ from kdlib.augment import (
     tag_sentences,
     tokenize,
 )
-from kdlib.augment import rng
+from kdlib.text.augment import rng
 from kdlib.errors import ReaderError
 
 _SENT_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
@@ -179,8 +179,8 @@ def test_vocabulary_json_round_trip(vocab, tmp_path):
     path = tmp_path / "vocab.json"
     vocab.save(path)
     assert PosVocabulary.load(path) == vocab
-    assert json.loads(path.read_text())["format"] == "kdlib.augment.PosVocabulary"
-    path.write_text('{"format": "kdlib.augment.PosVocabulary", "version": 1, "min_count": 2, "tags": {"NN": [["x", 1]]}}')
+    assert json.loads(path.read_text())["format"] == "kdlib.text.augment.PosVocabulary"
+    path.write_text('{"format": "kdlib.text.augment.PosVocabulary", "version": 1, "min_count": 2, "tags": {"NN": [["x", 1]]}}')
     with pytest.raises(ReaderError, match=r"vocab\.json: entries\['NN'\]\['x'\]: expected a count >= 2, got 1"):
         PosVocabulary.load(path)
     path.write_text("{not json")

@@ -14,7 +14,7 @@ from kdlib.cache.codec import (TOPK_COLUMNS, decode_sorted_ids, decode_topk, deq
                                encode_topk, quantize_logits, stored_topk_logits)
 from kdlib.config import from_dict
 from kdlib.losses import kd_topk
-from kdlib.padding import pad_flat
+from kdlib.text.padding import pad_flat
 from tests.test_pipeline import corpus_config, run_pipeline
 from tests.tiny_models import make_tiny_bert
 

@@ -16,9 +16,9 @@ import torch
 
 from kdlib.cache import TransferSet, read_manifest
 from kdlib.cache.vectors import encode, fidelity_sums, reconstruct
-from kdlib.fingerprints import model_fingerprint
+from kdlib.runtime.fingerprints import model_fingerprint
 from kdlib.losses import get_loss
-from kdlib.models import ModelConfig, load_model
+from kdlib.runtime.models import ModelConfig, load_model
 from tests.test_pipeline import corpus_config, run_pipeline
 from tests.test_training_losses import PAIRS, heads, one_step, raw_tensors
 from tests.tiny_models import make_tiny_bert
@@ -189,8 +189,9 @@ def test_missing_qkv_layers_name_the_field_to_set(cached_paths, tmp_path):
 
 def test_a_recipe_decodes_only_the_columns_its_objectives_read(cached_paths):
     from kdlib.cache.reader import cached_batch_keys
-    from kdlib.objectives import ObjectiveConfig
-    from kdlib.training.inputs import Offer, cached_reads
+    from kdlib.losses.objectives import ObjectiveConfig
+    from kdlib.training.objective_plan import cached_reads
+    from kdlib.training.providers import Offer
     from kdlib.training.module import plan_objectives
 
     ts = TransferSet(cached_paths["transfer"])
@@ -218,8 +219,8 @@ def test_masking_rows_leaves_the_other_rows_plain_text(qkv_set):
     """masking.rows 0.5: about half the rows carry masks, the others are the text as it is (what representation
     losses want the teacher to see), chosen by a stable draw from the row's id."""
     from data_pipeline.transforms import masked_row
-    from kdlib.masking import MaskTokens
-    from kdlib.models import load_tokenizer
+    from kdlib.text.masking import MaskTokens
+    from kdlib.runtime.models import load_tokenizer
 
     teacher, out = qkv_set
     ts = TransferSet(out)

@@ -14,7 +14,7 @@ import kdlib.cache.reader as reader
 from kdlib.cache import (FORMAT_VERSION, Manifest, TransferSet, collate_rows, read_manifest, row_schema,
                          rows_to_table, shard_name, write_manifest, write_shard)
 from kdlib.errors import CacheError
-from kdlib.padding import pad_flat, pad_sequences
+from kdlib.text.padding import pad_flat, pad_sequences
 
 VOCAB, K, H, C, LAYERS, IGNORE = 504, 4, 6, 3, (1, 3), -100
 SHARD_ROWS = (7, 1, 12)

@@ -236,7 +236,7 @@ def test_no_tensor_larger_than_one_chunk_of_logits(mm):
 
 MEMORY_SCRIPT = """
 import sys, torch
-from kdlib.speed import resident_peak_kib
+from kdlib.runtime.speed import resident_peak_kib
 from kdlib.losses.chunked_twins import chunked_kd_topk
 from kdlib.losses.topk import kd_topk
 N, H, V, K, CHUNK = 2048, 32, 30522, 8, 256

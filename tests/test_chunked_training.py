@@ -9,11 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BertConfig, BertForMaskedLM
 
 from kdlib.config import from_dict
-from kdlib.engine import EngineConfig, logit_chunk_size
+from kdlib.training.deepspeed_engine import EngineConfig, logit_chunk_size
 from kdlib.errors import ConfigError
-from kdlib.objectives import ObjectiveConfig
+from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.training.config import math_hash
-from kdlib.training.inputs import Offer
+from kdlib.training.providers import Offer
 from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 

@@ -6,9 +6,10 @@ from typing import Literal, Optional
 
 import pytest
 
-from kdlib.config import config_hash, from_dict, load_config, save_resolved
+from kdlib.config import config_hash, from_dict, load_config
+from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import ConfigError
-from kdlib.objectives import ObjectiveConfig
+from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.schemas import StudentConfig, TeacherOutputsConfig, check_against_teacher
 from data_pipeline.config import PipelineConfig
 from pretrain.config import PretrainConfig

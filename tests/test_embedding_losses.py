@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from kdlib.losses import get_loss, pooled_contrastive, pooled_cosine, pooled_mse, pooled_relation_kl
-from kdlib.training.inputs import BATCH, Offer, plan_objective, projection_groups, reads
+from kdlib.training.objective_plan import plan_objective, projection_groups, reads
+from kdlib.training.providers import BATCH, Offer
 
 NAMES = ["pooled_mse", "pooled_cosine", "pooled_contrastive", "pooled_relation_kl"]
 PROJECTED = ["pooled_mse", "pooled_cosine", "pooled_contrastive"]  # compare s_i W with t_j unit by unit

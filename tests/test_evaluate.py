@@ -21,8 +21,8 @@ from scipy.stats import spearmanr
 from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
 from kdlib.config import from_dict, load_config
 from kdlib.errors import CacheError, ConfigError
-from kdlib.masking import MaskingConfig, MaskTokens, mask_tokens
-from kdlib.readers import CorpusConfig, gensim_test_data, read_corpus
+from kdlib.text.masking import MaskingConfig, MaskTokens, mask_tokens
+from kdlib.text.readers import CorpusConfig, gensim_test_data, read_corpus
 from evaluate.config import EvaluateConfig
 from evaluate.heldout import select_heldout
 from evaluate.run import evaluate_models, prepare_reference

@@ -106,8 +106,8 @@ def test_teacher_stops_early_and_exports_its_best_weights(plain):
 
     from finetune.data import EncodedExamples, predict
     from finetune.folds import read_split
-    from kdlib.models import load_tokenizer
-    from kdlib.task_metrics import classification_metrics
+    from kdlib.runtime.models import load_tokenizer
+    from kdlib.tasks.metrics import classification_metrics
 
     model = BertForSequenceClassification.from_pretrained(teacher / "export")  # the best weights, by their metric:
     valid = EncodedExamples(read_split(run / "folds/fold-0/valid.jsonl"), load_tokenizer(str(teacher / "export")),
@@ -214,7 +214,7 @@ def test_a_student_with_another_tokenizer_is_refused(tmp_path, capsys):
 
 def test_folds_are_stratified_and_deterministic():
     from finetune.folds import make_folds
-    from kdlib.readers import Example
+    from kdlib.text.readers import Example
 
     examples = [Example(id=f"e{i}", text="x", label="a" if i % 3 else "b") for i in range(30)]
     one, two = make_folds(examples, 5, 0.1, seed=3), make_folds(examples, 5, 0.1, seed=3)

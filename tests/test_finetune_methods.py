@@ -124,7 +124,7 @@ def test_theseus_exports_the_successor_alone(augmented, tmp_path):
                            teacher["bert.encoder.layer.0.attention.self.query.weight"])  # successor 0 trained
     rows = [json.loads(line) for line in (tmp_path / "theseus/predictions.jsonl").read_text().splitlines()]
     from finetune.data import EncodedExamples
-    from kdlib.models import load_tokenizer
+    from kdlib.runtime.models import load_tokenizer
 
     test = EncodedExamples(read_split(Path(cfg.test_data)), load_tokenizer(str(tmp_path / "theseus/export")),
                            cfg.labels, cfg.max_length)
@@ -179,7 +179,7 @@ def test_multi_teacher_targets_are_the_weighted_average_of_the_teachers(tmp_path
     kd = student_run(cfg, 0, 0, "kd", ["neg", "pos"])
     assert kd.more_transfer_sets == [str(run / "fold-0/transfer_set-1")]
     from finetune.run import training_rows
-    from kdlib.models import load_tokenizer
+    from kdlib.runtime.models import load_tokenizer
 
     rows, cached, _ = training_rows(kd, kd.teacher, load_tokenizer(kd.teacher))
     assert {"labels", "teacher_logits"} <= cached and not any(k.startswith("teacher_hidden") for k in cached)
@@ -201,8 +201,8 @@ def test_a_student_with_its_own_tokenizer_reads_the_kept_text(augmented, tmp_pat
     objectives are refused (the two models' tokens differ)."""
     import shutil
 
-    from kdlib.models import load_tokenizer
-    from kdlib.tokenize import tokenize_texts
+    from kdlib.runtime.models import load_tokenizer
+    from kdlib.text.tokenize import tokenize_texts
 
     _, data = augmented
     root = tmp_path
@@ -242,8 +242,8 @@ def test_a_decoder_student_with_its_own_tokenizer_gets_a_classifier_head(augment
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.run import training_rows
-    from kdlib.models import load_tokenizer
-    from kdlib.tokenize import tokenize_texts
+    from kdlib.runtime.models import load_tokenizer
+    from kdlib.text.tokenize import tokenize_texts
     from tests.tiny_models import make_tiny_decoder
 
     _, data = augmented

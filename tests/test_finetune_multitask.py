@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from finetune.__main__ import main
 from finetune.multitask_model import MultiTaskSampler
-from kdlib.task_sampling import TaskSamplingConfig, task_probabilities
+from kdlib.tasks.sampling import TaskSamplingConfig, task_probabilities
 from tests.finetune_fixture import multitask_config, write_config
 
 
@@ -45,7 +45,7 @@ def test_held_out_predictions_are_the_exported_models(multitask):
 
     from finetune.data import EncodedExamples
     from finetune.folds import read_split
-    from kdlib.models import load_tokenizer
+    from kdlib.runtime.models import load_tokenizer
 
     run, _ = multitask
     folder = run / "topic/fold-1/seed-0/multitask-baseline"

@@ -22,7 +22,7 @@ from transformers import BertForMaskedLM, BertForSequenceClassification
 
 from finetune.report import aggregate, collect, write_report
 from kdlib.errors import ReaderError
-from kdlib.speed import compare_speed, count_parameters, measure_throughput
+from kdlib.runtime.speed import compare_speed, count_parameters, measure_throughput
 from tests.tiny_models import make_tiny_bert
 
 TOL = 1e-14

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from kdlib import fingerprints
+from kdlib.runtime import fingerprints
 from kdlib.errors import ModelLoadError
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.models import resolve_model_path
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.runtime.models import resolve_model_path
 
 
 @pytest.fixture

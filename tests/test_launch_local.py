@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from kdlib.engine import checkpoint_steps
-from kdlib.metrics import read_metrics
+from kdlib.training.checkpoints import checkpoint_steps
+from kdlib.runtime.metrics import read_metrics
 from launch.local import exit_status
 from tests.transfer_fixture import (REPO, base_config, build_transfer_set, stage_env, torchrun_command, wait_for_step,
                                     write_config)

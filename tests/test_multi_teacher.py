@@ -13,12 +13,12 @@ import torch
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.pipeline import default_beam_args, run
-from kdlib.augment import AugmentConfig
+from kdlib.text.augment import AugmentConfig
 from kdlib.cache import TransferSet
 from kdlib.errors import CacheError
-from kdlib.models import ModelConfig
-from kdlib.multi_teacher import MultiTeacherConfig, MultiTeacherSet, combine_teacher_logits
-from kdlib.readers import TaskConfig
+from kdlib.runtime.models import ModelConfig
+from kdlib.teachers.multi_teacher import MultiTeacherConfig, MultiTeacherSet, combine_teacher_logits
+from kdlib.tasks.readers import TaskConfig
 from kdlib.schemas import TeacherOutputsConfig
 from tests.tiny_models import make_tiny_bert, tiny_vocab
 

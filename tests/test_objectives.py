@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kdlib.losses import UnknownLossError, get_loss, get_spec, known_losses, register_loss
-from kdlib.objectives import ObjectiveConfig, evaluate_objective, total_loss, validate_objectives
-from kdlib.schedules import ScheduleConfig
+from kdlib.losses.objectives import ObjectiveConfig, evaluate_objective, total_loss, validate_objectives
+from kdlib.losses.schedules import ScheduleConfig
 
 EXPECTED = {
     "attention_kl", "attention_mse", "bert_emd", "distilbert_cosine", "dml", "embedding_mse", "fsp", "hard_ce", "hard_mse",

@@ -19,10 +19,10 @@ from typing import Optional
 import pytest
 import yaml
 
-from kdlib.digests import DIGESTS, verify_digests, write_digests
+from kdlib.runtime.digests import DIGESTS, verify_digests, write_digests
 from kdlib.errors import ConfigError, KDError, OutputError
-from kdlib.io import atomic_directory, sha256_file
-from kdlib.outputs import LOCK, check_output_folder, lock_path, output_lock, process_start_time
+from kdlib.runtime.io import atomic_directory, sha256_file
+from kdlib.runtime.outputs import LOCK, check_output_folder, lock_path, output_lock, process_start_time
 from tests.tiny_models import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over(
 
 def test_a_second_writer_in_another_process_is_refused(tmp_path):
     folder = tmp_path / "busy"
-    code = ("import sys, time; from kdlib.outputs import output_lock\n"
+    code = ("import sys, time; from kdlib.runtime.outputs import output_lock\n"
             "with output_lock(sys.argv[1], 'first writer'):\n    print('held', flush=True); time.sleep(60)\n")
     first = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                              text=True)
@@ -213,7 +213,7 @@ def test_config_errors_are_one_line_naming_the_file(tmp_path):
 
 def test_inspect_describes_a_prepared_masked_lm_teacher(tmp_path):
     mlm = make_tiny_bert(tmp_path / "mlm", task="masked_lm", layers=2, hidden=32, heads=4)
-    proc = run_module("kdlib.inspect", "--model", str(mlm), "--corpus", "text:gensim:lee_background.cor")
+    proc = run_module("kdlib.teachers.inspect", "--model", str(mlm), "--corpus", "text:gensim:lee_background.cor")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BertForMaskedLM: 2 layers, hidden 32" in proc.stdout
 
@@ -288,7 +288,7 @@ def test_every_stage_and_rank_takes_the_lock_beside_the_folder(tmp_path):
 def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path):
     from kdlib.cache import read_manifest
     from kdlib.errors import CacheError, ModelLoadError
-    from kdlib.models import resolve_model_path
+    from kdlib.runtime.models import resolve_model_path
 
     a_file = tmp_path / "model.safetensors"
     a_file.write_bytes(b"not a folder")
@@ -303,7 +303,7 @@ def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path):
 def test_a_replaced_folder_is_never_missing_for_a_reader(tmp_path):
     import threading
 
-    from kdlib.io import replace_directory
+    from kdlib.runtime.io import replace_directory
 
     path = tmp_path / "export"
     path.mkdir()
@@ -333,7 +333,7 @@ def test_a_replaced_folder_is_never_missing_for_a_reader(tmp_path):
 
 
 def test_latest_never_leads_out_of_the_checkpoints_folder(tmp_path):
-    from kdlib.engine import latest_checkpoint
+    from kdlib.training.checkpoints import latest_checkpoint
 
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "checkpoints").mkdir()

@@ -22,10 +22,10 @@ import yaml
 
 from kdlib.cache import TransferSet, read_manifest
 from kdlib.errors import CacheError
-from kdlib.fingerprints import model_fingerprint
-from kdlib.io import sha256_file
-from kdlib.models import ModelConfig, load_model
-from kdlib.outputs import process_start_time
+from kdlib.runtime.fingerprints import model_fingerprint
+from kdlib.runtime.io import sha256_file
+from kdlib.runtime.models import ModelConfig, load_model
+from kdlib.runtime.outputs import process_start_time
 from tests.tiny_models import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,10 +26,10 @@ from kdlib.cache import (FORMAT_VERSION, Manifest, TransferSet, read_manifest, r
                          shard_name, write_manifest, write_shard)
 from kdlib.config import load_config
 from kdlib.errors import ConfigError
-from kdlib.io import sha256_file
-from kdlib.models import ModelConfig, load_model
-from kdlib.packing import pack_documents
-from kdlib.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.runtime.io import sha256_file
+from kdlib.runtime.models import ModelConfig, load_model
+from kdlib.text.packing import pack_documents
+from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
 from tests.test_pipeline import run_pipeline
 from tests.tiny_models import make_tiny_bert, make_tiny_decoder
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from kdlib.config import from_dict
 from kdlib.errors import ConfigError
-from kdlib.metrics import read_metrics
-from kdlib.models import ModelConfig, load_model
+from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.schemas import StudentConfig
 from kdlib.training.sampler import DistributedBatchSampler
 from pretrain.config import PretrainConfig

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kdlib.config import from_dict, load_config
-from kdlib.engine import deepspeed_config
+from kdlib.training.deepspeed_engine import deepspeed_config
 from kdlib.errors import ConfigError, FingerprintMismatch
-from kdlib.fingerprints import model_fingerprint
+from kdlib.runtime.fingerprints import model_fingerprint
 from pretrain.config import PretrainConfig
 from pretrain.validate import validate
 from tests.tiny_models import make_tiny_bert

@@ -21,7 +21,7 @@ import torch
 from kdlib.cache import TransferSet
 from kdlib.config import from_dict
 from kdlib.errors import ConfigError
-from kdlib.metrics import read_metrics
+from kdlib.runtime.metrics import read_metrics
 from kdlib.training.cross_tokenizer import AlignedBatches
 from pretrain.config import PretrainConfig
 from pretrain.validate import validate

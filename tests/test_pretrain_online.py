@@ -7,7 +7,7 @@ import json
 
 from safetensors.torch import load_file
 
-from kdlib.metrics import read_metrics
+from kdlib.runtime.metrics import read_metrics
 from tests.transfer_fixture import base_config, build_transfer_set, run_pretrain, write_config
 
 ONLINE = ["kd_topk", "hidden_mse", "distilbert_cosine", "embedding_mse", "attention_kl", "value_relation_kl",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdlib.metrics import read_metrics
+from kdlib.runtime.metrics import read_metrics
 from tests.transfer_fixture import (REPO, base_config, build_transfer_set, free_port, probe_export_in_clean_process,
                                     run_pretrain, stage_env, start_pretrain, wait_for_step, write_config)
 

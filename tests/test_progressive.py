@@ -1,4 +1,4 @@
-"""MobileBERT's progressive knowledge transfer (kdlib.progressive): the stage at each step, which objective
+"""MobileBERT's progressive knowledge transfer (kdlib.training.progressive): the stage at each step, which objective
 sites count in it, the rate of each depth, and a real `python -m pretrain` run (in this process, DeepSpeed
 ZeRO-2 on CPU) of a bottleneck student in which, step by step, exactly the layer in training moves, the
 output-level terms are 0 until the joint phase, and a run resumed inside the stages is bit-exact."""
@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from kdlib.config import from_dict
-from kdlib.engine import consolidated_fp32_state_dict
+from kdlib.training.checkpoints import consolidated_fp32_state_dict
 from kdlib.errors import ConfigError
-from kdlib.lr_groups import layer_depth, param_groups
-from kdlib.metrics import read_metrics
-from kdlib.progressive import ProgressiveConfig, ProgressiveTransfer, coverage_problem
-from kdlib.training.inputs import Offer, plan_objective
+from kdlib.training.lr_groups import layer_depth, param_groups
+from kdlib.runtime.metrics import read_metrics
+from kdlib.training.progressive import ProgressiveConfig, ProgressiveTransfer, coverage_problem
+from kdlib.training.objective_plan import plan_objective
+from kdlib.training.providers import Offer
 from pretrain.config import PretrainConfig
 from pretrain.train import train
 from pretrain.validate import validate

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kdlib.errors import KDError, ReaderError
-from kdlib.readers import (
+from kdlib.text.readers import (
     CorpusConfig,
     Document,
     Example,
@@ -21,7 +21,7 @@ from kdlib.readers import (
     read_corpus,
     read_task,
 )
-from kdlib.readers import paths as reader_paths
+from kdlib.text.readers import paths as reader_paths
 
 # Counts verified by hand on gensim 4.4.0's test_data (see the report). The Wikipedia sample has
 # 206 pages; 100 are redirects (99 `#REDIRECT` plus page 617 "Albert Gore" written `#redirect`).

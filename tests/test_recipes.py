@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from kdlib.config import from_dict
-from kdlib.metrics import read_metrics
+from kdlib.runtime.metrics import read_metrics
 from pretrain.config import PretrainConfig
 from pretrain.train import train
 from pretrain.validate import validate

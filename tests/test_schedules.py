@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib.schedules import (ScheduleConfig, get_schedule, known_schedules, teacher_annealing_lambda,
+from kdlib.losses.schedules import (ScheduleConfig, get_schedule, known_schedules, teacher_annealing_lambda,
                              teacher_annealing_targets)
 
 

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from kdlib.cache import TransferSet, read_manifest
 from kdlib.cache.sampling import compact, draw, estimate_fidelity, sparse_targets
 from kdlib.errors import ConfigError
-from kdlib.io import sha256_file
+from kdlib.runtime.io import sha256_file
 from kdlib.losses import kd_sparse, kd_topk, sparse_kd_per_position
-from kdlib.metrics import read_metrics
-from kdlib.models import ModelConfig, load_model
+from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.schemas import TeacherOutputsConfig, check_against_teacher
-from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
 from pretrain.evaluate import teacher_top1
 from tests.test_pipeline import corpus_config, run_pipeline
 from tests.transfer_fixture import base_config, build_transfer_set, run_pretrain, write_config
@@ -155,7 +155,8 @@ def test_config_validation_names_the_field():
 
 
 def test_a_loss_reading_samples_names_where_to_get_them():
-    from kdlib.training.inputs import Offer, plan_objective
+    from kdlib.training.objective_plan import plan_objective
+    from kdlib.training.providers import Offer
 
     with pytest.raises(ValueError, match=r"kd_sparse needs cached sampled teacher ids \(sparse_ids\): the transfer "
                                          r"set lacks it: make it with teacher_outputs.sampled_tokens > 0"):

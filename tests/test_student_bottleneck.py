@@ -1,4 +1,4 @@
-"""MobileBERT-style bottleneck students (kdlib.bottleneck): built from a tiny teacher's config with
+"""MobileBERT-style bottleneck students (kdlib.students.bottleneck): built from a tiny teacher's config with
 transformers' own MobileBertForMaskedLM, initialised from the teacher's embeddings and MLM head, trained by
 the real `python -m pretrain` entry point (in this process, DeepSpeed on CPU) with feature-map and
 attention transfer against an online teacher, and exported as a folder plain transformers loads."""
@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from kdlib.config import from_dict
 from kdlib.errors import ConfigError
-from kdlib.metrics import read_metrics
-from kdlib.models import ModelConfig, load_model
+from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.schemas import StudentConfig, check_against_teacher
 from kdlib.training.internals import AttentionViews, attention_blocks, capture_qkv
 from pretrain.config import PretrainConfig

@@ -1,4 +1,4 @@
-"""Narrower students initialised from the teacher (init=svd, kdlib.student_width): the basis, the exact
+"""Narrower students initialised from the teacher (init=svd, kdlib.students.width): the basis, the exact
 reduction to copy_teacher_layers at the teacher's width, closeness to the teacher at initialisation
 (against a random student of the same shape), the export, and the shape checks that name their field."""
 
@@ -16,8 +16,8 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertForSequenceC
 from kdlib.config import from_dict, load_config
 from kdlib.errors import ConfigError
 from kdlib.schemas import StudentConfig, check_against_teacher, init_layer_map
-from kdlib.student_shape import copy_teacher_layers, student_config
-from kdlib.student_width import basis_of, compress_teacher, householder_to_ones, residual_moment
+from kdlib.students.shape import copy_teacher_layers, student_config
+from kdlib.students.width import basis_of, compress_teacher, householder_to_ones, residual_moment
 from pretrain.config import PretrainConfig
 from pretrain.export import export_student
 from tests.tiny_models import make_tiny_bert

@@ -12,7 +12,7 @@ import pytest
 import scipy.stats
 from sklearn.metrics import accuracy_score, f1_score
 
-from kdlib.task_metrics import (average_ranks, classification_metrics, percent_of, regression_metrics, summarize,
+from kdlib.tasks.metrics import (average_ranks, classification_metrics, percent_of, regression_metrics, summarize,
                                 task_metrics)
 
 TOL = 1e-12

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kdlib.task_sampling import TaskSampler, TaskSamplingConfig, task_probabilities
+from kdlib.tasks.sampling import TaskSampler, TaskSamplingConfig, task_probabilities
 
 EPS = np.finfo(np.float64).eps
 SIZES = [392702, 8551, 2490, 67349]  # MNLI, CoLA, RTE, SST-2 training rows

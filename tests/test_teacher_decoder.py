@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from kdlib.cli import run_stage
+from kdlib.runtime.cli import run_stage
 from kdlib.config import load_config
 from kdlib.errors import ConfigError
-from kdlib.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
 from teacher.prepare_decoder import DecoderPrepConfig, initial_model, prepare_decoder
 
 TINY = {"corpus": {"kind": "wikipedia_xml", "max_documents": 2}, "tokenizer": "bpe", "vocab_size": 300,

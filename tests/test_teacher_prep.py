@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from kdlib.config import from_dict
-from kdlib.fingerprints import model_fingerprint
-from kdlib.models import resolve_model_path
+from kdlib.runtime.fingerprints import model_fingerprint
+from kdlib.runtime.models import resolve_model_path
 from teacher.prepare_mlm import TeacherPrepConfig, prepare_teacher
 
 

@@ -1,4 +1,4 @@
-"""BERT-of-Theseus (kdlib.theseus): replacement semantics, what trains, curriculum, draws, export.
+"""BERT-of-Theseus (kdlib.students.theseus): replacement semantics, what trains, curriculum, draws, export.
 
 Equalities between the Theseus model and the exported successor are checked bit-exact
 (torch.equal): at p = 1 both run the very same modules with the same weights, in the same order,
@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from kdlib.theseus import TheseusConfig, TheseusModel, replacement_probability_at, successor_state_dict
+from kdlib.students.theseus import TheseusConfig, TheseusModel, replacement_probability_at, successor_state_dict
 from tests.tiny_models import make_tiny_bert
 
 N_LAYERS = 6

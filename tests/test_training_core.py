@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from kdlib.config import from_dict
-from kdlib.engine import EngineConfig, OptimConfig, deepspeed_config, dist_env
+from kdlib.runtime.process_group import dist_env
+from kdlib.training.deepspeed_engine import EngineConfig, OptimConfig, deepspeed_config
 from kdlib.errors import ConfigError, FingerprintMismatch
-from kdlib.layer_maps import LayerMapConfig
-from kdlib.objectives import ObjectiveConfig
-from kdlib.training.inputs import Offer
+from kdlib.students.layer_maps import LayerMapConfig
+from kdlib.losses.objectives import ObjectiveConfig
+from kdlib.training.providers import Offer
 from kdlib.training.internals import AttentionViews, capture_qkv, run_model
 from kdlib.training.module import DistillModule
 from kdlib.training.sampler import DistributedBatchSampler

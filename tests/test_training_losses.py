@@ -17,10 +17,10 @@ import torch
 
 from kdlib.config import from_dict
 from kdlib.errors import ConfigError
-from kdlib.layer_maps import EmdLayerWeights, pairwise_layer_cost
+from kdlib.students.layer_maps import EmdLayerWeights, pairwise_layer_cost
 from kdlib.losses import get_loss, known_losses
-from kdlib.metrics import read_metrics
-from kdlib.models import ModelConfig, load_model
+from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.training.sampler import DistributedBatchSampler
 from pretrain.config import PretrainConfig
 from pretrain.train import build_module, train

@@ -12,7 +12,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from kdlib.metrics import read_metrics
+from kdlib.runtime.metrics import read_metrics
 from tests.transfer_fixture import REPO, base_config, build_transfer_set, run_pretrain, stage_env, write_config
 
 EMD_RUN = {"online_teacher": True, "layer_map": {"name": "emd", "emd_temperature": 0.5},
@@ -108,7 +108,7 @@ def test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled(reference
 
 
 def test_pretrain_refuses_an_output_dir_that_is_not_a_run_and_changes_nothing(reference, tmp_path):
-    from kdlib.io import sha256_file
+    from kdlib.runtime.io import sha256_file
 
     paths, _, _ = reference
     transfer = paths["transfer"]
@@ -119,7 +119,7 @@ def test_pretrain_refuses_an_output_dir_that_is_not_a_run_and_changes_nothing(re
 
 
 def test_resume_false_over_a_run_with_checkpoints_is_refused_and_changes_nothing(reference, tmp_path):
-    from kdlib.io import sha256_file
+    from kdlib.runtime.io import sha256_file
 
     paths, ref, _ = reference
     before = {str(p): sha256_file(p) for p in ref.rglob("*") if p.is_file()}

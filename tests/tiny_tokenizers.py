@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from kdlib.readers import CorpusConfig, read_corpus
+from kdlib.text.readers import CorpusConfig, read_corpus
 from teacher.tokenizer_training import EOS, save_tokenizer, train_tokenizer
 
 __all__ = ["EOS", "make_tokenizer", "wikipedia_lines"]

@@ -21,11 +21,11 @@ import torch
 import yaml
 
 from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
-from kdlib.engine import free_port  # noqa: F401  (re-exported for the tests that import it from here)
-from kdlib.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.readers import gensim_test_data
+from kdlib.runtime.process_group import free_port  # noqa: F401  (re-exported for the tests that import it from here)
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.text.readers import gensim_test_data
 from kdlib.schemas import TeacherOutputsConfig
-from kdlib.teacher_outputs import rows_from_outputs, teacher_forward
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
 from tests.tiny_models import make_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from typing import Optional
 from kdlib import __version__
 from kdlib.cache.shards import ShardInfo
 from kdlib.errors import CacheError, FingerprintMismatch
-from kdlib.io import atomic_write_text, sha256_file
+from kdlib.runtime.io import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -44,7 +44,7 @@ class Manifest:
 
     @property
     def packing(self) -> Optional[str]:
-        """How corpus rows were packed (kdlib/packing.py): "cls" or "causal"; None for a task set. Manifests
+        """How corpus rows were packed (kdlib/text/packing.py): "cls" or "causal"; None for a task set. Manifests
         written before causal packing existed hold "cls" rows when they are corpus sets."""
         if "packing" in self.cached:
             return self.cached["packing"]

@@ -32,7 +32,7 @@ from kdlib.cache.manifest import (Manifest, check_fingerprints, check_shard_dige
 from kdlib.cache.sampling import sparse_targets
 from kdlib.cache.vectors import SCALE_SUFFIX, decode, is_vector_column, vector_names
 from kdlib.errors import CacheError
-from kdlib.padding import pad_flat, pad_sequences, row_lengths
+from kdlib.text.padding import pad_flat, pad_sequences, row_lengths
 
 IGNORE_INDEX = -100
 VERIFY_MODES = ("eager", "lazy", "off")

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from kdlib.padding import length_mask
+from kdlib.text.padding import length_mask
 
 
 def draw(logits_tv: torch.Tensor, n: int, rng: np.random.Generator,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdlib.cache.schema import PARQUET_ENCODING
-from kdlib.io import atomic_target, atomic_write_text, sha256_file
+from kdlib.runtime.io import atomic_target, atomic_write_text, sha256_file
 
 SHARD_DIR = "shards"
 

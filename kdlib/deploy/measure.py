@@ -1,6 +1,6 @@
 """Run the deployed files and compare them with the torch model: outputs, agreement, and speed side by side.
 
-Speed goes through `kdlib.speed.compare_calls`, the same interleaved best-of-repeats scheduler that
+Speed goes through `kdlib.runtime.speed.compare_calls`, the same interleaved best-of-repeats scheduler that
 `compare_speed` uses for torch modules, so a torch model and an onnxruntime session are timed on the same
 batches, in turns, with the same thread count (torch.set_num_threads for torch; intra_op_num_threads for
 onnxruntime, whose inter-op pool is 1 and execution sequential so that it uses no more threads than torch).
@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from kdlib.speed import compare_calls
+from kdlib.runtime.speed import compare_calls
 
 
 def as_numpy(values) -> np.ndarray:
@@ -50,7 +50,7 @@ class OnnxRunner:
 
 def torch_call(model: torch.nn.Module, output: str) -> Callable:
     """`fn(input_ids, attention_mask)` -> the model's `output` tensor as numpy, in inference mode (the caller
-    puts the model in eval mode: kdlib.models.load_model already does)."""
+    puts the model in eval mode: kdlib.runtime.models.load_model already does)."""
 
     # a decoder would also build its key/value cache, which the exported graph does not: not timed for it either
     extra = {"use_cache": False} if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else {}
@@ -68,7 +68,7 @@ def max_abs_difference(model: torch.nn.Module, runner: Callable, batches: list[d
     """max |runner - model| over every value of every batch (float64), the model in eval + inference mode."""
     from kdlib.deploy.onnx_export import output_name
 
-    from kdlib.speed import _eval_mode
+    from kdlib.runtime.speed import _eval_mode
 
     reference = torch_call(model, output_name(model))
     worst = 0.0

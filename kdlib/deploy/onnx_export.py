@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kdlib.errors import KDError
-from kdlib.io import atomic_target
+from kdlib.runtime.io import atomic_target
 
 SUPPORTED = ("ForSequenceClassification", "ForMaskedLM", "ForCausalLM", "LMHeadModel", "Model")
 

@@ -22,7 +22,7 @@ import torch
 from kdlib.deploy.measure import OnnxRunner, compare_deployed, row_max_abs, torch_call
 from kdlib.deploy.onnx_export import export_onnx, output_name
 from kdlib.deploy.quantize import quantize_int8, torch_dynamic_int8
-from kdlib.io import atomic_write_bytes, atomic_write_text, json_safe
+from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
 
 CANDIDATES = ("transformers fp32", "torch dynamic int8", "onnxruntime fp32", "onnxruntime int8")
 REFERENCE = CANDIDATES[0]
@@ -37,8 +37,8 @@ TORCH_INT8_SIZE = ("bytes of its state_dict serialised with torch.save into memo
 
 
 def load_folder(folder: Path):
-    """(model in eval mode, tokenizer, task) of a model folder, offline, safetensors only (kdlib.models)."""
-    from kdlib.models import ModelConfig, check_model_folder, load_model, load_tokenizer, task_of
+    """(model in eval mode, tokenizer, task) of a model folder, offline, safetensors only (kdlib.runtime.models)."""
+    from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, task_of
 
     config = check_model_folder(Path(folder))
     task = task_of(config)
@@ -115,7 +115,7 @@ def _sizes(folder: Path, out: Path, torch_int8: torch.nn.Module) -> dict[str, in
 
 
 def _threads(threads: int):
-    from kdlib.speed import _threads as torch_threads
+    from kdlib.runtime.speed import _threads as torch_threads
 
     return torch_threads(threads)
 
@@ -131,7 +131,7 @@ def deploy_model(folder: Path, out: Path, *, texts: list[str], labels: Optional[
     each size runs max(1, largest // size) batches per timed pass. `progress(phase)` is told each phase;
     `extra` entries are added to the record (a stage's claim and config).
     """
-    from kdlib.models import copy_tokenizer_files
+    from kdlib.runtime.models import copy_tokenizer_files
 
     say = progress or (lambda phase: None)
     start = time.perf_counter()

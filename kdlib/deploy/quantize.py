@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kdlib.io import atomic_target
+from kdlib.runtime.io import atomic_target
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, *, per_channel: bool = True, preprocess: bool = False) -> None:

@@ -1,6 +1,6 @@
 """BERT-EMD layer loss: the transport-plan-weighted sum of per-layer-pair distances.
 
-The plan comes from ``kdlib.layer_maps.EmdLayerWeights.plan`` (exact EMD via POT); it is a constant here,
+The plan comes from ``kdlib.students.layer_maps.EmdLayerWeights.plan`` (exact EMD via POT); it is a constant here,
 so gradients flow only through the differentiable cost matrix.
 """
 from __future__ import annotations

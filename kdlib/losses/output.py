@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kdlib.losses._masking import check_temperature, fill_invalid, masked_mean, valid_mask
 from kdlib.losses.registry import register_loss
-from kdlib.schedules import teacher_annealing_lambda, teacher_annealing_targets
+from kdlib.losses.schedules import teacher_annealing_lambda, teacher_annealing_targets
 
 Temperature = Union[float, Tensor]
 
@@ -98,7 +98,7 @@ def next_token_ce(student_logits: Tensor, next_token_labels: Tensor, mask: Optio
                   ignore_index: int = -100) -> Tensor:
     """mean over positions t with a real t+1 of -log softmax(z_s[t])_{x[t+1]} -- Radford et al. 2019 (causal LM).
 
-    The targets are the row's own ids shifted by one (kdlib.training.inputs: next_token_labels), so the
+    The targets are the row's own ids shifted by one (kdlib.training.providers: next_token_labels), so the
     last position of a row and positions before padding predict nothing."""
     return _label_ce(student_logits, next_token_labels, mask, ignore_index)
 

@@ -1,5 +1,5 @@
 """AdaShare's policy regularisers (Sun et al. 2020): functions of the (task, layer) execute probabilities of a
-multi-task student (kdlib.adashare), not of any model output. Only policies that are learning now count
+multi-task student (kdlib.students.adashare), not of any model output. Only policies that are learning now count
 (`policy_mask`: the curriculum's top layers after the warm-up); both are 0 when none is."""
 
 from __future__ import annotations

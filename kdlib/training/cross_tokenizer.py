@@ -2,7 +2,7 @@
 
 The teacher's rows hold its token ids, its cached top-k and, per token, the character span it covers.
 Per row, the student's tokenizer encodes the same text (its own end-of-document token at each document
-break), `kdlib.alignment` pairs the two tokenizations on character spans, and the teacher's cached values
+break), `kdlib.text.alignment` pairs the two tokenizations on character spans, and the teacher's cached values
 at the last token of each span are placed at the student's last token of that span: both are next-token
 distributions after the same characters. `aligned_mask` marks those positions; the losses that read it
 (`uld`) never see the teacher's ids, which mean nothing in the student's vocabulary.
@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdlib.alignment import align_spans, span_ends
+from kdlib.text.alignment import align_spans, span_ends
 
 # What a cross-tokenizer batch carries from the teacher: values per position, vocabulary-free
 ALIGNED_TEACHER_KEYS = ("topk_logits", "teacher_lse")

@@ -75,7 +75,7 @@ class EarlyStopping:
     def save(self, student: torch.nn.Module) -> None:
         from safetensors.torch import save_file
 
-        from kdlib.io import atomic_target
+        from kdlib.runtime.io import atomic_target
 
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}

@@ -23,14 +23,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdlib import engine as ds
-from kdlib.config import save_resolved
-from kdlib.digests import verify_digests
-from kdlib.io import atomic_write_text
-from kdlib.metrics import MetricsWriter, read_metrics
+from kdlib.training.checkpoints import checkpoint_steps, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlib.runtime.process_group import DistEnv, all_reduce_sum, barrier, dist_env, init_distributed, shutdown
+from kdlib.training.deepspeed_engine import initialize
+from kdlib.runtime.outputs import save_resolved
+from kdlib.runtime.digests import verify_digests
+from kdlib.runtime.io import atomic_write_text
+from kdlib.runtime.metrics import MetricsWriter, read_metrics
 from kdlib.errors import OutputError
-from kdlib.outputs import check_output_folder, output_lock
-from kdlib.plots import loss_curve
+from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.runtime.plots import loss_curve
 from kdlib.training import state as ckpt
 from kdlib.training.config import math_hash, reads_total_steps
 from kdlib.training.early_stop import EarlyStopping
@@ -51,7 +53,7 @@ def check_run_folder(output_dir: str, stage: str, resume: bool = True) -> None:
     out = Path(output_dir)
     ours = out.is_dir() and any((out / mark).exists() for mark in RUN_MARKS)
     check_output_folder(out, stage=stage, found_claim="run" if ours else None, claim="run", overwrite=False)
-    steps = ds.checkpoint_steps(out / "checkpoints")
+    steps = checkpoint_steps(out / "checkpoints")
     if not resume and steps:
         raise OutputError(f"output_dir: {out} holds a run with checkpoints up to step {steps[-1]}; resume: false "
                           "would train afresh and replace them. Nothing was changed: choose another output_dir "
@@ -62,7 +64,7 @@ def check_run_folder(output_dir: str, stage: str, resume: bool = True) -> None:
 class Session:
     """This process's place in the job, started before any slow work so that an early SIGTERM is kept."""
 
-    place: ds.DistEnv
+    place: DistEnv
     flag: StopFlag
     device: torch.device
     held: ExitStack = field(default_factory=ExitStack)  # the output folder's lock, released by train()
@@ -72,13 +74,13 @@ def start(config, stage: str = "train") -> Session:
     """The output folder's lock, threads, the preemption flag, the process group; call first, then build the
     stage's modules. A second job writing into the same output_dir is refused here, on every rank."""
     held = ExitStack()
-    rank = ds.dist_env().rank
+    rank = dist_env().rank
     held.enter_context(output_lock(config.output_dir, stage, rank))
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
         flag = StopFlag().install()
-        place = ds.init_distributed(config.engine.dist_backend)
+        place = init_distributed(config.engine.dist_backend)
     except BaseException:
         held.close()
         raise
@@ -94,7 +96,7 @@ def building(session: Session):
         yield
     except BaseException:
         try:
-            ds.shutdown()
+            shutdown()
         finally:
             session.held.close()
         raise
@@ -105,7 +107,7 @@ class Job:
     """What a stage hands the loop."""
 
     config: Any  # the stage config: LoopConfig fields, `objectives`, `engine`
-    ds_config: dict  # DeepSpeed JSON (kdlib.engine.deepspeed_config)
+    ds_config: dict  # DeepSpeed JSON (kdlib.training.deepspeed_engine.deepspeed_config)
     module: torch.nn.Module  # DistillModule: student (+ projections, peer) and the objectives
     batches: Any  # BatchStream over this rank's share of the training rows
     evaluate: Callable[[torch.nn.Module], dict]  # held-out metrics of the student; every rank calls it (ZeRO-3)
@@ -135,7 +137,7 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.progressive = getattr(job.module, "progressive", None)
-        self.engine = ds.initialize(job.module, job.ds_config, self.cfg.engine.optim,
+        self.engine = initialize(job.module, job.ds_config, self.cfg.engine.optim,
                                     num_layers=job.module.student.config.num_hidden_layers,
                                     by_depth=self.progressive is not None,
                                     rates=getattr(job.module.student, "learning_rates", dict)())
@@ -167,12 +169,12 @@ class Trainer:
 
     def resume(self) -> Optional[Path]:
         """Restore from `latest` (refusing a checkpoint of a config that computes differently)."""
-        latest = ds.latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
+        latest = latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
         if latest is None:
             return None
         verify_digests(latest)  # before anything in it is read, let alone unpickled by DeepSpeed
         saved = ckpt.read_trainer_state(latest, self.hash, self.cfg.steps)
-        ds.load_checkpoint(self.engine, latest, verified=True)
+        load_checkpoint(self.engine, latest, verified=True)
         self.load_state_dict(saved)
         ckpt.restore_rng_state((latest / ckpt.rng_file(self.session.place.rank)).read_text())
         return latest
@@ -180,7 +182,7 @@ class Trainer:
     def save(self) -> Path:
         side = {ckpt.TRAINER_STATE: ckpt.write_trainer_state(self.state_dict(), self.cfg)}
         rank_files = {ckpt.rng_file(self.session.place.rank): ckpt.rng_state_json()}
-        return ds.save_checkpoint(self.engine, self.ckpt_dir, self.step, side, rank_files, self.cfg.keep_checkpoints)
+        return save_checkpoint(self.engine, self.ckpt_dir, self.step, side, rank_files, self.cfg.keep_checkpoints)
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self) -> tuple[list[float], int, bool]:
@@ -199,7 +201,7 @@ class Trainer:
             del batch, teacher, total, parts  # free the step's activations before the next micro-batch
         extra = torch.tensor([tokens, float(self.session.flag.requested)], dtype=torch.float64)
         combined = torch.cat([sums, extra.to(device), self.module.statistics().to(device)])
-        ds.all_reduce_sum(combined)  # the step's one collective and host sync
+        all_reduce_sum(combined)  # the step's one collective and host sync
         combined = combined.cpu()
         self.module.finish_step(combined[n + 3:])
         self.step += 1
@@ -245,7 +247,7 @@ class Trainer:
                 stage = {}
                 if self.progressive is None:
                     lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                else:  # the layer in training at its scheduled rate, the others scaled (kdlib.progressive)
+                else:  # the layer in training at its scheduled rate, the others scaled (kdlib.training.progressive)
                     lr = self.progressive.apply_rates(self.engine.optimizer.param_groups, self.step)
                     stage = {"layer_in_training": self.progressive.layer_at(self.step) or 0}  # 0: joint phase
                 losses, tokens, stop = self.train_step()
@@ -275,7 +277,7 @@ class Trainer:
 
         final_metrics = self.evaluate(metrics) if not self.stopped_early() else {}
         if self.stopper is not None:  # the export and the final metrics are the best weights'
-            ds.barrier()  # rank 0 has written them
+            barrier()  # rank 0 has written them
             self.stopper.restore(student)
             final_metrics = {**job.evaluate(student), "best_step": self.stopper.best_step}
             if self.rank0:
@@ -284,13 +286,13 @@ class Trainer:
         module_state = None
         if cfg.engine.zero_stage == 0:
             module_state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        summary = job.finish(student, ds.latest_checkpoint(self.ckpt_dir), module_state, self.step, final_metrics)
+        summary = job.finish(student, latest_checkpoint(self.ckpt_dir), module_state, self.step, final_metrics)
         if self.rank0:
             loss_curve(read_metrics(self.out / "metrics.jsonl"), ["loss"] + self.names, self.out / "loss_curve.png")
             rate = f"{run_tokens / elapsed:,.0f} tokens/s (global)" if run_tokens else "no steps run"
             print(f"done: {self.step} steps; {summary}; {rate}", flush=True)
         metrics.close()
-        ds.barrier()
+        barrier()
         return 0
 
 
@@ -301,6 +303,6 @@ def train(session: Session, job: Job) -> int:
         return Trainer(session, job).run()
     finally:
         try:
-            ds.shutdown()
+            shutdown()
         finally:
             session.held.close()

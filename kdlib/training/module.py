@@ -1,5 +1,5 @@
 """The module DeepSpeed trains: the student, its learned projections (and a peer student for mutual
-learning), and the weighted objectives, each fed by the input providers of `kdlib.training.inputs`.
+learning), and the weighted objectives, each fed by the input providers of `kdlib.training.providers`.
 
 Projections and the peer live in this module (not beside it) so that DeepSpeed's optimizer, ZeRO
 partitioning and checkpoints treat them like any other trained weight; exports keep `student.*` only.
@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from kdlib.losses.chunked import fused_loss
-from kdlib.objectives import ObjectiveConfig, chunk_term, evaluate_objective
-from kdlib.progressive import ProgressiveTransfer
-from kdlib.training.inputs import ALL_LAYERS, ObjectivePlan, Offer, StepInputs, gather, plan_objective, \
-    projection_groups, reads
+from kdlib.losses.objectives import ObjectiveConfig, chunk_term, evaluate_objective
+from kdlib.training.progressive import ProgressiveTransfer
+from kdlib.training.objective_plan import ObjectivePlan, gather, plan_objective, projection_groups, reads
+from kdlib.training.providers import ALL_LAYERS, Offer, StepInputs
 from kdlib.training.internals import ModelView, run_model
 
 
@@ -28,7 +28,7 @@ class EmdState:
     all-reduce, shared with the step's metrics), so every rank holds the same weights."""
 
     def __init__(self, teacher_layers: int, student_layers: int, temperature: float):
-        from kdlib.layer_maps import EmdLayerWeights
+        from kdlib.students.layer_maps import EmdLayerWeights
 
         self.weights = EmdLayerWeights(teacher_layers, student_layers, temperature=temperature)
         self._sum = torch.zeros(teacher_layers * student_layers, dtype=torch.float64)
@@ -108,7 +108,7 @@ class DistillModule(nn.Module):
         self.heads = student.config.num_attention_heads
         self.emd = EmdState(offer.teacher_layers, offer.student_layers, emd_temperature) \
             if any(p.scope == ALL_LAYERS for p in self.plans) else None
-        self.progressive = progressive  # MobileBERT's layer-by-layer stages (kdlib.progressive), or None
+        self.progressive = progressive  # MobileBERT's layer-by-layer stages (kdlib.training.progressive), or None
         self.logit_chunk_size = logit_chunk_size  # > 0: output losses with chunked twins share one chunked projection
         if progressive is not None:
             progressive.gate_gradients(self, student.config.num_hidden_layers)

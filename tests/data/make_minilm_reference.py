@@ -7,7 +7,7 @@ transformers version, loading path or weight file shows up as a test failure.
 import torch
 from safetensors.torch import save_file
 
-from kdlib.models import ModelConfig, load_model, load_tokenizer
+from kdlib.runtime.models import ModelConfig, load_model, load_tokenizer
 
 SENTENCE = "Knowledge distillation compresses a large teacher into a small, fast student."
 

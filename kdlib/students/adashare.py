@@ -16,7 +16,7 @@ The regularisers are registered losses (kdlib.losses.policy): sparsity pushes ea
 skipping; sharing pulls the tasks' policies together, more strongly in lower layers.
 
 Policy logits train at their own learning rate (`policy_learning_rate`, AdaShare uses 10x the weights'),
-in their own optimizer group without weight decay (kdlib.lr_groups `rates`).
+in their own optimizer group without weight decay (kdlib.training.lr_groups `rates`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-POLICY_PARAMETER = r"(^|\.)policy_logits$"  # the name kdlib.lr_groups gives its own learning rate
+POLICY_PARAMETER = r"(^|\.)policy_logits$"  # the name kdlib.training.lr_groups gives its own learning rate
 Gate = Union[bool, Tensor]  # True: execute, False: skip, a scalar tensor: soft execute weight
 
 

@@ -12,8 +12,8 @@ from typing import Iterator
 from xml.etree.ElementTree import ParseError
 
 from kdlib.errors import ReaderError
-from kdlib.readers.documents import Document
-from kdlib.readers.lines import open_binary
+from kdlib.text.readers.documents import Document
+from kdlib.text.readers.lines import open_binary
 
 _HEADING = re.compile(r"^(=+)\s*(.*?)\s*=+$")
 _LIST_MARKERS = re.compile(r"^[*#:;]+\s*")

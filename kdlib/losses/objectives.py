@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 from kdlib.losses import get_chunked, get_spec, known_losses
-from kdlib.schedules import ScheduleConfig
+from kdlib.losses.schedules import ScheduleConfig
 
 
 def _literal_choices(annotation: Any) -> Optional[tuple]:

@@ -1,4 +1,4 @@
-"""`python -m kdlib.inspect --model REF --corpus KIND:PATH`: what a teacher and a corpus are, in numbers.
+"""`python -m kdlib.teachers.inspect --model REF --corpus KIND:PATH`: what a teacher and a corpus are, in numbers.
 
 Prints the fingerprints that manifests and checkpoints will record, parameter counts, and the
 corpus size in documents, characters and teacher tokens, so a user can check inputs before a run.
@@ -13,10 +13,10 @@ import time
 from tqdm import tqdm
 
 from kdlib.config import from_dict
-from kdlib.cli import exit_code_of
-from kdlib.fingerprints import model_fingerprint, short, tokenizer_fingerprint
-from kdlib.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
-from kdlib.readers import CorpusConfig, read_corpus
+from kdlib.runtime.cli import exit_code_of
+from kdlib.runtime.fingerprints import model_fingerprint, short, tokenizer_fingerprint
+from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
+from kdlib.text.readers import CorpusConfig, read_corpus
 
 
 def describe_model(ref: str) -> dict:

@@ -19,7 +19,7 @@ from kdlib.errors import ReaderError
 from .tagging import default_tagger, tag_sentences
 from .text import is_eligible, tokenize
 
-FORMAT = "kdlib.augment.PosVocabulary"
+FORMAT = "kdlib.text.augment.PosVocabulary"
 VERSION = 1
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from kdlib.errors import ReaderError
-from kdlib.readers.lines import iter_lines
+from kdlib.text.readers.lines import iter_lines
 
 Row = tuple[str, str, dict[str, Any]]  # (record id, "line 7" / "row 3", {column: value})
 _BATCH_ROWS = 1024  # rows per Arrow batch: bounded memory for arbitrarily large files

@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Iterator
 
 from kdlib.errors import ReaderError
-from kdlib.readers.documents import Document
-from kdlib.readers.lines import decode_whole, iter_lines, open_binary
-from kdlib.readers.paths import refuse_pickle
+from kdlib.text.readers.documents import Document
+from kdlib.text.readers.lines import decode_whole, iter_lines, open_binary
+from kdlib.text.readers.paths import refuse_pickle
 
 TEXT_MODES = ("file", "line", "blank_line")
 

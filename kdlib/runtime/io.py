@@ -50,7 +50,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
 
     A killed writer leaves only `.tmp-<name>` (cleared by the next attempt), never a half-written `path`.
     An existing `path` is replaced only when the caller says so (`replace`, after
-    `kdlib.outputs.check_output_folder` found it to be its own), by `replace_directory`.
+    `kdlib.runtime.outputs.check_output_folder` found it to be its own), by `replace_directory`.
     """
     path = Path(path)
     if path.exists() and not replace and (not path.is_dir() or any(path.iterdir())):

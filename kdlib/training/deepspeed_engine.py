@@ -1,31 +1,20 @@
-"""The one module that talks to DeepSpeed: process group, engine, checkpoints, ZeRO-3 consolidation.
+"""DeepSpeed's JSON from our typed `EngineConfig`, and the DeepSpeed engine built from it.
 
-Stages build a typed `EngineConfig`; `deepspeed_config` turns it into DeepSpeed's JSON in one
-place (or validates a user's JSON against it). Checkpoints are written by DeepSpeed into
-`<dir>/.tmp-step-N/`, renamed to `step-N` once every rank has finished, and only then does the
-`latest` text file (written atomically) point at them: a job killed at any moment leaves either
-the previous complete checkpoint or the new one, never a half-written one that `latest` names.
-Model code never imports this module (nor deepspeed).
+One place turns the config into DeepSpeed's JSON (or validates a user's JSON against it) and one function
+calls `deepspeed.initialize`. What belongs here: anything that decides how DeepSpeed is configured. Not here:
+the process group (kdlib.runtime.process_group) and checkpoints (kdlib.training.checkpoints).
+deepspeed and torch are imported inside the functions that use them: a config file is validated (this
+module's dataclasses) without paying their import time.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import socket
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from kdlib.digests import verify_digests, write_digests
-from kdlib.errors import ConfigError, KDError
-from kdlib.io import atomic_write_text, replace_directory
-
-LATEST = "latest"
-TMP_PREFIX = ".tmp-"
+from kdlib.errors import ConfigError
 
 
 @dataclass
@@ -190,135 +179,18 @@ def merge_user_json(ours: dict, json_path: str, source: str, field_name: str) ->
     return merged
 
 
-# ---------------------------------------------------------------- process group
-
-
-@dataclass
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str = "127.0.0.1"
-    master_port: str = "29500"
-
-
-def dist_env() -> DistEnv:
-    """Rank / world size from torchrun or the deepspeed launcher (RANK...), else SLURM, else one process.
-
-    Reads the environment only; `init_distributed` exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
-    and MASTER_PORT (what torch.distributed's env:// reads) when only SLURM's are present, as under
-    plain `srun`.
-    """
-    env = os.environ
-    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        addr = addr or _slurm_head_node()
-        port = port or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)
-    else:
-        rank, world, local = 0, 1, 0
-        port = port or str(free_port())
-    return DistEnv(rank, world, local, addr or "127.0.0.1", port or "29500")
-
-
-def _slurm_head_node() -> str:
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodes:
-        return "127.0.0.1"
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return re.split(r"[,\[]", nodes)[0]
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (for a one-machine rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_saved_environment: dict[str, Optional[str]] = {}  # what init_distributed replaced, put back by shutdown
-
-
-def init_distributed(backend: str = "auto") -> DistEnv:
-    """Start the process group (env:// rendezvous) once per process; returns this process's place.
-
-    The rendezvous variables it exports (what env:// reads) are put back by `shutdown`, so a later job in
-    the same process, or a process it starts (a launcher, a pipeline), does not inherit this job's rank."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    place = dist_env()
-    if not _saved_environment:
-        _saved_environment.update({k: os.environ.get(k) for k in RENDEZVOUS_VARS})
-    os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
-                      MASTER_ADDR=place.master_addr, MASTER_PORT=place.master_port)
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(place.local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return place
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def shutdown() -> None:
-    """Close the process group and forget the groups DeepSpeed cached on it (module globals in
-    deepspeed.utils.groups), so a later job in the same process (a stage with sub-steps, a test) can start
-    again; without this, its engine broadcasts over a destroyed group."""
-    import torch.distributed as dist
-    from deepspeed.utils import groups
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in _saved_environment.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    _saved_environment.clear()
-    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
-                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        if hasattr(groups, name):
-            setattr(groups, name, None)
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
-        getattr(groups, name, {}).clear()
-
-
-def all_reduce_sum(tensor) -> None:
-    """In-place sum over ranks (a no-op in a single process without a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-
-
 def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0, by_depth: bool = False,
                rates: Optional[dict] = None):
     """deepspeed.initialize with our optimizer choice; returns the engine (optimizer and scheduler inside).
 
-    Parameter groups come from kdlib.lr_groups: weight decay on matrices only, and with layer_decay < 1 one
+    Parameter groups come from kdlib.training.lr_groups: weight decay on matrices only, and with layer_decay < 1 one
     peak rate per depth (num_layers: the student's transformer layers), which the scheduler keeps per group;
     by_depth: per-depth groups tagged with their depth (progressive transfer); rates: {name regex: rate} for
-    parameters with a rate of their own (kdlib.lr_groups)."""
+    parameters with a rate of their own (kdlib.training.lr_groups)."""
     import deepspeed
     import torch
 
-    from kdlib.lr_groups import param_groups, scheduler_with_group_lrs
+    from kdlib.training.lr_groups import param_groups, scheduler_with_group_lrs
 
     groups = param_groups(module.named_parameters(), learning_rate=optim.learning_rate,
                           weight_decay=optim.weight_decay, layer_decay=optim.layer_decay, num_layers=num_layers,
@@ -332,95 +204,3 @@ def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0,
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            model_parameters=groups if optimizer is None else None, config=ds_config)
     return engine
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def step_tag(step: int) -> str:
-    return f"step-{step}"
-
-
-def save_checkpoint(engine, directory: str | os.PathLike, step: int, side_files: dict[str, str],
-                    rank_files: dict[str, str] | None = None, keep: int = 0) -> Path:
-    """Collective: every rank calls it. Writes `.tmp-step-N`, renames it to `step-N`, then `latest`.
-
-    `side_files` (name -> text) are written by rank 0, `rank_files` by each rank (e.g. its RNG
-    states), both into the step folder before the rename, so a complete folder holds everything.
-    """
-    import torch.distributed as dist
-
-    directory = Path(directory)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    tag, tmp_tag = step_tag(step), f"{TMP_PREFIX}{step_tag(step)}"
-    final, tmp = directory / tag, directory / tmp_tag
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a job killed mid-save
-        tmp.mkdir(parents=True)
-    barrier()
-    engine.save_checkpoint(str(directory), tag=tmp_tag, save_latest=False)
-    for name, text in (rank_files or {}).items():
-        atomic_write_text(tmp / name, text)
-    if rank == 0:
-        for name, text in side_files.items():
-            atomic_write_text(tmp / name, text)
-    barrier()  # every rank's shards are on disk before the folder is declared complete
-    if rank == 0:
-        write_digests(tmp)  # checked before anything unpickles these files (kdlib/digests.py)
-        replace_directory(tmp, final)  # a resumed run re-saving the same step swaps it: `latest` never dangles
-        atomic_write_text(directory / LATEST, tag + "\n")
-        if keep > 0:
-            prune_checkpoints(directory, keep)
-    barrier()
-    return final
-
-
-def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
-    """The folder `latest` names, or None when no checkpoint was completed."""
-    pointer = Path(directory) / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    if not re.fullmatch(r"step-\d+", name):  # never a path that leads out of the checkpoints folder
-        raise KDError(f"{pointer}: names {name!r}, not a step folder of this run (step-N); refusing to follow it")
-    folder = Path(directory) / name
-    if not folder.is_dir():
-        raise KDError(f"{pointer}: names {folder.name}, which does not exist (the checkpoint folder was removed?)")
-    return folder
-
-
-def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name[5:]) for p in directory.iterdir() if re.fullmatch(r"step-\d+", p.name))
-
-
-def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names)."""
-    latest = latest_checkpoint(directory)
-    for step in checkpoint_steps(directory)[:-keep]:
-        folder = Path(directory) / step_tag(step)
-        if latest is None or folder.resolve() != latest.resolve():
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def load_checkpoint(engine, folder: str | os.PathLike, *, verified: bool = False) -> None:
-    """Collective: restore module, optimizer, scheduler (and ZeRO partitions) from a step folder, whose files
-    are first checked against its digests (unless the caller just did)."""
-    folder = Path(folder)
-    if not verified:
-        verify_digests(folder)
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise KDError(f"{folder}: DeepSpeed found no checkpoint to load there")
-
-
-def consolidated_fp32_state_dict(folder: str | os.PathLike) -> dict:
-    """Full fp32 weights from a ZeRO 1-3 checkpoint folder, via DeepSpeed's own zero_to_fp32 (one process)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    folder = Path(folder)
-    verify_digests(folder)
-    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

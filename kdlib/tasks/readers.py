@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 from kdlib.errors import ReaderError
-from kdlib.readers import records
-from kdlib.readers.documents import Example
-from kdlib.readers.lines import check_encoding, iter_lines
-from kdlib.readers.paths import resolve_path
+from kdlib.text.readers import records
+from kdlib.text.readers.documents import Example
+from kdlib.text.readers.lines import check_encoding, iter_lines
+from kdlib.text.readers.paths import resolve_path
 
 TASK_KINDS = ("csv", "tsv", "jsonl", "fasttext", "analogy")
 FASTTEXT_PREFIX = "__label__"

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from kdlib.errors import ModelLoadError
-from kdlib.io import atomic_write_text, sha256_file
+from kdlib.runtime.io import atomic_write_text, sha256_file
 
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = (

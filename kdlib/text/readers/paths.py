@@ -37,7 +37,7 @@ def gensim_test_data(name: str) -> Path:
 
 
 def __getattr__(attr: str):
-    # DEFAULT_WIKI_DUMP is computed on first use so importing kdlib.readers never needs gensim.
+    # DEFAULT_WIKI_DUMP is computed on first use so importing kdlib.text.readers never needs gensim.
     if attr == "DEFAULT_WIKI_DUMP":
         return gensim_test_data(DEFAULT_WIKI_NAME)
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

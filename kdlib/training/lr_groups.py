@@ -9,7 +9,7 @@ last layer (pooler, classifier, MLM head, the distillation module's projections)
 so heads train at `learning_rate`, the top layer at lr * decay, the embeddings at lr * decay ** (L + 1).
 (ELECTRA's `_get_layer_lrs` gives the task head depth L + 2 while the top layer stays at L, so its
 layers are one decay step lower than here: decay ** (L + 2 - d); we keep the depths contiguous.)
-Weight decay applies to matrices only (ndim >= 2), as kdlib.engine.initialize does.
+Weight decay applies to matrices only (ndim >= 2), as kdlib.training.deepspeed_engine.initialize does.
 
 DeepSpeed's WarmupLR / WarmupDecayLR set every group's lr to the scalar warmup_min_lr/warmup_max_lr
 of the JSON config, which erases per-group rates; given one value per group (a list) they schedule
@@ -70,13 +70,13 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, learni
                  rates: Optional[dict[str, float]] = None) -> list[dict]:
     """Optimizer param groups {"params", "lr", "weight_decay"}; parameters with requires_grad=False are left out.
 
-    layer_decay == 1: exactly kdlib.engine.initialize's two groups (matrices with weight decay, then
+    layer_decay == 1: exactly kdlib.training.deepspeed_engine.initialize's two groups (matrices with weight decay, then
     biases/LayerNorm without), same members in the same order, both present even if one is empty,
     plus "lr": learning_rate (what AdamW's default fills in anyway), so existing runs are unchanged.
     layer_decay < 1: one group per (depth, decay / no decay) that has parameters, by depth from the
     embeddings up, decay before no decay; parameters keep their named_parameters order within a group.
     The "lr" of a group is its peak rate; see `scheduler_with_group_lrs` for DeepSpeed's schedulers.
-    by_depth: the per-depth groups whatever the decay, each with its "depth" (kdlib.progressive scales rates
+    by_depth: the per-depth groups whatever the decay, each with its "depth" (kdlib.training.progressive scales rates
     by depth while training).
     rates: {name regex: peak rate}: parameters whose name matches go, in that order, into one group per
     pattern at that rate without weight decay, after all the others (AdaShare's policy logits); an empty

@@ -6,7 +6,7 @@ uniform over tasks. In between, small tasks are up-weighted sub-linearly. BAM (C
 google-research/bam `task_weighting.py`) weights tasks by n_i ** 0.75 (`task_weight_exponent`),
 realised with copies of small datasets plus per-example loss weights rather than by sampling; the
 same marginal weighting is reached here by sampling with alpha = 0.75. BAM's *annealing* is teacher
-annealing (kdlib/schedules.py), not of the sampling. Annealed *sampling* is Stickland & Murray (2019,
+annealing (kdlib/losses/schedules.py), not of the sampling. Annealed *sampling* is Stickland & Murray (2019,
 PALs): alpha_e = 1 - 0.8 (e - 1) / (E - 1), from 1 to 0.2 over the epochs; `anneal_to` /
 `anneal_steps` give that here, linearly per draw: alpha_t = alpha + (anneal_to - alpha) min(1, t / anneal_steps).
 

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 from kdlib.errors import ReaderError
-from kdlib.readers import records
-from kdlib.readers.documents import Document
-from kdlib.readers.lines import check_encoding
-from kdlib.readers.paths import DEFAULT_WIKI_NAME, gensim_test_data, resolve_path
-from kdlib.readers.text import TEXT_MODES, read_text
-from kdlib.readers.wikipedia import read_wikipedia_xml
+from kdlib.text.readers import records
+from kdlib.text.readers.documents import Document
+from kdlib.text.readers.lines import check_encoding
+from kdlib.text.readers.paths import DEFAULT_WIKI_NAME, gensim_test_data, resolve_path
+from kdlib.text.readers.text import TEXT_MODES, read_text
+from kdlib.text.readers.wikipedia import read_wikipedia_xml
 
 CORPUS_KINDS = ("wikipedia_xml", "text", "jsonl", "parquet", "hf_disk")
 

@@ -1,7 +1,7 @@
 """A student built from the teacher's config: the teacher's config.json with the shape fields replaced
 (or, for architecture=bottleneck, a MobileBERT config derived from it; or, with student.config, another
 config.json shaped the same way), and teacher weights copied in: DistilBERT's every-other layers, an
-explicit list, or (init=svd) those layers compressed into a narrower width (kdlib.student_width).
+explicit list, or (init=svd) those layers compressed into a narrower width (kdlib.students.width).
 Decoder families (GPT-2, Llama, Qwen2, Mistral) are handled too: their blocks are `h.<i>` / `layers.<i>`,
 and grouped-query heads, head width and per-layer attention types follow the student's shape.
 
@@ -61,7 +61,7 @@ def _reshape_decoder_attention(cfg, teacher_config) -> None:
 def student_config(teacher_config, student: StudentConfig):
     """A copy of the teacher's transformers config with the student's shape (a MobileBertConfig for bottleneck)."""
     if student.architecture == "bottleneck":
-        from kdlib.bottleneck import bottleneck_config
+        from kdlib.students.bottleneck import bottleneck_config
 
         return bottleneck_config(teacher_config, student)
     base = teacher_config if student.config is None else architecture_config(student.config)
@@ -84,7 +84,7 @@ def student_config(teacher_config, student: StudentConfig):
 def _use_tokenizer(cfg, folder: str, keep_vocab: bool) -> None:
     """A student with its own tokenizer: its vocabulary (a student.config may declare a larger, padded one) and
     special-token ids."""
-    from kdlib.models import load_tokenizer
+    from kdlib.runtime.models import load_tokenizer
 
     tokenizer = load_tokenizer(folder, model_config={})
     if not keep_vocab or cfg.vocab_size < len(tokenizer):
@@ -98,7 +98,7 @@ def architecture_config(folder: str):
     than the teacher's), read offline; never runs code shipped with it."""
     from transformers import AutoConfig
 
-    from kdlib.models import resolve_model_path
+    from kdlib.runtime.models import resolve_model_path
 
     return AutoConfig.from_pretrained(str(resolve_model_path(folder)), local_files_only=True)
 
@@ -113,10 +113,10 @@ def copy_teacher_layers(student: nn.Module, teacher: nn.Module, teacher_layers: 
     """Student layer i <- teacher layer teacher_layers[i] (1-based); every non-layer weight copied as is.
     Weights whose name starts with one of `skip_missing` keep their own values when the teacher lacks
     them (a new task head on a student of a masked-LM teacher). A student narrower than the teacher (or with
-    fewer FFN units) gets the weights compressed (init=svd, kdlib.student_width); at the teacher's width and
+    fewer FFN units) gets the weights compressed (init=svd, kdlib.students.width); at the teacher's width and
     feed-forward size that is exactly this copy."""
     if not _same_shape(student, teacher):
-        from kdlib.student_width import compress_teacher
+        from kdlib.students.width import compress_teacher
 
         compress_teacher(student, teacher, teacher_layers, skip_missing)
         return
@@ -137,7 +137,7 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, shape: StudentConf
                       skip_missing: tuple[str, ...] = ()) -> None:
     """Whatever `shape.init` copies from the teacher into a freshly built student (nothing for init=random)."""
     if shape.init == "embeddings":
-        from kdlib.bottleneck import copy_teacher_embeddings
+        from kdlib.students.bottleneck import copy_teacher_embeddings
 
         copy_teacher_embeddings(student, teacher)
         return

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from kdlib.errors import KDError
-from kdlib.io import atomic_write_text, sha256_file
+from kdlib.runtime.io import atomic_write_text, sha256_file
 
 DIGESTS = "digests.json"
 

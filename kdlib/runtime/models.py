@@ -168,7 +168,7 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
     """Copy every tokenizer file `source` has (the set the tokenizer fingerprint covers) into `target`."""
     import shutil
 
-    from kdlib.fingerprints import TOKENIZER_FILES
+    from kdlib.runtime.fingerprints import TOKENIZER_FILES
 
     for name in TOKENIZER_FILES:
         if (source / name).is_file():

@@ -5,7 +5,7 @@ together.
 Stage l (1-based; optimizer steps [(l - 1) n, l n) for n = steps_per_layer) trains student layer l on
 the layer-wise objectives (scopes pair / attention_pair / embedding) evaluated at the sites whose student
 layer is l; the embedding-level site (student layer 0) belongs to stage 1. Every other term is 0 in the
-stages. Parameter depth d is kdlib.lr_groups.layer_depth's (0 embeddings, i + 1 transformer layer i,
+stages. Parameter depth d is kdlib.training.lr_groups.layer_depth's (0 embeddings, i + 1 transformer layer i,
 L + 1 everything above):
   * d == l trains at the scheduled rate, and so do the embeddings (d == 0) in stage 1, which they feed;
   * d < l (the layers below, and the embeddings after stage 1) at the rate times `lower_layers_lr`: 0, the paper's
@@ -30,8 +30,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdlib.lr_groups import layer_depth
-from kdlib.training.inputs import ATTENTION_PAIR, EMBEDDING, PAIR, ObjectivePlan, Site
+from kdlib.training.lr_groups import layer_depth
+from kdlib.training.objective_plan import ObjectivePlan
+from kdlib.training.providers import ATTENTION_PAIR, EMBEDDING, PAIR, Site
 
 LAYER_WISE = (PAIR, ATTENTION_PAIR, EMBEDDING)  # scopes whose sites belong to one student layer
 
@@ -111,7 +112,7 @@ class ProgressiveTransfer:
 
     def apply_rates(self, param_groups: list[dict], step: int) -> float:
         """Scale each group's scheduled rate for `step`; returns the rate of the layer in training (the
-        schedule's own value). Groups must carry "depth" (kdlib.lr_groups.param_groups(by_depth=True))."""
+        schedule's own value). Groups must carry "depth" (kdlib.training.lr_groups.param_groups(by_depth=True))."""
         layer = self.layer_at(step)
         scheduled = max(float(g["lr"]) for g in param_groups)
         for group in param_groups:

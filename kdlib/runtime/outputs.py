@@ -22,9 +22,13 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
+import yaml
+
+from kdlib.config import config_hash, to_dict
 from kdlib.errors import OutputError
+from kdlib.runtime.io import atomic_write_text
 
 LOCK = ".lock"
 
@@ -166,3 +170,14 @@ def output_lock(folder: str | os.PathLike, stage: str, rank: int = 0) -> Iterato
         holder = _read_holder(path)
         if holder is not None and (holder.get("pid"), holder.get("start")) == (mine["pid"], mine["start"]):
             path.unlink(missing_ok=True)
+
+
+def save_resolved(config: Any, directory: str | os.PathLike, name: str = "resolved_config") -> Path:
+    """Write the resolved config (YAML, plus its hash) next to an artifact, atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(to_dict(config), sort_keys=False)
+    text = f"# config_hash: {config_hash(config)}\n{body}"
+    target = directory / f"{name}.yaml"
+    atomic_write_text(target, text)
+    return target

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kdlib.io import atomic_target
+from kdlib.runtime.io import atomic_target
 
 
 def loss_curve(records: list[dict], keys: list[str], path: str | os.PathLike, title: str = "training loss") -> Path:
