@@ -2,7 +2,7 @@
 
 We use the TorchScript exporter (`torch.onnx.export(..., dynamo=False)` with `dynamic_axes`): on these
 models it traces in about a second, needs no onnxscript at export time, and yields a graph whose batch and
-sequence axes are truly symbolic (tests/test_deploy.py runs it on another shape than the dummy's). The
+sequence axes are truly symbolic (tests/deploy/test_deploy.py runs it on another shape than the dummy's). The
 dynamo exporter also worked, but is several times slower and prints pages of progress; nothing it adds
 (control flow, large-model external data) is needed for these fixed-architecture encoders and decoders.
 

@@ -192,7 +192,7 @@ def gated_bert_forward(bert: nn.Module, input_ids: Tensor, attention_mask: Optio
     is never executed, a soft one mixes its output with its input. Returns (last hidden state, pooled output).
 
     It repeats what BertModel.forward does for an encoder-only model (embeddings, the attention mask transformers
-    builds, each layer, the pooler); tests/test_adashare.py checks that all-True gates equal BertModel exactly."""
+    builds, each layer, the pooler); tests/finetune/test_adashare.py checks that all-True gates equal BertModel exactly."""
     embedded = bert.embeddings(input_ids=input_ids)
     mask, _ = bert._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
                                            embedding_output=embedded, encoder_hidden_states=None, past_key_values=None)

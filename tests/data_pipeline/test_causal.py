@@ -30,10 +30,11 @@ from kdlib.runtime.io import sha256_file
 from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.text.packing import pack_documents
 from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
-from tests.test_pipeline import run_pipeline
+from tests.data_pipeline.test_pipeline import run_pipeline
 from tests.tiny_models import make_tiny_bert, make_tiny_decoder
+from tests.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 CLS, SEP, EOS = 1, 2, 0
 DOCUMENTS, MAX_LENGTH, MIN_LENGTH, GROUPS, K = 3, 64, 8, 2, 8
 ONE_WORKER = ["--direct_num_workers", "1", "--direct_running_mode", "in_memory"]

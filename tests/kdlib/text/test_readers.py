@@ -10,17 +10,8 @@ from pathlib import Path
 import pytest
 
 from kdlib.errors import KDError, ReaderError
-from kdlib.text.readers import (
-    CorpusConfig,
-    Document,
-    Example,
-    TaskConfig,
-    clean_wiki_text,
-    gensim_test_data,
-    normalize_text,
-    read_corpus,
-    read_task,
-)
+from kdlib.tasks.readers import TaskConfig, read_task
+from kdlib.text.readers import CorpusConfig, Document, Example, clean_wiki_text, gensim_test_data, normalize_text, read_corpus
 from kdlib.text.readers import paths as reader_paths
 
 # Counts verified by hand on gensim 4.4.0's test_data (see the report). The Wikipedia sample has

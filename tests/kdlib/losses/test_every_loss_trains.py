@@ -26,6 +26,7 @@ from pretrain.config import PretrainConfig
 from pretrain.train import build_module, train
 from pretrain.validate import validate
 from tests.transfer_fixture import base_config, build_transfer_set, free_port
+from tests.paths import REPO_ROOT
 
 PAIRS = [(2, 1), (4, 2)]  # uniform map, teacher 4 layers -> student 2
 PARAMS = {"minilmv2_relations": {"relation_heads": 4}}  # divides student width 16 and teacher width 32
@@ -162,8 +163,8 @@ def _emd(r, f):
 
 # Losses a masked-LM run cannot feed (one output per sequence; next-token targets); each is tested, against a
 # hand computation of a real step, by the stage it serves.
-SEQUENCE_ONLY = {"hard_mse": "tests/test_finetune_regression.py", "next_token_ce": "tests/test_pretrain_causal.py",
-                 "adashare_sparsity": "tests/test_adashare.py", "adashare_sharing": "tests/test_adashare.py"}
+SEQUENCE_ONLY = {"hard_mse": "tests/finetune/test_regression.py", "next_token_ce": "tests/pretrain/test_causal.py",
+                 "adashare_sparsity": "tests/finetune/test_adashare.py", "adashare_sharing": "tests/finetune/test_adashare.py"}
 MASKED_LM_LOSSES = [n for n in known_losses() if n not in SEQUENCE_ONLY]
 
 
@@ -235,7 +236,7 @@ def test_no_stage_dispatches_on_loss_names():
     """Loss names appear in kdlib/losses (their registration) and nowhere in stage or core code."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     code = [p for folder in ("pretrain", "kdlib/training") for p in (root / folder).rglob("*.py")]
     for path in code:
         text = path.read_text()

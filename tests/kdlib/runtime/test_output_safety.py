@@ -24,8 +24,9 @@ from kdlib.errors import ConfigError, KDError, OutputError
 from kdlib.runtime.io import atomic_directory, sha256_file
 from kdlib.runtime.outputs import LOCK, check_output_folder, lock_path, output_lock, process_start_time
 from tests.tiny_models import make_tiny_bert
+from tests.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            PYTHONPATH=str(ROOT))
 

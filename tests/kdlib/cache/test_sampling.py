@@ -22,7 +22,7 @@ from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.schemas import TeacherOutputsConfig, check_against_teacher
 from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
 from pretrain.evaluate import teacher_top1
-from tests.test_pipeline import corpus_config, run_pipeline
+from tests.data_pipeline.test_pipeline import corpus_config, run_pipeline
 from tests.transfer_fixture import base_config, build_transfer_set, run_pretrain, write_config
 
 N, K = 16, 4  # draws per position; top-k of the combined (top-k + sampled tail) pipeline set

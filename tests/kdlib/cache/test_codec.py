@@ -15,7 +15,7 @@ from kdlib.cache.codec import (TOPK_COLUMNS, decode_sorted_ids, decode_topk, deq
 from kdlib.config import from_dict
 from kdlib.losses import kd_topk
 from kdlib.text.padding import pad_flat
-from tests.test_pipeline import corpus_config, run_pipeline
+from tests.data_pipeline.test_pipeline import corpus_config, run_pipeline
 from tests.tiny_models import make_tiny_bert
 
 ONE_WORKER = ["--direct_num_workers", "1", "--direct_running_mode", "in_memory"]

@@ -27,8 +27,9 @@ from kdlib.runtime.io import sha256_file
 from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.runtime.outputs import process_start_time
 from tests.tiny_models import make_tiny_bert
+from tests.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 TWO_WORKERS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
 
 

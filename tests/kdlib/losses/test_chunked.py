@@ -13,13 +13,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kdlib.losses.chunked_twins import chunked_kd_ce, chunked_kd_kl, chunked_kd_topk, chunked_label_ce
 from kdlib.losses.output import kd_ce, kd_kl, mlm_ce
 from kdlib.losses.topk import kd_topk
+from tests.paths import REPO_ROOT
 
 N, H, V, K = 10, 6, 23, 5
 PEAKED = [1, 6]  # rows whose student puts > 99% of its mass on the cached ids: kd_topk's exact rest path
 IGNORED = [2, 3, 8]
 CHUNKS = [5, 3, 1, 64]  # divides N, does not divide N, 1, exceeds N
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def make(bias=True, dtype=torch.float64, device="cpu", n=N, seed=0):

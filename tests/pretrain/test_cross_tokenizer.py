@@ -26,7 +26,7 @@ from kdlib.training.cross_tokenizer import AlignedBatches
 from pretrain.config import PretrainConfig
 from pretrain.validate import validate
 from tests.causal_fixture import build_causal_set, causal_config
-from tests.test_pipeline import run_pipeline
+from tests.data_pipeline.test_pipeline import run_pipeline
 from tests.tiny_models import make_tiny_decoder
 from tests.transfer_fixture import run_pretrain, stage_env, write_config
 

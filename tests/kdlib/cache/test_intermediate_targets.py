@@ -19,8 +19,8 @@ from kdlib.cache.vectors import encode, fidelity_sums, reconstruct
 from kdlib.runtime.fingerprints import model_fingerprint
 from kdlib.losses import get_loss
 from kdlib.runtime.models import ModelConfig, load_model
-from tests.test_pipeline import corpus_config, run_pipeline
-from tests.test_training_losses import PAIRS, heads, one_step, raw_tensors
+from tests.data_pipeline.test_pipeline import corpus_config, run_pipeline
+from tests.kdlib.losses.test_every_loss_trains import PAIRS, heads, one_step, raw_tensors
 from tests.tiny_models import make_tiny_bert
 from tests.transfer_fixture import build_transfer_set
 

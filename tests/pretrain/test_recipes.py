@@ -20,8 +20,9 @@ from pretrain.config import PretrainConfig
 from pretrain.train import train
 from pretrain.validate import validate
 from tests.transfer_fixture import base_config, build_transfer_set, free_port
+from tests.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 RECIPES = sorted(p for p in (REPO / "configs" / "recipes").glob("*.yaml") if p.stem != "transfer_set"
                  and not p.stem.startswith("shape_"))
 STEPS = 8
