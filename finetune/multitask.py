@@ -11,6 +11,8 @@ single-task student and baseline.
 
 from __future__ import annotations
 
+from functools import partial
+
 import dataclasses
 import json
 from pathlib import Path
@@ -157,7 +159,4 @@ def train_multitask(cfg: MultiTaskRunConfig) -> int:
     if completed(cfg):
         print(f"[finetune] {cfg.output_dir}: done (every task's eval.json present)", flush=True)
         return 0
-    session = loop.start(cfg, STAGE)
-    with loop.building(session):
-        job = build_job(cfg, session)
-    return loop.train(session, job)
+    return loop.run(cfg, STAGE, partial(build_job, cfg))

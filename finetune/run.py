@@ -10,6 +10,8 @@ export.
 
 from __future__ import annotations
 
+from functools import partial
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -218,10 +220,7 @@ def write_predictions(cfg: RunConfig, model, tokenizer, out: Path, device, extra
 
 def train_run(cfg: RunConfig) -> int:
     """Train (or resume) one run, export it, predict the held-out fold; returns the loop's exit code."""
-    session = loop.start(cfg, STAGE)
-    with loop.building(session):
-        job = build_job(cfg, session)
-    return loop.train(session, job)
+    return loop.run(cfg, STAGE, partial(build_job, cfg))
 
 
 def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:

@@ -85,7 +85,11 @@ def cross_tokenizer_reading(cfg: PretrainConfig, setup: Setup, student):
 
 def train(cfg: PretrainConfig, setup: Setup) -> int:
     """Run (or resume) the job; returns the exit code (0, or 75 after a preemption signal)."""
-    session = loop.start(cfg, STAGE)
+    return loop.run(cfg, STAGE, partial(build_job, cfg, setup))
+
+
+def build_job(cfg: PretrainConfig, setup: Setup, session: loop.Session) -> loop.Job:
+    """The student's module, the batches, the online teacher, the held-out check and the export, for the loop."""
     rank0, device = session.place.rank == 0, session.device
     out = Path(cfg.output_dir)
     module = build_module(cfg, setup)
@@ -125,6 +129,5 @@ def train(cfg: PretrainConfig, setup: Setup) -> int:
         return (f"held-out top-1 agreement with the teacher {metrics['top1_agreement']:.4f}{perplexity}; "
                 f"exported to {out / 'export'}")
 
-    job = loop.Job(config=cfg, ds_config=setup.ds_config, module=module, batches=batches, evaluate=evaluate,
-                   finish=finish, teacher=teacher, name="pretrain")
-    return loop.train(session, job)
+    return loop.Job(config=cfg, ds_config=setup.ds_config, module=module, batches=batches, evaluate=evaluate,
+                    finish=finish, teacher=teacher, name="pretrain")

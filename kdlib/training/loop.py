@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -88,18 +88,11 @@ def start(config, stage: str = "train") -> Session:
     return Session(place, flag, device, held)
 
 
-@contextmanager
-def building(session: Session):
-    """Around a stage's work between `start` and `train`: a failure there (a model that does not load, a transfer
-    set of another teacher) releases the process group and the output folder's lock before it propagates."""
+def _release(session: Session) -> None:
     try:
-        yield
-    except BaseException:
-        try:
-            shutdown()
-        finally:
-            session.held.close()
-        raise
+        shutdown()
+    finally:
+        session.held.close()
 
 
 @dataclass
@@ -296,13 +289,14 @@ class Trainer:
         return 0
 
 
-def train(session: Session, job: Job) -> int:
-    """Run a job, then close the process group and release the output folder whatever happens; returns the
-    exit code."""
+def run(config, stage: str, build_job: Callable[[Session], Job]) -> int:
+    """The one recipe every training stage follows: start (lock, process group), build the stage's job, train,
+    finish; returns the exit code (0, or 75 after a preemption signal). Whatever fails, in building (a model that
+    does not load, a transfer set of another teacher) or in training, the process group is closed and the output
+    folder's lock released before the error propagates."""
+    session = start(config, stage)
     try:
+        job = build_job(session)
         return Trainer(session, job).run()
     finally:
-        try:
-            shutdown()
-        finally:
-            session.held.close()
+        _release(session)
