@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+from kdlib.runtime.jsonl import json_objects
+
 
 def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -47,11 +49,7 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
+    for _, record in json_objects(path, skip_bad=True):  # skip_bad: a line cut by a kill
         if record.get("kind") == kind:
             by_step[int(record["step"])] = record
     return [by_step[s] for s in sorted(by_step)]

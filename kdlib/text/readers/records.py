@@ -6,13 +6,13 @@ null value the same way: file name, line/row, the column, and the columns that d
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from kdlib.errors import ReaderError
 from kdlib.text.readers.lines import iter_lines
+from kdlib.runtime.jsonl import json_objects
 
 Row = tuple[str, str, dict[str, Any]]  # (record id, "line 7" / "row 3", {column: value})
 _BATCH_ROWS = 1024  # rows per Arrow batch: bounded memory for arbitrarily large files
@@ -40,16 +40,8 @@ def as_text(value: Any, path: Path, where: str, column: str, numbers_ok: bool = 
 
 def jsonl_rows(path: Path, columns: Sequence[str], encoding: str = "utf-8") -> Iterator[Row]:
     """One JSON object per line (blank lines skipped); id `<name>:<line>`."""
-    for lineno, line in iter_lines(path, encoding):
-        if not line.strip():
-            continue
+    for lineno, obj in json_objects(path, lines=iter_lines(path, encoding)):
         where = f"line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ReaderError(f"{path}: {where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise ReaderError(f"{path}: {where}: expected a JSON object, got {type(obj).__name__}")
         for col in columns:
             if col not in obj:
                 raise missing_column(path, where, col, list(obj))
