@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo bench test clean
+.PHONY: setup demo bench test test-fast clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,10 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The developers' subset: every test not marked slow (no DeepSpeed, Beam, SLURM or training), under 3 minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,20 +1,22 @@
-"""`python -m bench [--only a,b] [--list] [--no-write]` (what `make bench` runs): every benchmark in bench/, one
-after another, at the sizes of bench/suite.py; then bench/RESULTS.md's generated block is rewritten with the date,
-the machine, each command and what it printed. Reads the demo's outputs: run `make demo` first.
+"""`python -m bench [--only a,b] [--list] [--no-write]`: run every benchmark and rewrite bench/RESULTS.md.
+
+What `make bench` runs: every benchmark in bench/, one after another, at the sizes of bench/suite.py; then
+bench/RESULTS.md's generated block is rewritten with the date, the machine, each command and what it printed.
+Reads the demo's outputs: run `make demo` first.
 Exit status 0 all ran, 1 some failed (the block says which), 2 an input is missing or a name is unknown.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from bench.suite import RESULTS, SUITE, machine, missing_inputs, results_block, rewrite_results, run_one
+from kdlib.runtime.cli import stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = stage_parser("bench", __doc__, config=False)
     parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
     parser.add_argument("--list", action="store_true", help="print the commands and exit")
     parser.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md as it is")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench.local_runs import REPO, env, launch_local
+from bench.local_runs import REPO, launch_local
 DEMO_PIPELINE = REPO / "configs/demo_pipeline.yaml"
 BASE_COLUMNS = {"id", "source_id", "augmentation", "input_ids", "mlm_positions", "mlm_labels"}
 

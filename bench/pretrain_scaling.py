@@ -10,7 +10,6 @@ the first two (start-up and allocator warm-up excluded). Needs the demo's teache
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.base_tree import run_in
+from kdlib.runtime.jsonl import json_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def run(config: str, processes: int, threads: int, steps: int, *, tree: Path = R
     started = time.perf_counter()
     run_in(tree, cmd, dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads)))
     wall = time.perf_counter() - started
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [record for _, record in json_objects(out / "metrics.jsonl")]
     train = [r for r in records if r.get("kind") == "train"]
     final_eval = [r for r in records if r.get("kind") == "eval"][-1]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[2:]), "wall_s": wall,

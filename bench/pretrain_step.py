@@ -23,7 +23,6 @@ weights: timing does not depend on them); the batch is synthetic text in the rea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,9 +46,8 @@ def build(directory: Path, shards: int, seed: int) -> None:
     if (directory / "manifest.json").is_file() and (directory / "built.txt").is_file() \
             and (directory / "built.txt").read_text() == stamp:
         return
-    import shutil
-
-    import torch
+    # here, not at the top: the measuring subprocess runs this file against the base tree, which must import
+    # only what `measure` imports (the base's kdlib, no bench/ or tests/)
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard

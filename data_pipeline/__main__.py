@@ -1,4 +1,5 @@
-"""`python -m data_pipeline --config X.yaml [--set key=value ...] [Beam pipeline options]`.
+"""`python -m data_pipeline --config X.yaml [--set key=value ...] [Beam pipeline options]`: build a transfer set
+(the teacher's outputs over a corpus) with Apache Beam.
 
 Arguments this parser does not know are Beam pipeline options (`--runner`, `--project`,
 `--direct_num_workers`, ...), passed through unchanged to the runner.
@@ -8,20 +9,25 @@ import logging
 import sys
 
 from data_pipeline.config import PipelineConfig
-from data_pipeline.pipeline import default_beam_args, run
-from kdlib.runtime.cli import config_parser, exit_code_of, parse_overrides
 from kdlib.config import load_config
+from kdlib.runtime.cli import exit_code_of, parse_overrides, stage_parser
+
+BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--runner, --project, --direct_num_workers, ...),\n"
+                "passed through unchanged to the runner")
 
 
 def main(argv=None) -> int:
+    parser = stage_parser("data_pipeline", __doc__, epilog=BEAM_OPTIONS)
+    args, beam_args = parser.parse_known_args(argv)
+    # imported after parsing: the pipeline loads Beam and torch, which `--help` must not wait for
+    from data_pipeline.pipeline import default_beam_args, run
+
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     # The job service logs each worker failure with its whole traceback; the pipeline reports the error in
     # one line and keeps Beam's detail in <output_dir>/logs/ instead.
     for name in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    parser = config_parser(__doc__.splitlines()[0])
-    args, beam_args = parser.parse_known_args(argv)
     return exit_code_of(lambda: run(load_config(args.config, PipelineConfig, parse_overrides(args.set)),
                                      default_beam_args(beam_args), source=args.config))
 

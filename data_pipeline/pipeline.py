@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm import tqdm
 
@@ -35,16 +36,14 @@ from kdlib.cache.sampling import REFERENCE_STUDENT_SCALE
 from kdlib.cache.shards import SHARD_DIR, column_bytes_per_position
 from kdlib.cache.vectors import merge_fidelity
 from kdlib.config import config_hash, to_dict
-from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import CacheError, ConfigError, KDError
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import atomic_write_text, replace_directory, staging_path
 from kdlib.runtime.models import check_model_folder, load_tokenizer, resolve_model_path
-from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from kdlib.text.packing import packing_for, packing_ids
 from kdlib.text.readers import read_corpus
-from kdlib.tasks.readers import read_task
-from kdlib.tasks.readers import label_number
+from kdlib.tasks.readers import label_number, read_task
 from kdlib.schemas import check_against_teacher, shape_fields
 
 BUILD = "build.json"
@@ -131,7 +130,7 @@ def _found_claim(out: Path) -> Optional[dict]:
     for name in (MANIFEST, BUILD):
         if (out / name).is_file():
             try:
-                data = json.loads((out / name).read_text())
+                data = read_stamp(out, name)
                 return {"teacher_fingerprint": data.get("teacher_fingerprint") or data["teacher"]["fingerprint"],
                         "tokenizer_fingerprint": data["tokenizer_fingerprint"], "config_hash": data["config_hash"]}
             except (ValueError, KeyError, TypeError):
@@ -238,8 +237,6 @@ def watch_progress(out: Path, total_shards: int, stop: threading.Event) -> None:
 
 def beam_counters(result) -> dict:
     """The pipeline's own counters (documents read, augmented copies, sequences, tokens, shards skipped)."""
-    from apache_beam.metrics.metric import MetricsFilter
-
     try:
         counters = result.metrics().query(MetricsFilter().with_namespace(NS))["counters"]
     except (NotImplementedError, KeyError, AttributeError):  # a runner without metrics support

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.config import DeployConfig
     from deploy.run import run
 
-    return run_stage(__doc__.splitlines()[0], DeployConfig, run, argv)
+    return run_stage(__doc__, DeployConfig, run, argv, stage="deploy")
 
 
 if __name__ == "__main__":

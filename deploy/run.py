@@ -3,20 +3,25 @@
 A re-run whose output_dir holds this stage's deployment of the same config, weights and eval file skips the
 work and rewrites deploy.md / deploy.png from deploy.json (timings would only differ by machine noise); set
 overwrite: true to measure again. One of another config or other weights is replaced only with overwrite:
-true; a folder of other files is never touched.
+true; a folder of other files is never touched. kdlib.deploy and deploy.report import torch and onnxruntime
+(~1.5 s): they are imported in `run`, after every input is checked.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+from tqdm import tqdm
 
 from kdlib.config import config_hash, content_hash, to_dict
-from kdlib.runtime.outputs import save_resolved
-from kdlib.errors import ConfigError, KDError
+from kdlib.errors import ConfigError, KDError, ReaderError
+from kdlib.runtime.fingerprints import file_digest, model_fingerprint
+from kdlib.runtime.jsonl import json_objects
+from kdlib.runtime.models import check_model_folder, resolve_model_path, task_of
+from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from deploy.config import DeployConfig
 
 STAGE = "deploy"
@@ -33,35 +38,36 @@ class Inputs:
     labels: Optional[list[int]]
 
 
+def _eval_rows(path: Path, source: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of the eval file, line by line; a line that is no JSON object is a ConfigError."""
+    try:
+        yield from json_objects(path)
+    except ReaderError as err:  # "<path>: line <n>: ...", under the field's name
+        raise ConfigError(f"{source}: field 'eval_data': {err}") from None
+
+
 def read_eval_data(path: Path, label2id: Optional[dict], source: str) -> tuple[list[str], Optional[list[int]]]:
     """Texts and label ids of a jsonl file; a label is a name of the model's label2id or its id. Labels are
     used only when every line has one (and the model is a classifier)."""
     texts, labels = [], []
     field = f"{source}: field 'eval_data': {path}"
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise ConfigError(f"{field}: line {lineno}: not JSON ({err})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise ConfigError(f"{field}: line {lineno}: expected an object with a non-empty \"text\"")
-            if row.get("text_b") not in (None, ""):
-                raise ConfigError(f"{field}: line {lineno}: has a text_b; sentence pairs need token_type_ids, "
-                                  "which the exported graph does not take (single texts only)")
-            texts.append(row["text"])
-            label = row.get("label")
-            if label is None or label2id is None:
-                labels.append(None)
-            elif isinstance(label, str) and label in label2id:
-                labels.append(int(label2id[label]))
-            elif isinstance(label, int) and not isinstance(label, bool) and label in label2id.values():
-                labels.append(label)
-            else:
-                raise ConfigError(f"{field}: line {lineno}: label {label!r} is not one of the model's labels "
-                                  f"({', '.join(map(str, label2id))})")
+    for lineno, row in _eval_rows(path, source):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ConfigError(f"{field}: line {lineno}: expected an object with a non-empty \"text\"")
+        if row.get("text_b") not in (None, ""):
+            raise ConfigError(f"{field}: line {lineno}: has a text_b; sentence pairs need token_type_ids, "
+                              "which the exported graph does not take (single texts only)")
+        texts.append(row["text"])
+        label = row.get("label")
+        if label is None or label2id is None:
+            labels.append(None)
+        elif isinstance(label, str) and label in label2id:
+            labels.append(int(label2id[label]))
+        elif isinstance(label, int) and not isinstance(label, bool) and label in label2id.values():
+            labels.append(label)
+        else:
+            raise ConfigError(f"{field}: line {lineno}: label {label!r} is not one of the model's labels "
+                              f"({', '.join(map(str, label2id))})")
     if not texts:
         raise ConfigError(f"{field}: holds no texts")
     return texts, (labels if all(x is not None for x in labels) else None)
@@ -70,8 +76,6 @@ def read_eval_data(path: Path, label2id: Optional[dict], source: str) -> tuple[l
 def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
     """The model folder loadable and safe, the eval file readable with the model's labels, the lengths within
     the model's positions: checked before any work. Errors are ConfigErrors naming the field and file."""
-    from kdlib.runtime.models import check_model_folder, resolve_model_path, task_of
-
     try:
         folder = resolve_model_path(cfg.model)
         model_config = check_model_folder(folder)
@@ -97,26 +101,22 @@ def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
 
 def claim_of(cfg: DeployConfig, inputs: Inputs) -> str:
     """What a deployment folder holds: the config (less where it was written) and the weights and eval file."""
-    from kdlib.runtime.fingerprints import file_digest, model_fingerprint
-
     return config_hash({"config": content_hash(cfg, RUN_ONLY), "model": model_fingerprint(inputs.folder),
                         "eval_data": file_digest(Path(cfg.eval_data).expanduser())})
 
 
 def _found(output_dir: Path) -> Optional[dict]:
+    """The deploy.json of a deployment this stage wrote into output_dir, None when it holds none (or an unreadable one)."""
     try:
-        data = json.loads((output_dir / "deploy.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        found = read_stamp(output_dir, "deploy.json", STAGE)
+    except ValueError:
         return None
-    return data if isinstance(data, dict) and data.get("stage") == STAGE and "claim" in data else None
+    return found if found and "claim" in found else None
 
 
 def run(cfg: DeployConfig, source: str = "<config>") -> Path:
     """The CLI: check inputs and output_dir, deploy and measure, write the report; returns deploy.md's path."""
-    from tqdm import tqdm
-
     from kdlib.deploy import deploy_model
-    from kdlib.runtime.outputs import check_output_folder, output_lock
     from deploy.report import write_report
 
     inputs = check_inputs(cfg, source)

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate.config import EvaluateConfig
     from evaluate.run import run
 
-    return run_stage(__doc__.splitlines()[0], EvaluateConfig, run, argv)
+    return run_stage(__doc__, EvaluateConfig, run, argv, stage="evaluate")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Evaluation against the teacher `{teacher}`", "",
              "Each cell: value (% of the teacher's value; the teacher row is 100%). Speed: sequences/s "
              "(x teacher). KL(teacher‖model) is lower-better and 0 for the teacher, so it has no percentage. "
-             f"n/a: not measured or undefined (reasons below). Values are rounded here; evaluation.json holds "
+             "n/a: not measured or undefined (reasons below). Values are rounded here; evaluation.json holds "
              "them unrounded.", ""]
     header = ["model"] + [title for _, title, _, _ in METRICS]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

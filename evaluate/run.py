@@ -11,6 +11,8 @@ Python API (a benchmark can call it in-process for many model folders):
 
 `evaluate_models` writes nothing; `run(cfg, source)` (the CLI) also checks and writes output_dir. A reference
 can be reused for any config with the same teacher folder, transfer set, held-out settings and word batch.
+torch, and the modules that import it (evaluate.heldout, .scores, .wordsim, kdlib.runtime.speed: ~2 s), are
+imported inside the functions that use them, so that a config mistake is reported in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from kdlib.config import config_hash, content_hash, to_dict
-from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import ConfigError, KDError
+from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from evaluate.config import EvaluateConfig
 from evaluate.loading import LoadedModel, ModelEntry, find_model, load
+from evaluate.report import relate, write_evaluation
 
 STAGE = "evaluate"
 POOLING = ("words embedded alone ([CLS] word [SEP]); the encoder's last hidden state averaged over the word's "
@@ -39,8 +43,6 @@ RUN_ONLY = ("output_dir", "threads", "progress_bar", "overwrite")  # fields that
 
 def log(message: str) -> None:
     """One progress line; through tqdm so that a live bar is redrawn below it rather than broken."""
-    from tqdm import tqdm
-
     tqdm.write(f"[evaluate] {message}", file=sys.stdout)
     sys.stdout.flush()
 
@@ -172,10 +174,7 @@ def _speed_batches(cfg: EvaluateConfig, loaded: dict[str, LoadedModel]) -> list[
 def evaluate_models(cfg: EvaluateConfig, *, reference: Optional[PreparedReference] = None,
                     source: str = "<config>") -> dict:
     """Score every model of `cfg` against its teacher; returns the evaluation.json content (nan = n/a)."""
-    from tqdm import tqdm
-
     from kdlib.runtime.speed import compare_speed, count_parameters
-    from evaluate.report import relate
     from evaluate.wordsim import DATASETS, word_similarity
 
     start = time.perf_counter()
@@ -237,14 +236,12 @@ def claim_of(cfg: EvaluateConfig, entries: dict[str, ModelEntry]) -> str:
 
 
 def _found_claim(output_dir: Path) -> Optional[str]:
-    """The claim of an evaluation this stage wrote into output_dir, None when it holds none."""
-    import json
-
+    """The claim of an evaluation this stage wrote into output_dir, None when it holds none (or an unreadable one)."""
     try:
-        data = json.loads((output_dir / "evaluation.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        found = read_stamp(output_dir, "evaluation.json", STAGE)
+    except ValueError:
         return None
-    return data.get("claim") if isinstance(data, dict) and data.get("stage") == STAGE else None
+    return found.get("claim") if found else None
 
 
 def run(cfg: EvaluateConfig, source: str = "<config>") -> Path:
@@ -252,9 +249,6 @@ def run(cfg: EvaluateConfig, source: str = "<config>") -> Path:
 
     An output_dir holding this stage's evaluation of the same config and weights is re-measured in place;
     one of another config or other weights is replaced only with overwrite: true; other files are never."""
-    from kdlib.runtime.outputs import check_output_folder, output_lock
-    from evaluate.report import write_evaluation
-
     entries = check_inputs(cfg, source)
     output_dir = Path(cfg.output_dir)
     claim = claim_of(cfg, entries)

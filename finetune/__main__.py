@@ -1,4 +1,5 @@
-"""`python -m finetune [step] --config X.yaml [--set key=value ...] [--fold K] [--seed S] [--arm kd|baseline]`.
+"""`python -m finetune [step] --config X.yaml [--set key=value ...] [--fold K] [--seed S] [--arm kd|baseline]`:
+task distillation, from a fine-tuned teacher to a small student scored against a no-KD baseline.
 
 With no step, every step runs in order: folds, teacher, transfer, distill, speed, deploy, report. Each step can be
 run alone (it finds the earlier steps' files in output_dir); finished work is skipped. Exit status: 0
@@ -12,23 +13,38 @@ import argparse
 import os
 import sys
 
+from kdlib.config import load_config
+from kdlib.errors import KDError
+from kdlib.runtime.cli import parse_overrides, stage_parser
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STEP_HELP = {  # STEPS + ("all",), each with its line in `--help` (and its `python -m finetune <step> --help`)
+    "folds": "stratified k-fold split of the labelled set",
+    "teacher": "fine-tune the teacher on each fold's training split",
+    "transfer": "each fold's task transfer set (python -m data_pipeline on the training split)",
+    "distill": "per seed, the KD student on the transfer set and the no-KD baseline",
+    "speed": "time every exported model of a fold on the same held-out batches",
+    "deploy": "every KD student exported to ONNX fp32 + int8 and scored on its fold",
+    "report": "the comparison of teacher, KD students and baselines",
+    "all": "every step above, in order (the default)",
+}
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m finetune` and of each `python -m finetune <step>` (after --config / --set)."""
+    parser.add_argument("--fold", type=int, action="append", metavar="K", help="only this fold (repeatable)")
+    parser.add_argument("--seed", type=int, action="append", metavar="S",
+                        help="only this student seed (repeatable; distill)")
+    parser.add_argument("--arm", choices=("kd", "baseline"), action="append", help="only this arm (distill)")
+    parser.add_argument("--check", action="store_true", help="validate the config and the data, then exit")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.runtime.cli import config_parser, parse_overrides
-    from kdlib.config import load_config
-    from kdlib.errors import KDError
-    from finetune.layout import STEPS
-
-    parser = config_parser(__doc__.splitlines()[0])
-    parser.add_argument("step", nargs="?", choices=STEPS + ("all",), default="all", help="the step to run (default: all)")
-    parser.add_argument("--fold", type=int, action="append", help="only this fold (repeatable)")
-    parser.add_argument("--seed", type=int, action="append", help="only this student seed (repeatable; distill)")
-    parser.add_argument("--arm", choices=("kd", "baseline"), action="append", help="only this arm (distill)")
-    parser.add_argument("--check", action="store_true", help="validate the config and the data, then exit")
+    parser = stage_parser("finetune", __doc__, flags=add_flags, steps=STEP_HELP, default_step="all")
     args = parser.parse_args(argv)
     try:
+        # imported after parsing: the config module loads torch and transformers, which `--help` must not wait for
         from finetune.config import FinetuneConfig
 
         cfg = load_config(args.config, FinetuneConfig, parse_overrides(args.set))

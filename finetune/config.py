@@ -22,8 +22,7 @@ from kdlib.losses.schedules import ScheduleConfig
 from kdlib.schemas import StudentConfig
 from kdlib.tasks.sampling import TaskSamplingConfig
 from kdlib.students.theseus import TheseusConfig
-
-ARMS = ("teacher", "kd", "baseline")
+from finetune.methods import method_named
 
 
 def _engine(learning_rate: float, micro_batch: int, warmup: int) -> EngineConfig:
@@ -263,7 +262,7 @@ class FinetuneConfig:
                 raise ValueError(f"tasks: expected at least two tasks with distinct names, got {names}")
             if self.labels:
                 raise ValueError("labels: with tasks, each task lists its own labels")
-            if self.distill.method != "kd" or len(self.teacher.seeds) > 1:
+            if not method_named(self.distill.method).multitask or len(self.teacher.seeds) > 1:
                 raise ValueError("tasks: multi-task runs distil with method kd from one teacher per task and fold")
             if self.multitask.adashare.enabled and (self.distill.layer_map is not None or self.distill.online_teacher):
                 raise ValueError("multitask.adashare.enabled: a student that skips layers per task takes output "
@@ -282,6 +281,4 @@ class FinetuneConfig:
             raise ValueError(f"labels: expected distinct names, got {self.labels}")
         if self.threads < 0:
             raise ValueError(f"threads: expected >= 0, got {self.threads}")
-        if self.distill.method == "theseus" and self.student.path is not None:
-            raise ValueError("student.path: method theseus builds its successor from the fine-tuned teacher's layers; "
-                             "leave student.path null")
+        method_named(self.distill.method).check_config(self)

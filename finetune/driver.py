@@ -7,10 +7,16 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from kdlib.errors import ConfigError
+from finetune.adashare import ARM as ADASHARE, run_adashare
 from finetune.config import FinetuneConfig
-from finetune.layout import STEPS, Layout
-from finetune.steps import (arms_of, distill_step, fold_run_folders, folds_step, run_folders, save_config, teacher_step,
-                            transfer_step)
+from finetune.evaluate import speed_step
+from finetune.int8 import deploy_step, deployment_section, int8_folders
+from finetune.layout import FOLDS_DIR, KD, STEPS, Layout
+from finetune.multitask import multitask_run, task_config, train_multitask
+from finetune.report import write_report
+from finetune.run import EVAL_FILE
+from finetune.runs import arms_of, fold_run_folders, run_folders
+from finetune.steps import distill_step, folds_step, save_config, teacher_step, transfer_step
 
 
 def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -> list:
@@ -26,8 +32,6 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
               steps: tuple = STEPS, extra_runs: Callable[[int], list] = lambda fold: []) -> int:
     """Run `step` (or all of `steps`); returns 0 (a preempted run raises SystemExit(75) through). `extra_runs(fold)`:
     run folders trained elsewhere (the multi-task student's) that speed and report include."""
-    from finetune.evaluate import speed_step
-
     fold_list = _subset("fold", folds, list(range(cfg.evaluation.folds)), source)
     seed_list = _subset("seed", seeds, list(cfg.evaluation.seeds), source)
     arm_list = _subset("arm", arms, arms_of(cfg), source)
@@ -37,7 +41,7 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
     def wanted(name: str) -> bool:
         return name in steps and step in ("all", name)
 
-    if wanted("folds") or not (lay.root / "folds" / "labels.json").is_file():
+    if wanted("folds") or not (lay.root / FOLDS_DIR / "labels.json").is_file():
         save_config(cfg)
         folds_step(cfg, labels)
     if wanted("teacher"):
@@ -49,15 +53,10 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
     if wanted("speed"):
         speed_step(cfg, labels, fold_list, lambda fold: fold_run_folders(cfg, fold) + extra_runs(fold))
     if wanted("deploy"):
-        from finetune.int8 import deploy_step
-
         deploy_step(cfg, labels, fold_list, seed_list)
     if wanted("report"):
-        from finetune.int8 import deployment_section, int8_folders
-        from finetune.report import write_report
-
         folders = [f for f in run_folders(cfg) + [e for k in range(cfg.evaluation.folds) for e in extra_runs(k)]
-                   if (f / "eval.json").is_file()] + int8_folders(cfg)
+                   if (f / EVAL_FILE).is_file()] + int8_folders(cfg)
         path = write_report(lay.report(), folders, title=f"Task distillation: {cfg.task.path}",
                             configs={"finetune": str(lay.root / "resolved_config.yaml")},
                             appendix=deployment_section(cfg))
@@ -68,8 +67,6 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
 def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, *, step: str = "all", folds=None, seeds=None,
                         arms=None) -> int:
     """Each task's single-task steps, the multi-task students, then each task's speed and report."""
-    from finetune.multitask import multitask_run, task_config, train_multitask
-
     tasks = [task_config(cfg, i) for i in range(len(cfg.tasks))]
     single = ("folds", "teacher", "transfer") + (("distill",) if cfg.multitask.single_task else ())
     for derived in tasks:
@@ -86,11 +83,9 @@ def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, *, step:
                     code = train_multitask(multitask_run(cfg, fold, seed, arm, labels))
                     if code != 0:
                         raise SystemExit(code)
-        if cfg.multitask.adashare.enabled and "kd" in arm_list:
-            from finetune.adashare import run_adashare
-
+        if cfg.multitask.adashare.enabled and KD in arm_list:
             run_adashare(cfg, labels, fold_list, seed_list)
-    multi_arms = arms_of(cfg) + (["adashare"] if cfg.multitask.adashare.enabled else [])
+    multi_arms = arms_of(cfg) + ([ADASHARE] if cfg.multitask.adashare.enabled else [])
     for derived in tasks:
         lay = Layout(derived)
         run_steps(derived, setups[derived.output_dir], source, step=step, folds=folds, seeds=seeds, arms=arms,

@@ -6,25 +6,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from kdlib.runtime.io import atomic_write_text
 from kdlib.runtime.models import load_tokenizer
 from kdlib.runtime.speed import compare_speed
 from finetune.data import EncodedExamples
 from finetune.folds import read_split
-from finetune.layout import Layout
+from finetune.layout import TEACHER, Layout
 from finetune.models import load_classifier
 from finetune.run import EVAL_FILE, EXPORT, write_predictions
+from finetune.runs import completed, teacher_run
 
 
 def evaluate_given_teacher(cfg, fold: int, labels: list[str], out: Path) -> None:
     """eval.json and predictions.jsonl of teacher.finetuned on this fold's held-out split (no training)."""
-    from finetune.steps import completed, teacher_run
-
     run = teacher_run(cfg, fold, labels)  # the teacher arm's config, its init the given folder: nothing is trained
     if completed(run):
         return
-    import torch
-
     model = load_classifier(cfg.teacher.finetuned, labels, seed=0, new_head=False,
                             regression=cfg.task_type == "regression")
     out.mkdir(parents=True, exist_ok=True)
@@ -38,7 +37,7 @@ def speed_step(cfg, labels: list[str], folds: list[int], run_folders_of) -> None
         folders = [f for f in run_folders_of(fold) if (f / EVAL_FILE).is_file()]
         if not folders or all("speed" in json.loads((f / EVAL_FILE).read_text()) for f in folders):
             continue  # nothing to time, or timed already (a new run of the fold has no speed yet: all are retimed)
-        exports = {str(f): (cfg.teacher.finetuned if f.name == "teacher" and cfg.teacher.finetuned else f / EXPORT)
+        exports = {str(f): (cfg.teacher.finetuned if f.name == TEACHER and cfg.teacher.finetuned else f / EXPORT)
                    for f in folders}
         tokenizer = load_tokenizer(str(next(iter(exports.values()))))
         regression = cfg.task_type == "regression"

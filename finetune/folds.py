@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.runtime.io import atomic_write_text
+from kdlib.runtime.jsonl import json_objects
 from kdlib.text.readers import Example, normalize_text
 from kdlib.tasks.readers import read_task
 
@@ -114,9 +115,4 @@ def write_fold(fold: Fold, folder: Path) -> dict[str, Path]:
 
 def read_split(path: Path) -> list[Example]:
     """A split file written by `write_fold`."""
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out.append(Example(id=r["id"], text=r["text"], label=r["label"], text_b=r.get("text_b")))
-    return out
+    return [Example(id=r["id"], text=r["text"], label=r["label"], text_b=r.get("text_b")) for _, r in json_objects(path)]

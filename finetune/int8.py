@@ -17,15 +17,16 @@ from typing import Optional
 import numpy as np
 
 from kdlib.config import config_hash
+from kdlib.deploy import deploy_model, deployment_table
 from kdlib.runtime.io import atomic_write_text
 from kdlib.tasks.metrics import task_metrics
 from finetune.config import FinetuneConfig
 from finetune.folds import read_split
-from finetune.layout import Layout
+from finetune.layout import KD, Layout
 from finetune.run import EVAL_FILE, EXPORT, PREDICTIONS_FILE, scores_to_predictions
 
 ARM = "kd-int8"
-SOURCE_ARM = "kd"
+SOURCE_ARM = KD
 CANDIDATE = "onnxruntime int8"  # the artefact whose predictions make the arm
 
 
@@ -41,8 +42,6 @@ def done(out: Path, want: str) -> bool:
 
 def deploy_run(cfg: FinetuneConfig, labels: list[str], fold: int, seed: int) -> Optional[Path]:
     """The int8 arm of one KD run (None when that run has not finished); returns its folder."""
-    from kdlib.deploy import deploy_model, deployment_table
-
     lay = Layout(cfg)
     source_dir, out = lay.run(fold, SOURCE_ARM, seed), lay.run(fold, ARM, seed)
     if not (source_dir / EVAL_FILE).is_file():
@@ -102,8 +101,6 @@ def deployment_section(cfg: FinetuneConfig) -> str:
     folders = int8_folders(cfg)
     if not folders:
         return ""
-    from kdlib.deploy import deployment_table
-
     first = folders[0]
     record = json.loads((first / EXPORT / "deploy.json").read_text())
     rel = Path("..") / first.relative_to(Path(cfg.output_dir)) / EXPORT

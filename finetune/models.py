@@ -1,16 +1,16 @@
 """The models of a task run: the teacher's classifier (an encoder plus a new head), the student (a student
-folder plus a new head, or a shape built from the fine-tuned teacher with its layers copied in), and
-BERT-of-Theseus' replacement model over the fine-tuned teacher. Offline and safetensors only, like
-every load in this project (kdlib.runtime.models)."""
+folder plus a new head, or a shape built from the fine-tuned teacher with its layers copied in), and their
+export. Offline and safetensors only, like every load in this project (kdlib.runtime.models)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from kdlib.errors import ModelLoadError
-from kdlib.runtime.models import check_model_folder, quiet_transformers, resolve_model_path
+from kdlib.runtime.models import check_model_folder, copy_tokenizer_files, quiet_transformers, resolve_model_path
 from kdlib.schemas import StudentConfig
 from kdlib.students.shape import init_from_teacher, student_config
 
@@ -25,8 +25,6 @@ def load_classifier(ref: str, labels: list[str], *, seed: int, trust_remote_code
                     new_head: bool = True, regression: bool = False) -> torch.nn.Module:
     """A sequence classifier from a folder: its own head when it has one for these labels, else a new head
     (seeded; only the classifier and pooler may be new: any other missing weight is an error)."""
-    from transformers import AutoModelForSequenceClassification
-
     folder = resolve_model_path(ref)
     check_model_folder(folder)
     quiet_transformers()
@@ -53,8 +51,6 @@ def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels:
                          regression: bool = False):
     """A classifier of the teacher's family with `shape`, teacher layers copied in per shape.init (the head and
     pooler too, when widths match), the rest seeded."""
-    from transformers import AutoModelForSequenceClassification
-
     torch.manual_seed(seed)
     config = student_config(teacher.config, shape)
     config.num_labels = len(labels)
@@ -69,8 +65,6 @@ def student_from_teacher(teacher: torch.nn.Module, shape: StudentConfig, labels:
 
 def save_classifier(model: torch.nn.Module, folder: Path, tokenizer_from: Path) -> None:
     """config.json + model.safetensors + the tokenizer files, written into `folder` (already a staging folder)."""
-    from kdlib.runtime.models import copy_tokenizer_files
-
     quiet_transformers()  # its shard-writing bar says nothing our own line does not
     model.save_pretrained(str(folder), safe_serialization=True)
     copy_tokenizer_files(resolve_model_path(str(tokenizer_from)), folder)

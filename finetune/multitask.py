@@ -11,10 +11,9 @@ single-task student and baseline.
 
 from __future__ import annotations
 
-from functools import partial
-
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ from kdlib.training import loop
 from kdlib.training.batches import BatchStream
 from kdlib.training.config import LoopConfig, math_hash
 from kdlib.training.module import DistillModule
+from finetune.adashare_policies import search_completed, write_policies
 from finetune.config import FinetuneConfig
 from finetune.data import EncodedExamples
 from finetune.folds import read_split
@@ -37,13 +37,14 @@ from finetune.multitask_model import MultiTaskClassifier, MultiTaskSampler
 from finetune.run import (EVAL_FILE, EXPORT, STAGE, RunConfig, build_model, load_teacher, make_offer,
                           needs_teacher_model, teacher_config_of, training_rows, validation_metrics,
                           write_predictions)
+from finetune.runs import loop_fields, student_run
 
 
 @dataclasses.dataclass
 class MultiTaskRunConfig(LoopConfig):
     """One multi-task run: the per-task views (each a RunConfig naming that task's rows, teacher and folders)."""
 
-    arm: str  # kd or baseline
+    arm: str  # kd or baseline; adashare-search or adashare for AdaShare's two runs (finetune.adashare)
     fold: int  # the held-out fold of every task
     task_names: list[str]  # the tasks, in order
     parts: list[RunConfig]  # one per task, in order: its data, teacher, transfer set, labels, and eval folder
@@ -63,24 +64,20 @@ def task_config(cfg: FinetuneConfig, index: int) -> FinetuneConfig:
 
 
 def multitask_run(cfg: FinetuneConfig, fold: int, seed: int, arm: str, labels: dict[str, list[str]]) -> MultiTaskRunConfig:
-    from finetune.steps import _loop_fields, student_run
-
     parts = []
     for index, t in enumerate(cfg.tasks):
         single = student_run(task_config(cfg, index), fold, seed, arm, labels[t.name])
         out = Layout(task_config(cfg, index)).run(fold, f"multitask-{arm}", seed)
         parts.append(dataclasses.replace(single, output_dir=str(out), name=f"multitask-{arm}"))
     d = cfg.distill
-    out = Path(cfg.output_dir) / "multitask" / f"fold-{fold}" / f"seed-{seed}" / arm
-    return MultiTaskRunConfig(**_loop_fields(cfg, out, d.steps, seed, d.eval_every), arm=arm, fold=fold,
+    out = Layout(cfg).multitask(fold, seed, arm)
+    return MultiTaskRunConfig(**loop_fields(cfg, out, d.steps, seed, d.eval_every), arm=arm, fold=fold,
                               task_names=[t.name for t in cfg.tasks], parts=parts,
                               sampling=cfg.multitask.sampling, objectives=parts[0].objectives, engine=d.engine)
 
 
 def completed(run: MultiTaskRunConfig) -> bool:
     if run.adashare is not None:
-        from finetune.adashare import search_completed
-
         return search_completed(run)
     return all((Path(p.output_dir) / EVAL_FILE).is_file()
                and json.loads((Path(p.output_dir) / EVAL_FILE).read_text()).get("config_hash") == math_hash(run)
@@ -133,8 +130,6 @@ def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
         if not rank0:
             return ""
         if cfg.adashare is not None:
-            from finetune.adashare import write_policies
-
             return write_policies(cfg, model, step, metrics, evaluate)
         lines = []
         for name, part in zip(cfg.task_names, cfg.parts):

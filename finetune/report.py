@@ -27,13 +27,14 @@ import numpy as np
 
 from kdlib.errors import ReaderError
 from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
-from kdlib.runtime.plots import finish_bar_chart
+from kdlib.runtime.jsonl import json_objects
 from kdlib.runtime.metrics import read_metrics
-from kdlib.runtime.plots import loss_curve
+from kdlib.runtime.plots import finish_bar_chart, loss_curve
 from kdlib.tasks.metrics import TASK_TYPES, percent_of, summarize, task_metrics
+from finetune.layout import BASELINE, KD, TEACHER
 
-TEACHER = "teacher"  # the reference arm for "% of teacher" and speed-up
-ARM_ORDER = (TEACHER, "kd", "baseline")  # known arms first, then any others alphabetically
+ARM_ORDER = (TEACHER, KD, BASELINE)  # known arms first, then any others alphabetically; the teacher is the
+#                                      reference arm for "% of teacher" and speed-up
 DECIMALS = 4  # metric means and stds in report.md (report.json is unrounded)
 METRIC_TOLERANCE = 1e-6  # eval.json vs metrics recomputed from predictions.jsonl (see _check_predictions)
 
@@ -197,22 +198,16 @@ def read_predictions(folder: str | os.PathLike, record: dict) -> list[dict]:
     classification = record["task_type"] == "classification"
     num_labels = len(record["labels"])
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise ReaderError(f"{path}:{number}: not a JSON object ({error})") from None
-        ok = isinstance(row, dict) and isinstance(row.get("id"), str)
+    for number, row in json_objects(path):
+        ok = isinstance(row.get("id"), str)
         for key in ("label", "prediction"):
-            value = row.get(key) if isinstance(row, dict) else None
+            value = row.get(key)
             ok = ok and (_is_int(value) and 0 <= value < num_labels if classification
                          else _is_number(value) and math.isfinite(value))
         if not ok:
             expected = f"class ids 0..{num_labels - 1}" if classification else "finite numbers"
-            raise ReaderError(f"{path}:{number}: expected {{\"id\": str, \"label\", \"prediction\": {expected}}}, "
-                              f"got {line[:200]}")
+            raise ReaderError(f"{path}: line {number}: expected {{\"id\": str, \"label\", \"prediction\": "
+                              f"{expected}}}, got {json.dumps(row)[:200]}")
         rows.append({"id": row["id"], "label": row["label"], "prediction": row["prediction"]})
     if not rows:
         raise ReaderError(f"{path}: holds no predictions")

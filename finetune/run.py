@@ -10,22 +10,23 @@ export.
 
 from __future__ import annotations
 
-from functools import partial
-
 import dataclasses
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from kdlib.cache import TransferSet
-from kdlib.cache.reader import cached_batch_keys
 from kdlib.training.deepspeed_engine import EngineConfig, deepspeed_config
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import atomic_directory, atomic_write_text
+from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.plots import loss_curve
 from kdlib.students.layer_maps import LayerMapConfig
 from kdlib.runtime.models import load_tokenizer, resolve_model_path
 from kdlib.teachers.multi_teacher import MultiTeacherConfig, MultiTeacherSet
@@ -36,12 +37,15 @@ from kdlib.students.theseus import TheseusConfig, TheseusModel
 from kdlib.training import loop
 from kdlib.training.batches import BatchStream
 from kdlib.training.config import LoopConfig, math_hash
+from kdlib.training.objective_plan import layer_offer, transfer_set_offer
 from kdlib.training.providers import Offer
 from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 from kdlib.training.sampler import DistributedBatchSampler
 from finetune.data import EncodedExamples, TaskRows, predict
 from finetune.folds import read_split
+from finetune.layout import TEACHER
+from finetune.methods import Method, method_named
 from finetune.models import load_classifier, save_classifier, student_from_teacher
 
 STAGE = "python -m finetune"
@@ -90,11 +94,17 @@ class RunConfig(LoopConfig):
         return self.task_type == "regression"
 
 
+def method_of(cfg: RunConfig) -> Method:
+    """The run's method (teacher runs and baselines keep the default, kd: they train a classifier as it is)."""
+    return method_named(cfg.method)
+
+
 def build_model(cfg: RunConfig, teacher_model=None):
     """The trained model of this run (seeded) and the folder whose tokenizer it uses."""
-    if cfg.arm != "teacher" and cfg.method == "theseus":
-        return TheseusModel(teacher_model, cfg.theseus, seed=cfg.seed), cfg.teacher
-    if cfg.arm != "teacher" and cfg.student_shape is not None:
+    build = method_of(cfg).build_over_teacher
+    if cfg.arm != TEACHER and build is not None:
+        return build(cfg, teacher_model), cfg.teacher
+    if cfg.arm != TEACHER and cfg.student_shape is not None:
         return student_from_teacher(teacher_model, cfg.student_shape, cfg.labels, cfg.seed, cfg.regression), cfg.teacher
     return load_classifier(cfg.init, cfg.labels, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                            regression=cfg.regression), cfg.init
@@ -109,7 +119,8 @@ def load_teacher(cfg: RunConfig):
 
 
 def needs_teacher_model(cfg: RunConfig) -> bool:
-    return cfg.arm != "teacher" and (cfg.method == "theseus" or cfg.student_shape is not None or cfg.online_teacher)
+    return cfg.arm != TEACHER and (method_of(cfg).needs_teacher_model() or cfg.student_shape is not None
+                                   or cfg.online_teacher)
 
 
 def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
@@ -127,7 +138,8 @@ def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
     if len(sets) == 1:
         rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels,
                         retokenize=retokenize)
-        return rows, set(cached_batch_keys(first.manifest)), first.manifest.cached.get("pooled") or "mean"
+        keys, pooling = transfer_set_offer(first.manifest)
+        return rows, set(keys), pooling
     combined = MultiTeacherSet(sets, cfg.multi_teacher)  # checks the sets hold the same rows
     rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels, batcher=combined.batch,
                     retokenize=retokenize)
@@ -140,22 +152,16 @@ def teacher_config_of(cfg: RunConfig, teacher_model):
         return teacher_model.config
     if cfg.teacher is None:
         return None
-    from transformers import AutoConfig
-
     return AutoConfig.from_pretrained(str(resolve_model_path(cfg.teacher)), local_files_only=True)
 
 
 def make_offer(cfg: RunConfig, model, teacher_config, cached: set, pooling: str) -> Offer:
-    pairs: tuple = ()
-    t_layers = teacher_config.num_hidden_layers if teacher_config is not None else 0
-    s_layers = model.config.num_hidden_layers
-    if cfg.layer_map is not None and cfg.layer_map.name != "emd":
-        pairs = tuple(cfg.layer_map.build(t_layers, s_layers))
-    return Offer(online_teacher=cfg.online_teacher, cached=frozenset(cached), pairs=pairs,
-                 emd=cfg.layer_map is not None and cfg.layer_map.name == "emd", teacher_layers=t_layers,
-                 student_layers=s_layers, peer=cfg.method != "theseus", token_level=False, pooling=pooling,
-                 student_heads=model.config.num_attention_heads,
-                 teacher_heads=teacher_config.num_attention_heads if teacher_config is not None else 0)
+    """What this run's objectives can read (the validated plan's Offer, now with the built models' shapes)."""
+    layers = layer_offer(cfg.layer_map, teacher_config.num_hidden_layers if teacher_config is not None else 0,
+                         model.config.num_hidden_layers, student_heads=model.config.num_attention_heads,
+                         teacher_heads=teacher_config.num_attention_heads if teacher_config is not None else 0)
+    return Offer(online_teacher=cfg.online_teacher, cached=frozenset(cached), peer=method_of(cfg).peer,
+                 token_level=False, pooling=pooling, **layers)
 
 
 def scores_to_predictions(logits: np.ndarray, regression: bool) -> np.ndarray:
@@ -179,9 +185,6 @@ def validation_metrics(model, valid: EncodedExamples, batch_size: int, device, r
 def phase_curves(cfg: RunConfig, out: Path) -> Optional[Path]:
     """loss_phases.png for a run with phases: each objective drawn over the steps of its own phase only (outside
     it its weight is 0), so each phase's losses read on their own scale. None for a run without phases."""
-    from kdlib.runtime.metrics import read_metrics
-    from kdlib.runtime.plots import loss_curve
-
     windows = {o.name: o.weight_schedule.milestones for o in cfg.objectives
                if o.weight_schedule is not None and o.weight_schedule.name == "window"}
     if not windows:
@@ -234,7 +237,7 @@ def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:
     teacher_config = teacher_config_of(cfg, teacher_model)
     offer = make_offer(cfg, model, teacher_config, cached, pooling)
     peer = None
-    if cfg.arm != "teacher" and cfg.method == "kd":  # deep mutual learning: a second student, seed + 2
+    if cfg.arm != TEACHER and method_of(cfg).peer:  # deep mutual learning: a second student, seed + 2
         def peer():
             return build_model(dataclasses.replace(cfg, seed=cfg.seed + 2), teacher_model)[0]
     module = DistillModule(model, cfg.objectives, offer, seed=cfg.seed, peer_factory=peer,

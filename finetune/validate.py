@@ -7,17 +7,20 @@ teacher hidden states and pooled embeddings the objectives read.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
-from kdlib.errors import ConfigError
+from kdlib.losses import get_spec
 from kdlib.runtime.fingerprints import tokenizer_fingerprint
 from kdlib.runtime.models import check_model_folder, resolve_model_path
 from kdlib.tasks.readers import label_number
 from kdlib.schemas import check_against_teacher, shape_fields
+from kdlib.training.objective_plan import fail_field, fail_objective, layer_offer
 from kdlib.training.providers import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
 from finetune.config import FinetuneConfig
 from finetune.folds import class_counts, read_examples
+from finetune.methods import method_named
 
 
 @dataclass
@@ -29,90 +32,78 @@ class Setup:
     examples: int = 0
 
 
-def _fail(source: str, where: str, message: str) -> None:
-    raise ConfigError(f"{source}: field '{where}': {message}")
-
-
 def check_labels(cfg: FinetuneConfig, source: str, found: list[str], teacher_dict: dict, prefix: str = "") -> list[str]:
     labels = list(cfg.labels) or found
     unknown = sorted(set(found) - set(labels))
     if unknown:
-        _fail(source, f"{prefix}labels", f"the task has labels {unknown} that are not listed in {labels}")
+        fail_field(source, f"{prefix}labels", f"the task has labels {unknown} that are not listed in {labels}")
     if len(found) < 2:
-        _fail(source, f"{prefix}task", f"a classification task needs examples of at least two labels, found only "
-              f"{found} (a max_examples cut of a file sorted by label does this)")
+        fail_field(source, f"{prefix}task", f"a classification task needs examples of at least two labels, found only "
+                   f"{found} (a max_examples cut of a file sorted by label does this)")
     if cfg.teacher.finetuned is not None:
         head = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher_dict.get("id2label") or {}).items())]
         lacking = [name for name in labels if name not in head]
         if lacking or len(head) != len(labels):
-            _fail(source, "teacher.finetuned", f"the teacher's head has labels {head}, the task's labels are {labels} "
-                  f"({'missing ' + str(lacking) if lacking else 'the counts differ'}); fine-tune a teacher for these "
-                  "labels (teacher.init) or list the labels in the head's order")
+            fail_field(source, "teacher.finetuned", f"the teacher's head has labels {head}, the task's labels are {labels} "
+                       f"({'missing ' + str(lacking) if lacking else 'the counts differ'}); fine-tune a teacher for these "
+                       "labels (teacher.init) or list the labels in the head's order")
         labels = head  # predictions are indices of the teacher's head
     return labels
-
-
-# Losses that read class distributions (a softmax over outputs): meaningless on a one-output regression head.
-CLASS_LOSSES = ("kd_kl", "kd_ce", "hard_ce", "kd_prob_shift", "kd_dynamic_temperature", "teacher_annealing_ce", "dml")
 
 
 def check_regression(cfg: FinetuneConfig, source: str, examples, prefix: str = "") -> list[str]:
     """Numeric targets, enough examples for the folds, objectives that fit one output; the label list is one name."""
     bad = next((ex for ex in examples if label_number(ex.label) is None), None)
     if bad is not None:
-        _fail(source, f"{prefix}task_type" if prefix else "task_type", f"regression needs a number as every label; "
-              f"example {bad.id} has {bad.label!r}")
+        fail_field(source, f"{prefix}task_type" if prefix else "task_type", f"regression needs a number as every label; "
+                   f"example {bad.id} has {bad.label!r}")
     if len(examples) < 2 * cfg.evaluation.folds:
-        _fail(source, "evaluation.folds", f"expected at most {len(examples) // 2} folds for {len(examples)} examples, "
-              f"got {cfg.evaluation.folds}")
+        fail_field(source, "evaluation.folds", f"expected at most {len(examples) // 2} folds for {len(examples)} examples, "
+                   f"got {cfg.evaluation.folds}")
     for i, obj in enumerate(cfg.distill.objectives):
-        if obj.name in CLASS_LOSSES:
-            _fail(source, f"distill.objectives[{i}].name", f"{obj.name} compares class distributions; a regression "
-                  "head has one output: use logit_mse (the teacher's output) and hard_mse (the targets)")
+        if get_spec(obj.name).reads_class_distribution:  # a softmax over outputs: meaningless on one output
+            fail_field(source, f"distill.objectives[{i}].name", f"{obj.name} compares class distributions; a regression "
+                       "head has one output: use logit_mse (the teacher's output) and hard_mse (the targets)")
     if cfg.teacher.finetuned is not None:
-        import json
-
         head = json.loads((resolve_model_path(cfg.teacher.finetuned) / "config.json").read_text()).get("id2label") or {}
         heads = len(head) or 2  # transformers writes the head as id2label (2 labels when it says nothing)
         if heads != 1:
-            _fail(source, "teacher.finetuned", f"a regression teacher has one output, this one has {heads}")
+            fail_field(source, "teacher.finetuned", f"a regression teacher has one output, this one has {heads}")
     return ["score"]
 
 
 def check_folds(cfg: FinetuneConfig, source: str, counts: dict[str, int]) -> None:
     label, smallest = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
     if smallest < cfg.evaluation.folds:
-        _fail(source, "evaluation.folds", f"expected at most {smallest} folds: class {label!r} has only {smallest} "
-              f"examples, and every fold must hold each class; got {cfg.evaluation.folds}")
+        fail_field(source, "evaluation.folds", f"expected at most {smallest} folds: class {label!r} has only {smallest} "
+                   f"examples, and every fold must hold each class; got {cfg.evaluation.folds}")
 
 
 def check_student(cfg: FinetuneConfig, source: str, teacher_folder, teacher_dict: dict) -> tuple[int, int, int]:
-    """(student layers, width, heads); the student's tokenizer must be the teacher's."""
-    if cfg.distill.method == "theseus":
-        n, total = cfg.distill.theseus.successor_layers, teacher_dict["num_hidden_layers"]
-        if total % n:
-            _fail(source, "distill.theseus.successor_layers", f"expected a divisor of the teacher's {total} layers "
-                  f"(each successor layer replaces the same number of teacher layers), got {n}")
-        return n, teacher_dict["hidden_size"], teacher_dict["num_attention_heads"]
+    """(student layers, width, heads) of the model the method trains; a student folder's tokenizer must be the
+    teacher's."""
+    built = method_named(cfg.distill.method).student_shape
+    if built is not None:
+        return built(cfg, source, teacher_dict)
     if cfg.student.path is None:
         shape = cfg.student.shape
         check_against_teacher(source, teacher_dict, student=shape, student_path="student.shape")
         width = shape.hidden_size or teacher_dict["hidden_size"]
         heads = shape.num_attention_heads or teacher_dict["num_attention_heads"]
         if width % heads:
-            _fail(source, "student.shape.num_attention_heads", f"expected a divisor of the width {width}, got {heads}")
+            fail_field(source, "student.shape.num_attention_heads", f"expected a divisor of the width {width}, got {heads}")
         return shape.num_layers, width, heads
     folder = resolve_model_path(cfg.student.path)
     student_dict = shape_fields(check_model_folder(folder))  # GPT-2 names its shape n_layer, n_embd, ...
     mine, theirs = tokenizer_fingerprint(folder), tokenizer_fingerprint(teacher_folder)
     if mine != theirs and not cfg.transfer.tokenize_per_model:
-        _fail(source, "student.path", f"{folder} has tokenizer {mine}, the teacher {teacher_folder} has {theirs}; "
-              "the transfer set holds the teacher's token ids, so the student must share its tokenizer (or set "
-              "transfer.tokenize_per_model: true: the set keeps its text and the student encodes it itself)")
+        fail_field(source, "student.path", f"{folder} has tokenizer {mine}, the teacher {teacher_folder} has {theirs}; "
+                   "the transfer set holds the teacher's token ids, so the student must share its tokenizer (or set "
+                   "transfer.tokenize_per_model: true: the set keeps its text and the student encodes it itself)")
     positions = student_dict.get("max_position_embeddings")
     if positions is not None and cfg.max_length > positions:
-        _fail(source, "max_length", f"expected at most the student's {positions} position embeddings, got "
-              f"{cfg.max_length}")
+        fail_field(source, "max_length", f"expected at most the student's {positions} position embeddings, got "
+                   f"{cfg.max_length}")
     return student_dict["num_hidden_layers"], student_dict["hidden_size"], student_dict["num_attention_heads"]
 
 
@@ -120,34 +111,30 @@ def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tu
     """Check every objective's inputs; return the hidden layers and pooling the transfer set must cache."""
     d = cfg.distill
     layers_t, (layers_s, _, heads_s) = teacher_dict["num_hidden_layers"], student
-    pairs: tuple = ()
-    if d.layer_map is not None and d.layer_map.name != "emd":
-        try:
-            pairs = tuple(d.layer_map.build(layers_t, layers_s))
-        except ValueError as err:
-            _fail(source, "distill.layer_map", str(err))
+    try:
+        layers = layer_offer(d.layer_map, layers_t, layers_s, student_heads=heads_s,
+                             teacher_heads=teacher_dict["num_attention_heads"])
+    except ValueError as err:
+        fail_field(source, "distill.layer_map", str(err))
     cached = {"labels", "teacher_logits", "teacher_pooled"} | {f"teacher_hidden_{i}" for i in range(layers_t + 1)}
     if len(cfg.teacher.seeds) > 1:  # combined sets carry the combined logits only (kdlib.teachers.multi_teacher)
         cached = {"labels", "teacher_logits"}
-    offer = Offer(online_teacher=d.online_teacher, cached=frozenset(cached), pairs=pairs,
-                  emd=d.layer_map is not None and d.layer_map.name == "emd", teacher_layers=layers_t,
-                  student_layers=layers_s, peer=d.method == "kd", token_level=False,
-                  student_heads=heads_s, teacher_heads=teacher_dict["num_attention_heads"])
+    offer = Offer(online_teacher=d.online_teacher, cached=frozenset(cached),
+                  peer=method_named(d.method).peer, token_level=False, **layers)
     try:
         plans = plan_objectives(d.objectives, offer)
     except ValueError as err:
-        where, _, message = str(err).partition(": ")
-        _fail(source, f"distill.{where}", message)
+        fail_objective(source, err, "distill.")
     if cfg.transfer.tokenize_per_model:  # the student's positions are not the teacher's: per-sequence targets only
         if d.online_teacher:
-            _fail(source, "distill.online_teacher", "with transfer.tokenize_per_model the teacher cannot run on the "
-                  "student's token ids; use cached, per-sequence teacher outputs")
+            fail_field(source, "distill.online_teacher", "with transfer.tokenize_per_model the teacher cannot run on the "
+                       "student's token ids; use cached, per-sequence teacher outputs")
         for i, plan in enumerate(plans):
             if plan.scope != "batch" or any(PROVIDERS[n].teacher_reads - {"logits"} and n != "teacher_pooled"
                                             for n in plan.inputs):
-                _fail(source, f"distill.objectives[{i}]", f"{plan.name} compares the models position by position or "
-                      "layer by layer; with transfer.tokenize_per_model their tokens differ: use per-sequence "
-                      "objectives (kd_kl, hard_ce, logit_mse, rkd_*, ...)")
+                fail_field(source, f"distill.objectives[{i}]", f"{plan.name} compares the models position by position or "
+                           "layer by layer; with transfer.tokenize_per_model their tokens differ: use per-sequence "
+                           "objectives (kd_kl, hard_ce, logit_mse, rkd_*, ...)")
     hidden, pooled = set(), None
     for plan in plans:
         if "teacher_pooled" in plan.inputs:
@@ -174,8 +161,8 @@ def validate(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> Setup:
         labels = check_labels(cfg, source, sorted(counts), teacher_dict, field_prefix)
         check_folds(cfg, source, counts)
     if cfg.deploy.enabled and any(ex.text_b for ex in examples):
-        raise ConfigError(f"{source}: field 'deploy.enabled': the int8 export reads one text per example; this task "
-                          "has text pairs (text_b); set deploy.enabled: false")
+        fail_field(source, "deploy.enabled", "the int8 export reads one text per example; this task has text pairs "
+                        "(text_b); set deploy.enabled: false")
     student = check_student(cfg, source, teacher_folder, teacher_dict)
     needs = plan_needs(cfg, source, teacher_dict, student)
     return Setup(labels=labels, needs=needs, examples=len(examples))

@@ -44,6 +44,22 @@ def check_positive_ints(owner: Any, *names: str) -> None:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
+def check_optimizer_fields(owner: Any, *names: str, min_warmup: int = 0, warmup_why: str = "") -> None:
+    """ValueError naming the first of `owner`'s optimizer fields `names` out of range, for the configs that train:
+    learning_rate > 0 (nan refused), weight_decay >= 0, warmup_steps >= min_warmup (`warmup_why`: what needs it)."""
+    for name in names:
+        if name not in ("learning_rate", "weight_decay", "warmup_steps"):
+            raise TypeError(f"check_optimizer_fields: no rule for {name!r}")
+        value = getattr(owner, name)
+        if name == "learning_rate" and not value > 0:
+            raise ValueError(f"learning_rate: expected > 0, got {value}")
+        if name == "weight_decay" and value < 0:
+            raise ValueError(f"weight_decay: expected >= 0, got {value}")
+        if name == "warmup_steps" and value < min_warmup:
+            why = f" ({warmup_why})" if warmup_why else ""
+            raise ValueError(f"warmup_steps: expected >= {min_warmup}{why}, got {value}")
+
+
 def _join(path: str, name: str | int) -> str:
     if isinstance(name, int):
         return f"{path}[{name}]"

@@ -1,4 +1,5 @@
-"""`python -m pretrain --config X.yaml [--set key=value ...]`, under `deepspeed`, `torchrun` or `srun`.
+"""`python -m pretrain --config X.yaml [--set key=value ...]`: general distillation of a student, under `deepspeed`,
+`torchrun` or `srun`.
 
 Parse, validate (before any process group exists), train, exit: 0 done, 2 a user error (config,
 fingerprints, checkpoint mismatch), 75 preempted after a checkpoint (requeue to resume).
@@ -11,16 +12,15 @@ import argparse
 import os
 import sys
 
+from kdlib.config import load_config
+from kdlib.errors import KDError
+from kdlib.runtime.cli import parse_overrides, stage_parser
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.runtime.cli import config_parser, parse_overrides
-    from kdlib.config import load_config
-    from kdlib.errors import KDError
-    from pretrain.config import PretrainConfig
-
-    parser = config_parser(__doc__)
+    parser = stage_parser("pretrain", __doc__)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # the deepspeed launcher passes it; we read LOCAL_RANK
     parser.add_argument("--check", action="store_true",
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-init", metavar="DIR", default=None,
                         help="write the untrained student (step 0 of this config) to DIR and exit: a baseline to evaluate")
     args = parser.parse_args(argv)
+    # imported after parsing: the config module loads torch, which `--help` must not wait for
+    from pretrain.config import PretrainConfig
+
     try:
         cfg = load_config(args.config, PretrainConfig, parse_overrides(args.set))
         from pretrain.validate import validate

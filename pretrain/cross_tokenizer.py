@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdlib.errors import ConfigError, KDError
+from kdlib.errors import KDError
+from kdlib.losses import get_spec
+from kdlib.runtime.models import load_tokenizer, resolve_model_path
+from kdlib.text.alignment import alignment_problem
 from kdlib.training.cross_tokenizer import ALIGNED_KEYS
+from kdlib.training.objective_plan import fail_field
 
 # inputs a cross-tokenizer objective may read; the teacher's values only through aligned_mask
 _ALLOWED = frozenset({"student_logits", "topk_logits", "teacher_lse", "aligned_mask", "mask", "next_token_labels",
@@ -21,11 +25,8 @@ _ALLOWED = frozenset({"student_logits", "topk_logits", "teacher_lse", "aligned_m
 
 def check_cross_tokenizer(cfg, source: str, manifest) -> Path:
     """The student tokenizer's folder, after every check; ConfigError naming the field and why otherwise."""
-    from kdlib.text.alignment import alignment_problem
-    from kdlib.runtime.models import load_tokenizer, resolve_model_path
-
     def fail(field: str, message: str) -> None:
-        raise ConfigError(f"{source}: field '{field}': {message}")
+        fail_field(source, field, message)
 
     if cfg.teacher.task != "causal_lm":
         fail("student.tokenizer", "cross-tokenizer distillation compares next-token distributions after the same "
@@ -47,8 +48,6 @@ def check_cross_tokenizer(cfg, source: str, manifest) -> Path:
     if tokenizer.eos_token_id is None:
         fail("student.tokenizer", f"{folder} has no eos token, which marks the document breaks of packed rows")
     for i, objective in enumerate(cfg.objectives):
-        from kdlib.losses import get_spec
-
         inputs = set(get_spec(objective.name).inputs())
         bad = sorted(inputs - _ALLOWED)
         if not bad and inputs & {"topk_logits", "teacher_lse"} and "aligned_mask" not in inputs:

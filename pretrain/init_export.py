@@ -11,12 +11,11 @@ from pathlib import Path
 
 from kdlib.runtime.io import atomic_directory
 from kdlib.runtime.models import copy_tokenizer_files
+from pretrain.student import build_student
 
 
 def export_init(cfg, setup, folder: str | Path) -> Path:
     """Write the untrained student (weights, config, tokenizer) into `folder`, replacing an older one."""
-    from pretrain.student import build_student
-
     folder = Path(folder)
     model = build_student(cfg.teacher, setup.teacher_config, cfg.student, cfg.seed)
     with atomic_directory(folder, replace=folder.exists()) as tmp:

@@ -14,10 +14,12 @@ the MLM head. Nothing here knows about DeepSpeed or ranks.
 from __future__ import annotations
 
 import torch
+import transformers
 from torch import nn
 
 from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.schemas import StudentConfig
+from kdlib.students.bottleneck import register_head_parameters
 from kdlib.students.shape import init_from_teacher, needs_teacher, student_config
 
 
@@ -28,8 +30,6 @@ def student_task(teacher_cfg: ModelConfig) -> str:
 
 def student_class(teacher_cfg: ModelConfig):
     """The transformers auto class the student is built, exported and loaded with."""
-    import transformers
-
     return transformers.AutoModelForCausalLM if student_task(teacher_cfg) == "causal_lm" else \
         transformers.AutoModelForMaskedLM
 
@@ -44,7 +44,5 @@ def build_student(teacher_cfg: ModelConfig, teacher_config, student: StudentConf
         init_from_teacher(model, teacher, student)
         del teacher
     if student.architecture == "bottleneck":
-        from kdlib.students.bottleneck import register_head_parameters
-
         register_head_parameters(model)  # for ZeRO-3
     return model

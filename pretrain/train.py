@@ -11,9 +11,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from kdlib.training.cross_tokenizer import AlignedBatches, piece_texts
 from kdlib.training.deepspeed_engine import logit_chunk_size
-from kdlib.runtime.models import ModelConfig, load_model
+from kdlib.runtime.models import ModelConfig, load_model, load_tokenizer
 from kdlib.training.progressive import ProgressiveTransfer
 from kdlib.training import loop
 from kdlib.training.batches import BatchStream
@@ -63,9 +65,6 @@ def online_teacher(cfg: PretrainConfig, setup: Setup, module: DistillModule, dev
 def cross_tokenizer_reading(cfg: PretrainConfig, setup: Setup, student):
     """(load, agreement) for a student with its own tokenizer: batches aligned on character spans, and the
     held-out agreement as "the same next piece of text" (the two top-1 tokens' text) at aligned positions."""
-    from kdlib.runtime.models import load_tokenizer
-    from kdlib.training.cross_tokenizer import AlignedBatches, piece_texts
-
     tokenizer = load_tokenizer(str(setup.student_tokenizer_folder), model_config={})
     aligned = AlignedBatches(tokenizer, max_length=student.config.max_position_embeddings)
     teacher_pieces = piece_texts(load_tokenizer(str(setup.teacher_folder)))
@@ -121,8 +120,6 @@ def build_job(cfg: PretrainConfig, setup: Setup, session: loop.Session) -> loop.
         probe = probe_logits(student, load, eval_indices[:cfg.engine.micro_batch], device)  # every rank (ZeRO-3)
         if not rank0:
             return ""
-        from safetensors.torch import save_file
-
         save_file(probe, str(out / PROBE))
         export_student(cfg, setup, final_checkpoint, module_state, out / "export", step)
         perplexity = f", next-token perplexity {metrics['perplexity']:.2f}" if "perplexity" in metrics else ""

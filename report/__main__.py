@@ -1,4 +1,4 @@
-"""`python -m report --config configs/demo_report.yaml [--set key=value ...]`: the demo's report folder.
+"""`python -m report --config configs/demo_report.yaml [--set key=value ...]`: write the demo's report folder.
 
 Reads what the stages of scripts/demo.sh wrote (through their configs' output_dir) and writes report.md, numbers.json
 and the PNGs into output_dir. Exit status 0 done, 2 a missing or inconsistent input, named.
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build_report(cfg, source)
         print(f"[report] {path}", flush=True)
 
-    return run_stage(__doc__.splitlines()[0], ReportConfig, run, argv)
+    return run_stage(__doc__, ReportConfig, run, argv, stage="report")
 
 
 if __name__ == "__main__":

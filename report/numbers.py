@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,8 +136,6 @@ def verify(report_dir: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m report.numbers REPORT_DIR`: check report.md against its sources; exit 1 listing what differs."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m report.numbers REPORT_DIR", file=sys.stderr)

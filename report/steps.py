@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kdlib.runtime.cli import stage_parser
 from kdlib.runtime.io import atomic_write_text
 
 
@@ -41,7 +42,7 @@ def record_step(path: str | Path, name: str, command: list[str], seconds: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser("report.steps", __doc__, config=False)
     parser.add_argument("--file", required=True, help="the steps file (JSON), created when missing")
     parser.add_argument("--name", required=True, help="the step's name in the report")
     parser.add_argument("--seconds", type=float, help="record this time for a step run elsewhere (no command)")

@@ -1,1 +1,2 @@
-"""Teacher preparation: turn a bare encoder into a masked-LM teacher (`python -m teacher`)."""
+"""Teacher preparation: give a bare encoder a masked-LM head (`python -m teacher`), or train a small decoder
+teacher and student tokenizers from scratch (`python -m teacher.decoder`)."""

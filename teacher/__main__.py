@@ -2,8 +2,16 @@
 
 import sys
 
-from kdlib.runtime.cli import run_stage
-from teacher.prepare_mlm import TeacherPrepConfig, prepare_teacher
+from kdlib.runtime.cli import run_config, stage_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_parser("teacher", __doc__).parse_args(argv)
+    # imported after parsing: preparing a teacher loads torch, which `--help` must not wait for
+    from teacher.prepare_mlm import TeacherPrepConfig, prepare_teacher
+
+    return run_config(args, TeacherPrepConfig, prepare_teacher)
+
 
 if __name__ == "__main__":
-    sys.exit(run_stage(__doc__, TeacherPrepConfig, prepare_teacher))
+    sys.exit(main())

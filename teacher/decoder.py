@@ -3,8 +3,16 @@ tokenizers) from scratch on a local corpus."""
 
 import sys
 
-from kdlib.runtime.cli import run_stage
-from teacher.prepare_decoder import DecoderPrepConfig, prepare_decoder
+from kdlib.runtime.cli import run_config, stage_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_parser("teacher.decoder", __doc__).parse_args(argv)
+    # imported after parsing: preparing a decoder teacher loads torch, which `--help` must not wait for
+    from teacher.prepare_decoder import DecoderPrepConfig, prepare_decoder
+
+    return run_config(args, DecoderPrepConfig, prepare_decoder)
+
 
 if __name__ == "__main__":
-    sys.exit(run_stage(__doc__, DecoderPrepConfig, prepare_decoder))
+    sys.exit(main())

@@ -23,13 +23,12 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from kdlib.config import config_hash, content_hash, to_dict
-from kdlib.runtime.outputs import save_resolved
+from kdlib.config import check_optimizer_fields, config_hash, content_hash, to_dict
 from kdlib.errors import KDError
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import atomic_directory, atomic_write_text
 from kdlib.runtime.models import quiet_transformers
-from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from kdlib.text.packing import pack_documents
 from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
 from teacher.training import optimise, warmup_cosine
@@ -94,12 +93,7 @@ class DecoderPrepConfig:
                                  f"{self.hidden} / {self.heads} = {self.hidden // self.heads}")
         if self.max_length < 8:
             raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        check_optimizer_fields(self, "learning_rate", "warmup_steps", "weight_decay")
         if self.threads < 0:
             raise ValueError(f"threads: expected >= 0, got {self.threads}")
         seen = {_abs(self.output_dir): "output_dir"}
@@ -229,14 +223,10 @@ def _found_claim(folder: Path, report: str) -> Optional[str]:
     if not folder.is_dir():
         return None
     try:
-        found = json.loads((folder / report).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
+        found = read_stamp(folder, report, STAGE)
+    except ValueError:
         return "unreadable report"
-    if not isinstance(found, dict) or found.get("stage") != STAGE:
-        return None
-    return found.get("config_hash") or "unknown"
+    return None if found is None else found.get("config_hash") or "unknown"
 
 
 def prepare_decoder(cfg: DecoderPrepConfig, source: str = "<config>") -> dict:

@@ -20,15 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdlib.config import content_hash, to_dict
-from kdlib.runtime.outputs import save_resolved
+from kdlib.config import check_optimizer_fields, content_hash, to_dict
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.errors import KDError
 from kdlib.runtime.io import atomic_directory, atomic_write_text
 from kdlib.text.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
 from kdlib.runtime.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
                           resolve_model_path)
-from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from kdlib.text.packing import pack_documents
 from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
 from kdlib.schemas import check_against_teacher
@@ -64,8 +63,7 @@ class TeacherPrepConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob: expected a probability in (0, 1), got {self.mask_prob}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        check_optimizer_fields(self, "learning_rate")
         if self.max_length < 8:
             raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
         if self.eval_sequences >= self.max_sequences:
@@ -148,12 +146,13 @@ def _found_claim(out: Path, cfg: TeacherPrepConfig) -> Optional[str]:
     """The config hash of a teacher folder this stage wrote (its report), None for any other folder. Folders
     written before `overwrite` existed recorded the hash of every field; the same config still matches."""
     try:
-        found = json.loads((out / REPORT).read_text()).get("config_hash") or "unknown"
-        return teacher_hash(cfg) if found == content_hash(cfg, ("overwrite",)) else found
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError):
+        report = read_stamp(out, REPORT)
+    except ValueError:
         return "unreadable report"
+    if report is None:
+        return None
+    found = report.get("config_hash") or "unknown"
+    return teacher_hash(cfg) if found == content_hash(cfg, ("overwrite",)) else found
 
 
 def prepare_teacher(cfg: TeacherPrepConfig, source: str = "<config>") -> dict:

@@ -14,6 +14,7 @@ its test tokenizers with these functions.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -72,8 +73,6 @@ def _alphabet(normalizer, lines: list[str], size: int) -> list[str]:
     The trainer keeps its `limit_alphabet` most frequent characters but breaks ties in hash-map order, so equally
     rare characters at the limit were in one run and out in the next; given as its initial alphabet (which it
     always keeps) this fixed choice is the one kept."""
-    from collections import Counter
-
     counts = Counter()
     for line in lines:
         counts.update(normalizer.normalize_str(line))

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from kdlib.cache.codec import stored_topk_logits
 from kdlib.text.padding import length_mask
 
 
@@ -159,8 +160,6 @@ def sampled_fidelity_sums(logits_pv: torch.Tensor, samples: list[tuple[np.ndarra
     """Sums over P positions of `estimate_fidelity`'s figures for the weights the reader makes from these
     positions' stored (ids, counts) and, with top_k, their top-k as cached (logits as `topk_encoding` stores
     them, fp32 lse)."""
-    from kdlib.cache.codec import stored_topk_logits
-
     P, V = logits_pv.shape
     topk = None
     if top_k:

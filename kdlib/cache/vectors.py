@@ -106,8 +106,3 @@ def merge_fidelity(parts: list[dict]) -> dict:
     return {name: {"mean_cosine": a["cosine"] / a["positions"] if a["positions"] else None,
                    "mean_relative_error": a["relative_error"] / a["positions"] if a["positions"] else None,
                    "min_cosine": a["min_cosine"], "positions": a["positions"]} for name, a in out.items()}
-
-
-def bytes_per_unit(encoding: str, width: int) -> float:
-    """Raw (uncompressed) bytes one position of one vector column takes."""
-    return 2.0 * width if encoding == "fp16" else width + 4.0

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
-from kdlib.runtime.speed import compare_calls
+from kdlib.deploy.onnx_export import output_name
+from kdlib.runtime.speed import _eval_mode, compare_calls
 
 
 def as_numpy(values) -> np.ndarray:
@@ -29,8 +31,6 @@ class OnnxRunner:
     """An onnxruntime CPU session over one exported file: `runner(input_ids, attention_mask)` -> the one output."""
 
     def __init__(self, path: str | os.PathLike, threads: int):
-        import onnxruntime as ort
-
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
         options = ort.SessionOptions()
@@ -66,10 +66,6 @@ def torch_call(model: torch.nn.Module, output: str) -> Callable:
 
 def max_abs_difference(model: torch.nn.Module, runner: Callable, batches: list[dict]) -> float:
     """max |runner - model| over every value of every batch (float64), the model in eval + inference mode."""
-    from kdlib.deploy.onnx_export import output_name
-
-    from kdlib.runtime.speed import _eval_mode
-
     reference = torch_call(model, output_name(model))
     worst = 0.0
     with _eval_mode(model):

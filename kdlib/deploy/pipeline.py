@@ -17,12 +17,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import onnxruntime
 import torch
 
 from kdlib.deploy.measure import OnnxRunner, compare_deployed, row_max_abs, torch_call
 from kdlib.deploy.onnx_export import export_onnx, output_name
 from kdlib.deploy.quantize import quantize_int8, torch_dynamic_int8
 from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
+from kdlib.runtime.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
+                                  task_of)
+from kdlib.runtime.speed import _threads
 
 CANDIDATES = ("transformers fp32", "torch dynamic int8", "onnxruntime fp32", "onnxruntime int8")
 REFERENCE = CANDIDATES[0]
@@ -38,8 +42,6 @@ TORCH_INT8_SIZE = ("bytes of its state_dict serialised with torch.save into memo
 
 def load_folder(folder: Path):
     """(model in eval mode, tokenizer, task) of a model folder, offline, safetensors only (kdlib.runtime.models)."""
-    from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, task_of
-
     config = check_model_folder(Path(folder))
     task = task_of(config)
     model = load_model(ModelConfig(path=str(folder), task=task))
@@ -114,12 +116,6 @@ def _sizes(folder: Path, out: Path, torch_int8: torch.nn.Module) -> dict[str, in
             **{name: (out / file).stat().st_size for name, file in FILES.items()}}
 
 
-def _threads(threads: int):
-    from kdlib.runtime.speed import _threads as torch_threads
-
-    return torch_threads(threads)
-
-
 def deploy_model(folder: Path, out: Path, *, texts: list[str], labels: Optional[list[int]] = None,
                  max_length: int = 128, threads: int = 1, speed_length: int = 128, speed_batches: tuple = (1, 32),
                  repeats: int = 3, warmup: int = 1, batch_size: int = 32, opset: int = 17,
@@ -131,8 +127,6 @@ def deploy_model(folder: Path, out: Path, *, texts: list[str], labels: Optional[
     each size runs max(1, largest // size) batches per timed pass. `progress(phase)` is told each phase;
     `extra` entries are added to the record (a stage's claim and config).
     """
-    from kdlib.runtime.models import copy_tokenizer_files
-
     say = progress or (lambda phase: None)
     start = time.perf_counter()
     folder, out = Path(folder), Path(out)
@@ -200,8 +194,7 @@ def deploy_model(folder: Path, out: Path, *, texts: list[str], labels: Optional[
 
 
 def _versions() -> dict:
-    import onnxruntime
-    import transformers
+    import transformers  # loaded by then (load_folder); importing it at the top would cost kdlib.deploy ~1 s
 
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__}

@@ -63,7 +63,7 @@ def dynamic_temperature(student_logits: Tensor, teacher_logits: Tensor, valid: T
         return tau.clamp(min=MIN_DYNAMIC_TEMPERATURE)
 
 
-@register_loss("kd_prob_shift", kind="output",
+@register_loss("kd_prob_shift", kind="output", class_distribution=True,
                paper="Wen et al. 2019, Preparing Lessons: Improve KD with Better Supervision (probability shift)")
 def kd_prob_shift(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Optional[Tensor], *,
                   temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
@@ -76,7 +76,7 @@ def kd_prob_shift(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     return masked_mean(soft_kd_per_position(s, shifted, temperature, "kl"), valid)
 
 
-@register_loss("kd_dynamic_temperature", kind="output",
+@register_loss("kd_dynamic_temperature", kind="output", class_distribution=True,
                paper="Wen et al. 2019, Preparing Lessons (dynamic temperature distillation; TextBrewer flsw/cwsm)")
 def kd_dynamic_temperature(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor], *,
                            temperature: float = 1.0, method: Literal["flsw", "cwsm"] = "flsw",

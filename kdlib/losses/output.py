@@ -46,7 +46,8 @@ def _prep(student_logits: Tensor, teacher_logits: Optional[Tensor], mask: Option
     return s, t, valid
 
 
-@register_loss("kd_kl", kind="output", paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network")
+@register_loss("kd_kl", kind="output", class_distribution=True,
+               paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network")
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor], *,
           temperature: float = 1.0) -> Tensor:
     """T^2 * mean_pos KL(softmax(z_t/T) || softmax(z_s/T)) -- Hinton, Vinyals & Dean 2015.
@@ -58,7 +59,8 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor]
     return masked_mean(soft_kd_per_position(s, t, temperature, "kl"), valid)
 
 
-@register_loss("kd_ce", kind="output", paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network")
+@register_loss("kd_ce", kind="output", class_distribution=True,
+               paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network")
 def kd_ce(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor], *,
           temperature: float = 1.0) -> Tensor:
     """T^2 * mean_pos -sum_v softmax(z_t/T)_v log softmax(z_s/T)_v -- Hinton, Vinyals & Dean 2015.
@@ -81,7 +83,8 @@ def _label_ce(student_logits: Tensor, labels: Tensor, mask: Optional[Tensor], ig
     return masked_mean(nll, torch.ones_like(nll, dtype=torch.bool))
 
 
-@register_loss("hard_ce", kind="output", paper="standard supervised cross-entropy (Hinton et al. 2015 'hard targets')")
+@register_loss("hard_ce", kind="output", class_distribution=True,
+               paper="standard supervised cross-entropy (Hinton et al. 2015 'hard targets')")
 def hard_ce(student_logits: Tensor, labels: Tensor, mask: Optional[Tensor], *, ignore_index: int = -100) -> Tensor:
     """mean_pos -log softmax(z_s)_y over positions with y != ignore_index -- hard-label CE (Hinton et al. 2015)."""
     return _label_ce(student_logits, labels, mask, ignore_index)
@@ -125,7 +128,7 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Ten
     return masked_mean((s - t.detach()) ** 2, valid)
 
 
-@register_loss("teacher_annealing_ce", kind="output",
+@register_loss("teacher_annealing_ce", kind="output", class_distribution=True,
                paper="Clark et al. 2019, BAM! Born-Again Multi-Task Networks (teacher annealing)")
 def teacher_annealing_ce(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Optional[Tensor],
                          step: int, total_steps: int, *, ignore_index: int = -100) -> Tensor:

@@ -33,6 +33,7 @@ class LossSpec:
     kind: str  # one of KINDS
     paper: str  # short citation of the source paper
     formula: str  # first docstring line of fn
+    reads_class_distribution: bool = False  # compares softmaxes over outputs (meaningless on a one-output head)
 
     def options(self) -> dict[str, inspect.Parameter]:
         """Keyword-only parameters of the loss: the keys ``ObjectiveConfig.params`` may set."""
@@ -49,8 +50,10 @@ class LossSpec:
 _REGISTRY: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, kind: str, paper: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator adding ``fn`` under ``name``; rejects duplicates, bad kinds and missing docstrings."""
+def register_loss(name: str, *, kind: str, paper: str,
+                  class_distribution: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding ``fn`` under ``name``; rejects duplicates, bad kinds and missing docstrings.
+    ``class_distribution``: the loss reads class distributions (a softmax over the outputs)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
 
@@ -63,7 +66,8 @@ def register_loss(name: str, *, kind: str, paper: str) -> Callable[[Callable[...
         for pname, p in inspect.signature(fn).parameters.items():
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty:
                 raise ValueError(f"loss {name!r}: option {pname!r} needs a default")
-        _REGISTRY[name] = LossSpec(name=name, fn=fn, kind=kind, paper=paper, formula=doc.splitlines()[0])
+        _REGISTRY[name] = LossSpec(name=name, fn=fn, kind=kind, paper=paper, formula=doc.splitlines()[0],
+                                   reads_class_distribution=class_distribution)
         fn.loss_name = name  # type: ignore[attr-defined]
         return fn
 

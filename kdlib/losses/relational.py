@@ -62,7 +62,7 @@ def rkd_angle(student_pooled: Tensor, teacher_pooled: Tensor) -> Tensor:
     return F.smooth_l1_loss(triplet_angles(student_pooled), t, beta=1.0)
 
 
-@register_loss("dml", kind="mutual", paper="Zhang et al. 2018, Deep Mutual Learning")
+@register_loss("dml", kind="mutual", class_distribution=True, paper="Zhang et al. 2018, Deep Mutual Learning")
 def dml(logits_a: Tensor, logits_b: Tensor, labels: Tensor, mask: Optional[Tensor], *,
         ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     """L_a = CE(z_a, y) + KL(sg(p_b) || p_a), L_b = CE(z_b, y) + KL(sg(p_a) || p_b); returns (L_a, L_b) -- Zhang et al. 2018 (DML).

@@ -1,5 +1,8 @@
 """The shared shape of every stage's entry point: `python -m <stage> --config X.yaml [--set k=v ...]`.
 
+`stage_parser` is the one place a stage's parser is built, so every command introduces itself as what the user
+typed (`usage: python -m finetune distill ...`, not `usage: __main__.py ...`) with the same layout and the same
+common flags, spelled and explained the same way everywhere: --config first, then --set, then the stage's own.
 A user error (KDError) prints one readable line and exits with status 2, before any work starts
 where it can; a bug still shows its traceback.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import yaml
 
@@ -16,6 +19,9 @@ from kdlib.config import load_config
 from kdlib.errors import KDError
 
 T = TypeVar("T")
+
+CONFIG_HELP = "YAML or JSON config file"
+SET_HELP = "override a config field (dotted path), e.g. --set steps=100; repeatable"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -29,11 +35,78 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML or JSON config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (dotted path), e.g. --set steps=100; repeatable")
+def summary(doc: str) -> str:
+    """A stage's one-line description from its module docstring: the first paragraph on one line, less the
+    leading "`python -m ...`: " that would repeat the usage line."""
+    first = " ".join((doc or "").strip().split("\n\n")[0].split())
+    if first.startswith("`") and "`: " in first:
+        first = first.split("`: ", 1)[1]
+    return first
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The common flags of a stage that reads a config: `--config CONFIG [--set KEY=VALUE]`."""
+    parser.add_argument("--config", required=True, help=CONFIG_HELP)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
+class _StepHelp(argparse.Action):
+    """-h/--help of a stage with steps: after a step name, that step's own help (`usage: python -m finetune
+    distill ...`); otherwise the stage's."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None,
+                 step_parser: Optional[Callable[[str], argparse.ArgumentParser]] = None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.step_parser = step_parser
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        step = getattr(namespace, "step", None)
+        chosen = step is not None and step != parser.get_default("step")
+        (self.step_parser(step) if chosen else parser).print_help()
+        parser.exit()
+
+
+def stage_parser(stage: str, doc: str, *, config: bool = True,
+                 flags: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                 steps: Optional[dict[str, str]] = None, default_step: Optional[str] = None,
+                 epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of `python -m <stage>`: prog is what the user typed, the description is `summary(doc)`, then
+    --config / --set (when `config`), then the stage's own flags (`flags(parser)`). `steps` ({name: one line})
+    adds an optional positional `step` (default `default_step`) whose names and lines the help lists, and makes
+    `python -m <stage> <step> --help` print `usage: python -m <stage> <step> ...`."""
+    def build(prog: str, description: str, epilog: Optional[str], step_parser=None) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                         add_help=step_parser is None,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        if step_parser is not None:
+            parser.add_argument("-h", "--help", action=_StepHelp, step_parser=step_parser,
+                                help="show this help message and exit")
+        if config:
+            add_config_flags(parser)
+        if flags is not None:
+            flags(parser)
+        return parser
+
+    prog = f"python -m {stage}"
+    if not steps:
+        return build(prog, summary(doc), epilog)
+    width = max(len(name) for name in steps)
+    listing = f"steps (`{prog} STEP --help` for one):\n" + "\n".join(
+        f"  {name:<{width}}  {line}" for name, line in steps.items())
+    parser = build(prog, summary(doc), listing + (f"\n\n{epilog}" if epilog else ""),
+                   step_parser=lambda step: build(f"{prog} {step}", steps[step], None))
+    parser.add_argument("step", nargs="?", choices=tuple(steps), default=default_step,
+                        help=f"the step to run (default: {default_step})")
+    return parser
+
+
+def config_parser(description: str, stage: Optional[str] = None) -> argparse.ArgumentParser:
+    """`stage_parser` of a stage that takes only --config / --set (kept for callers of the older name)."""
+    if stage is not None:
+        return stage_parser(stage, description)
+    parser = argparse.ArgumentParser(description=summary(description),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
     return parser
 
 
@@ -47,8 +120,13 @@ def exit_code_of(work: Callable[[], object]) -> int:
     return 0
 
 
-def run_stage(description: str, config_cls: type[T], main: Callable[[T, str], object],
-              argv: list[str] | None = None) -> int:
-    """Parse, load and validate the config, then run `main(config, config_path)`; user errors exit 2."""
-    args = config_parser(description).parse_args(argv)
+def run_config(args: argparse.Namespace, config_cls: type[T], main: Callable[[T, str], object]) -> int:
+    """Load and validate the config that `args` (--config / --set) name, then run `main(config, config_path)`;
+    user errors exit 2."""
     return exit_code_of(lambda: main(load_config(args.config, config_cls, parse_overrides(args.set)), args.config))
+
+
+def run_stage(description: str, config_cls: type[T], main: Callable[[T, str], object],
+              argv: list[str] | None = None, *, stage: Optional[str] = None) -> int:
+    """Parse (as `python -m <stage>`), then `run_config`: user errors exit 2."""
+    return run_config(config_parser(description, stage).parse_args(argv), config_cls, main)

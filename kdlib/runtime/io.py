@@ -6,9 +6,12 @@ the next run ignores or removes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import math
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,9 +72,6 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
-    import ctypes
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -123,8 +123,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def json_safe(value):
     """A JSON-safe copy of nested dicts / lists: nan and inf become null (JSON has no nan), so reports can
     be written with allow_nan=False and read back by any JSON reader."""
-    import math
-
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

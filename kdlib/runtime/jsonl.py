@@ -22,7 +22,9 @@ def json_objects(path: str | os.PathLike, *, skip_bad: bool = False, encoding: s
     checks the encoding itself), else the file is read here."""
     path = Path(path)
     if lines is None:
-        lines = enumerate(path.read_text(encoding=encoding).splitlines(), start=1)
+        # "\n" only (read_text already turned \r\n and \r into it): splitlines would also cut at U+2028 and U+0085,
+        # which JSON allows inside a string
+        lines = enumerate(path.read_text(encoding=encoding).split("\n"), start=1)
     for number, line in lines:
         if not line.strip():
             continue

@@ -3,7 +3,8 @@
 A model reference is either a folder path or `package:<python_module>`, which resolves to the
 model folder shipped inside that installed package (`<module>.get_model_path()` if the package
 provides it, else `<module>/model`). Nothing is ever fetched from a hub, pickle weights are
-refused, and `trust_remote_code` stays off unless a config turns it on.
+refused, and `trust_remote_code` stays off unless a config turns it on. transformers (~1 s to import) is
+imported inside the functions that load, so that checking a folder or a config does not pay for it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -19,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: we pass local_f
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from kdlib.errors import ModelLoadError  # noqa: E402
+from kdlib.runtime.fingerprints import TOKENIZER_FILES  # noqa: E402
 
 ModelTask = Literal["base", "masked_lm", "causal_lm", "sequence_classification"]
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "tf_model.h5")
@@ -166,10 +169,6 @@ def load_tokenizer(ref: str, model_config: dict | None = None):
 
 def copy_tokenizer_files(source: Path, target: Path) -> None:
     """Copy every tokenizer file `source` has (the set the tokenizer fingerprint covers) into `target`."""
-    import shutil
-
-    from kdlib.runtime.fingerprints import TOKENIZER_FILES
-
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)

@@ -45,6 +45,26 @@ def listing(folder: Path, most: int = 4) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def read_stamp(folder: str | os.PathLike, name: str, stage: Optional[str] = None) -> Optional[dict]:
+    """The JSON object a stage leaves in `folder/name` (its report, manifest) to know the folder as its own.
+
+    None when that file is absent or, with `stage`, not an object whose "stage" is `stage` (another stage's,
+    or a person's file); ValueError when it is there but unreadable or, without `stage`, not a JSON object:
+    each stage decides whether an unreadable stamp of its own is replaceable, refused or an error."""
+    path = Path(folder) / name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ValueError(f"{path}: {err.strerror}") from None
+    if stage is not None:
+        return data if isinstance(data, dict) and data.get("stage") == stage else None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def check_output_folder(path: str | os.PathLike, *, stage: str, found_claim: Optional[str], claim: str,
                         overwrite: bool, where: str = "output_dir", difference: str = "") -> str:
     """What writing `path` would do: "new" (absent or empty), "same" (this stage's artefact from the same

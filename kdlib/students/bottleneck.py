@@ -36,7 +36,7 @@ def bottleneck_sizes(width: int, student: StudentConfig) -> dict:
 
 def bottleneck_config(teacher_config, student: StudentConfig):
     """A MobileBertConfig of the student's shape, sharing the teacher's vocabulary, positions and activation."""
-    from transformers import MobileBertConfig
+    from transformers import MobileBertConfig  # ~1 s to import: only a bottleneck student needs it
 
     t = teacher_config
     block = student.bottleneck
@@ -110,7 +110,7 @@ def register_head_parameters(model: nn.Module) -> None:
     head = getattr(getattr(model, "cls", None), "predictions", None)
     if head is None or not hasattr(head, "decoder"):
         return
-    from deepspeed.runtime.zero import register_external_parameter
+    from deepspeed.runtime.zero import register_external_parameter  # deepspeed: seconds to import; ZeRO-3 only
 
     for parameter in (head.decoder.weight, head.decoder.bias, head.dense.weight):
         register_external_parameter(head, parameter)

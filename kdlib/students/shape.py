@@ -18,7 +18,10 @@ import re
 import torch
 from torch import nn
 
+from kdlib.runtime.models import load_tokenizer, resolve_model_path
 from kdlib.schemas import StudentConfig, init_layer_map
+from kdlib.students.bottleneck import bottleneck_config, copy_teacher_embeddings
+from kdlib.students.width import compress_teacher
 
 # Decoder families whose students are built and initialised from teacher layers (tested: gpt2, llama)
 DECODER_FAMILIES = frozenset({"gpt2", "llama", "qwen2", "mistral"})
@@ -61,8 +64,6 @@ def _reshape_decoder_attention(cfg, teacher_config) -> None:
 def student_config(teacher_config, student: StudentConfig):
     """A copy of the teacher's transformers config with the student's shape (a MobileBertConfig for bottleneck)."""
     if student.architecture == "bottleneck":
-        from kdlib.students.bottleneck import bottleneck_config
-
         return bottleneck_config(teacher_config, student)
     base = teacher_config if student.config is None else architecture_config(student.config)
     cfg = base.__class__.from_dict(base.to_dict())
@@ -84,8 +85,6 @@ def student_config(teacher_config, student: StudentConfig):
 def _use_tokenizer(cfg, folder: str, keep_vocab: bool) -> None:
     """A student with its own tokenizer: its vocabulary (a student.config may declare a larger, padded one) and
     special-token ids."""
-    from kdlib.runtime.models import load_tokenizer
-
     tokenizer = load_tokenizer(folder, model_config={})
     if not keep_vocab or cfg.vocab_size < len(tokenizer):
         cfg.vocab_size = len(tokenizer)
@@ -96,9 +95,7 @@ def _use_tokenizer(cfg, folder: str, keep_vocab: bool) -> None:
 def architecture_config(folder: str):
     """The transformers config in `folder`/config.json (student.config: a student of another family or shape
     than the teacher's), read offline; never runs code shipped with it."""
-    from transformers import AutoConfig
-
-    from kdlib.runtime.models import resolve_model_path
+    from transformers import AutoConfig  # ~1 s to import: only a student.config needs it
 
     return AutoConfig.from_pretrained(str(resolve_model_path(folder)), local_files_only=True)
 
@@ -116,8 +113,6 @@ def copy_teacher_layers(student: nn.Module, teacher: nn.Module, teacher_layers: 
     fewer FFN units) gets the weights compressed (init=svd, kdlib.students.width); at the teacher's width and
     feed-forward size that is exactly this copy."""
     if not _same_shape(student, teacher):
-        from kdlib.students.width import compress_teacher
-
         compress_teacher(student, teacher, teacher_layers, skip_missing)
         return
     source = teacher.state_dict()
@@ -137,8 +132,6 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, shape: StudentConf
                       skip_missing: tuple[str, ...] = ()) -> None:
     """Whatever `shape.init` copies from the teacher into a freshly built student (nothing for init=random)."""
     if shape.init == "embeddings":
-        from kdlib.students.bottleneck import copy_teacher_embeddings
-
         copy_teacher_embeddings(student, teacher)
         return
     layers = init_layer_map(shape, teacher.config.num_hidden_layers)

@@ -246,7 +246,6 @@ def compress_state(source: dict[str, Tensor], target: dict[str, torch.Size], tea
     return state
 
 
-
 def compress_teacher(student: torch.nn.Module, teacher: torch.nn.Module, teacher_layers: list[int],
                      skip_missing: tuple[str, ...] = (), basis: Tensor | None = None) -> None:
     """Initialise `student` (narrower, or with fewer heads / FFN units) in place from `teacher` (see the top)."""
@@ -257,8 +256,3 @@ def compress_teacher(student: torch.nn.Module, teacher: torch.nn.Module, teacher
     with torch.no_grad():
         for name, value in state.items():
             target[name].copy_(value.to(target[name].dtype))
-
-
-def basis_of(teacher: torch.nn.Module, width: int) -> Tensor:
-    """The residual basis U (D x width) compress_teacher uses for this teacher (for mapping states back)."""
-    return residual_basis(teacher.state_dict(), width)

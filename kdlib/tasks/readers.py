@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
+import numpy as np
+
 from kdlib.errors import ReaderError
 from kdlib.text.readers import records
 from kdlib.text.readers.documents import Example
@@ -99,8 +101,6 @@ def read_analogy(path: Path, encoding: str = "utf-8") -> Iterator[Example]:
 
     The examples come round-robin over the sections, each section's lines in a seeded random order, so that
     max_examples takes a balanced sample spread over each whole section rather than its first lines."""
-    import numpy as np
-
     sections: dict[str, list[Example]] = {}
     current = None
     for lineno, line in iter_lines(path, encoding):

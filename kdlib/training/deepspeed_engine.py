@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from kdlib.config import check_optimizer_fields
 from kdlib.errors import ConfigError
 
 
@@ -31,14 +32,10 @@ class OptimConfig:
     implementation: Literal["torch", "deepspeed"] = "torch"  # torch: torch.optim.AdamW passed in (no JIT build); deepspeed: the JSON optimizer (FusedAdam / CPUAdam, compiled at first use)
 
     def __post_init__(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        check_optimizer_fields(self, "learning_rate", "weight_decay")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {list(self.betas)}")
-        if self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps: expected >= 1 (DeepSpeed's WarmupDecayLR needs it), got {self.warmup_steps}")
+        check_optimizer_fields(self, "warmup_steps", min_warmup=1, warmup_why="DeepSpeed's WarmupDecayLR needs it")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay: expected a factor in (0, 1] (1: off), got {self.layer_decay}")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from kdlib.runtime.io import atomic_target
 
 BEST_DIR = "best"
 BEST_FILE = "model.safetensors"
@@ -73,10 +76,6 @@ class EarlyStopping:
         return False
 
     def save(self, student: torch.nn.Module) -> None:
-        from safetensors.torch import save_file
-
-        from kdlib.runtime.io import atomic_target
-
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
         with atomic_target(self.folder / BEST_FILE) as tmp:
@@ -84,8 +83,6 @@ class EarlyStopping:
 
     def restore(self, student: torch.nn.Module) -> bool:
         """Load the best weights into `student` (same dtype and device as its own); False when none were saved."""
-        from safetensors.torch import load_file
-
         path = self.folder / BEST_FILE
         if self.best is None or not path.is_file():
             return False

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdlib.losses import make_projection
 from kdlib.losses.chunked import fused_loss
 from kdlib.losses.objectives import ObjectiveConfig, chunk_term, evaluate_objective
 from kdlib.training.progressive import ProgressiveTransfer
@@ -28,7 +30,7 @@ class EmdState:
     all-reduce, shared with the step's metrics), so every rank holds the same weights."""
 
     def __init__(self, teacher_layers: int, student_layers: int, temperature: float):
-        from kdlib.students.layer_maps import EmdLayerWeights
+        from kdlib.students.layer_maps import EmdLayerWeights  # imports POT (~5 s): only BERT-EMD runs need it
 
         self.weights = EmdLayerWeights(teacher_layers, student_layers, temperature=temperature)
         self._sum = torch.zeros(teacher_layers * student_layers, dtype=torch.float64)
@@ -62,16 +64,12 @@ class EmdState:
                 "student_weights": self.weights.student_weights.tolist()}  # JSON floats round-trip float64 exactly
 
     def load_state_dict(self, state: dict) -> None:
-        import numpy as np
-
         self.weights.teacher_weights = np.asarray(state["teacher_weights"], dtype=np.float64)
         self.weights.student_weights = np.asarray(state["student_weights"], dtype=np.float64)
 
 
 def make_projections(student_width: int, teacher_width: int, names: list[str], seed: int) -> nn.ModuleDict:
     """Learned student->teacher width projections (TinyBERT's W_h, W_e), one per name; empty when widths match."""
-    from kdlib.losses import make_projection
-
     if student_width == teacher_width or not names:
         return nn.ModuleDict()
     torch.manual_seed(seed + 1)

@@ -1,14 +1,18 @@
 """Objective planning: for one registered loss, under what a stage offers, the scope it is evaluated at,
 its sites (layer pairs), and a check that every input it needs can be provided, all before any model loads.
-The table of inputs itself is kdlib.training.providers.
+The table of inputs itself is kdlib.training.providers. The stages build their Offer from the pieces here
+(`layer_offer`, `transfer_set_offer`) and report what does not fit as one field error (`fail_field`).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import NoReturn
 
+from kdlib.cache.reader import cached_batch_keys
 from kdlib.cache.vectors import is_vector_column
+from kdlib.errors import ConfigError
 from kdlib.losses import get_spec
 from kdlib.training.providers import (ALL_LAYERS, ATTENTION_PAIR, BATCH, CHAIN, EMBEDDING, PAIR, PROVIDERS, STACKED,
                                       Offer, Site, StepInputs)
@@ -127,3 +131,30 @@ def cached_reads(plans: list[ObjectivePlan], offer: Offer) -> frozenset:
         parts = (["hidden"] if "hidden" in kinds else []) + (["query", "key", "value"] if "qkv" in kinds else [])
         keep |= {f"teacher_{part}_{t}" for t in layers for part in parts} & offer.cached
     return frozenset(keep)
+
+
+def fail_field(source: str, field: str, message: str) -> NoReturn:
+    """The validators' one error shape: ConfigError "<config file>: field '<dotted field>': <message>"."""
+    raise ConfigError(f"{source}: field '{field}': {message}")
+
+
+def fail_objective(source: str, err: ValueError, prefix: str = "") -> NoReturn:
+    """A planning error ("objectives[i]: what is missing") as the field error of that objective under `prefix`."""
+    where, _, message = str(err).partition(": ")
+    fail_field(source, f"{prefix}{where}", message)
+
+
+def layer_offer(layer_map, teacher_layers: int, student_layers: int, *, teacher_heads: int = 0,
+                student_heads: int = 0) -> dict:
+    """The Offer fields that describe the two models' layers: the layer map's fixed (teacher, student) pairs (none
+    without a map, or with emd, which weighs every layer against every layer), emd, the layer and head counts.
+    ValueError (the map's) when the map does not fit the layer counts."""
+    emd = layer_map is not None and layer_map.name == "emd"
+    pairs = tuple(layer_map.build(teacher_layers, student_layers)) if layer_map is not None and not emd else ()
+    return dict(pairs=pairs, emd=emd, teacher_layers=teacher_layers, student_layers=student_layers,
+                teacher_heads=teacher_heads, student_heads=student_heads)
+
+
+def transfer_set_offer(manifest) -> tuple[frozenset, str]:
+    """What a transfer set gives the losses: the batch keys it fills and how its sentence embeddings were pooled."""
+    return frozenset(cached_batch_keys(manifest)), manifest.cached.get("pooled") or "mean"

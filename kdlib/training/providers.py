@@ -18,7 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor
+
+from kdlib.cache.vectors import vector_column
+from kdlib.losses import hidden_mse
+from kdlib.training.internals import AttentionViews
 
 # Scopes, from the narrowest: how often a loss is evaluated per batch and which layers it sees.
 BATCH = "batch"  # once per batch
@@ -171,9 +176,6 @@ def _teacher_views(x: StepInputs):
     if x.teacher is not None:
         return x.teacher.views
     if "teacher_views" not in x.memo:
-        from kdlib.cache.vectors import vector_column
-        from kdlib.training.internals import AttentionViews
-
         qkv: dict[int, dict[str, Tensor]] = {}
         for key, value in x.batch.items():
             column = vector_column(key.removeprefix("teacher_")) if key.startswith("teacher_") else None
@@ -199,8 +201,6 @@ def _labels(x: StepInputs, site: Site) -> Tensor:
 
 def _next_token_labels(x: StepInputs, site: Site) -> Tensor:
     """(B, T) the id at t + 1 for position t, -100 where t + 1 is padding or past the row (the last position)."""
-    import torch
-
     ids, mask = x.batch["input_ids"], x.batch["attention_mask"]
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], labels[:, 1:])
@@ -222,8 +222,6 @@ def _projection(x: StepInputs, site: Site):
 
 
 def _stack_cls(view_hidden: Callable[[int], Tensor], layers: list[int]) -> Tensor:
-    import torch
-
     return torch.stack([view_hidden(layer)[:, 0] for layer in layers], dim=1)  # (B, L, D)
 
 
@@ -231,8 +229,7 @@ def _layer_cost(x: StepInputs, site: Site) -> Tensor:
     """(M, N) hidden-state MSE of every teacher layer 1..M against every student layer 1..N (BERT-EMD's
     hidden cost), through the hidden projection when widths differ. Computed once per micro-batch."""
     if "layer_cost" not in x.memo:
-        from kdlib.students.layer_maps import pairwise_layer_cost
-        from kdlib.losses import hidden_mse
+        from kdlib.students.layer_maps import pairwise_layer_cost  # POT (ot): 2 s to import; only BERT-EMD reads it
 
         mask, proj = x.batch["attention_mask"], _projection(x, site)
         m, n = x.emd.shape

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import numpy as np
 import pytest
@@ -15,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.__main__ import main
-from finetune.config import FinetuneConfig
+from finetune.config import DistillConfig, FinetuneConfig
 from finetune.data import TaskRows
 from finetune.folds import read_split
-from finetune.run import train_run
-from finetune.steps import student_run
+from finetune.methods import METHODS, method_named
+from finetune.run import RunConfig, train_run
+from finetune.runs import student_run
 from kdlib.cache import TransferSet
 from kdlib.cache.reader import IGNORE_INDEX
 from kdlib.config import from_dict
@@ -267,3 +269,11 @@ def test_a_decoder_student_with_its_own_tokenizer_gets_a_classifier_head(augment
     assert len(AutoTokenizer.from_pretrained(str(export))) == len(tokenizer)  # its own tokenizer travels with it
     assert len(records(tmp_path / "run/fold-0/seed-0/kd/metrics.jsonl")) == 24
     assert json.loads((tmp_path / "run/fold-0/seed-0/kd/eval.json").read_text())["examples"] == 20
+
+
+def test_the_method_table_names_every_method_a_config_may_choose():
+    for cls in (DistillConfig, RunConfig):
+        assert set(get_args(get_type_hints(cls)["method"])) == set(METHODS)
+    assert not METHODS["theseus"].peer and METHODS["kd"].peer and METHODS["kd"].multitask
+    with pytest.raises(ValueError, match=r"method: expected one of \['kd', 'theseus'\], got 'pkd'"):
+        method_named("pkd")

@@ -9,7 +9,6 @@ on the same rows every objective falls.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml

@@ -3,7 +3,6 @@ values and gradients, grad_output scaling, empty inputs, shape errors, and peak 
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -234,7 +234,6 @@ def test_missing_inputs_are_named_with_where_to_get_them(paths, tmp_path, object
 
 def test_no_stage_dispatches_on_loss_names():
     """Loss names appear in kdlib/losses (their registration) and nowhere in stage or core code."""
-    from pathlib import Path
 
     root = REPO_ROOT
     code = [p for folder in ("pretrain", "kdlib/training") for p in (root / folder).rglob("*.py")]

@@ -101,3 +101,10 @@ def test_evaluate_objective_with_schedules():
     assert annealed.item() == pytest.approx(get_loss("teacher_annealing_ce")(s, t, labels, mask, 3, 10).item())
     with pytest.raises(ValueError, match="missing input 'teacher_hidden'"):
         evaluate_objective(ObjectiveConfig("hidden_mse"), {"student_hidden": s, "mask": mask})
+
+
+def test_the_registry_marks_the_losses_that_read_class_distributions():
+    """A regression head has one output: finetune refuses exactly these losses there (finetune.validate)."""
+    marked = {name for name in known_losses() if get_spec(name).reads_class_distribution}
+    assert marked == {"kd_kl", "kd_ce", "hard_ce", "kd_prob_shift", "kd_dynamic_temperature", "teacher_annealing_ce",
+                      "dml"}

@@ -17,13 +17,18 @@ from kdlib.config import from_dict, load_config
 from kdlib.errors import ConfigError
 from kdlib.schemas import StudentConfig, check_against_teacher, init_layer_map
 from kdlib.students.shape import copy_teacher_layers, student_config
-from kdlib.students.width import basis_of, compress_teacher, householder_to_ones, residual_moment
+from kdlib.students.width import compress_teacher, householder_to_ones, residual_basis, residual_moment
 from pretrain.config import PretrainConfig
 from pretrain.export import export_student
 from tests.tiny_models import make_tiny_bert
 from tests.transfer_fixture import REPO, chunked_sequences, mask_sequence, pad, train_teacher
 
 WIDTH = 16  # the student's width; the teacher's is 32 (4 layers, 4 heads of 8, FFN 64)
+
+
+def basis_of(teacher: torch.nn.Module, width: int) -> torch.Tensor:
+    """The residual basis U (D x width) compress_teacher uses for this teacher (for mapping states back)."""
+    return residual_basis(teacher.state_dict(), width)
 
 
 @pytest.fixture(scope="module")
