@@ -13,6 +13,7 @@ import time
 
 from bench.suite import RESULTS, SUITE, machine, missing_inputs, results_block, rewrite_results, run_one
 from kdlib.runtime.cli import stage_parser
+from kdlib.runtime.io import atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {i}/{len(benches)}] {b.name}: {outcome.seconds:.0f} s, {state}", flush=True)
     total = time.time() - t0
     if not args.no_write:
-        from kdlib.runtime.io import atomic_write_text
-
         atomic_write_text(RESULTS, rewrite_results(RESULTS.read_text(), results_block(outcomes, date, host, total)))
         print(f"[bench] {RESULTS.relative_to(RESULTS.parents[1])} rewritten", flush=True)
     failed = [o.bench.name for o in outcomes if o.returncode != 0]

@@ -61,7 +61,7 @@ def teacher_outputs(model, rows: list[np.ndarray], pad_id: int, k_max: int, batc
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.cache_codec", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo_pipeline.yaml")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64])

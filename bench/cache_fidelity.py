@@ -43,14 +43,27 @@ import torch
 import yaml
 
 from bench.local_runs import REPO, launch_local
+from data_pipeline.rows import stable_hash
+from evaluate.config import EvaluateConfig
+from evaluate.heldout import select_heldout
+from evaluate.run import evaluate_models, prepare_reference
+from kdlib.cache import (FORMAT_VERSION, Manifest, TransferSet, row_schema, rows_to_table, shard_name,
+                         write_manifest, write_shard)
+from kdlib.cache.sampling import dense_weights, estimate_fidelity, expected_weights
+from kdlib.cache.shards import column_bytes_per_position
+from kdlib.config import from_dict
+from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
+from kdlib.runtime.models import ModelConfig, load_model, load_tokenizer
+from kdlib.schemas import TeacherOutputsConfig
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
+from kdlib.text.padding import pad_sequences
+
 DEMO_PIPELINE = REPO / "configs/demo_pipeline.yaml"
 BASE_COLUMNS = {"id", "source_id", "augmentation", "input_ids", "mlm_positions", "mlm_labels"}
 
 
 def encodings() -> list[Optional[str]]:
     """None (the plain fp16 top-k), plus any compressed top-k encodings TeacherOutputsConfig offers."""
-    from kdlib.schemas import TeacherOutputsConfig
-
     fields = {f.name: f for f in dataclasses.fields(TeacherOutputsConfig)}
     if "topk_encoding" not in fields:
         return [None]
@@ -75,8 +88,6 @@ class Rep:
                 "tail": f"top-{self.k} + tail N={self.n}{enc}"}[self.kind]
 
     def outputs(self):
-        from kdlib.schemas import TeacherOutputsConfig
-
         extra = {"topk_encoding": self.encoding} if self.encoding else {}
         return TeacherOutputsConfig(top_k=self.k, sampled_tokens=self.n, **extra)
 
@@ -98,8 +109,6 @@ def demo_paths() -> tuple[Path, Path]:
 
 
 def heldout_rows(transfer: Path, tokenizer, sequences: int) -> list[dict]:
-    from evaluate.heldout import select_heldout
-
     held = select_heldout(transfer, tokenizer, max_length=128, max_sequences=sequences, min_length=16,
                           mask_prob=0.15, seed=0)
     return [{"id": f"heldout-{r:05d}", "source_id": "heldout", "augmentation": "original",
@@ -112,8 +121,6 @@ class Teacher:
     """The frozen demo teacher, its logits over some rows computed once (batches of 8), kept in float32."""
 
     def __init__(self, folder: Path):
-        from kdlib.runtime.models import ModelConfig, load_model, load_tokenizer
-
         self.folder = folder
         self.model = load_model(ModelConfig(path=str(folder), task="masked_lm")).eval()
         self.tokenizer = load_tokenizer(str(folder))
@@ -121,9 +128,6 @@ class Teacher:
 
     def forward(self, rows: list[dict], batch: int = 8):
         """[(rows, ids, mask, raw)] per batch of rows."""
-        from kdlib.text.padding import pad_sequences
-        from kdlib.teachers.outputs import teacher_forward
-
         out = []
         for start in range(0, len(rows), batch):
             part = rows[start:start + batch]
@@ -134,9 +138,6 @@ class Teacher:
 
 def cache_rows(batches, rep: Rep, vocab: int, seed: int = 0) -> list[dict]:
     """The rows the pipeline would store for `rep` (draws seeded as data_pipeline seeds them)."""
-    from data_pipeline.rows import stable_hash
-    from kdlib.teachers.outputs import rows_from_outputs
-
     rows = []
     for part, ids, mask, raw in batches:
         seeds = [stable_hash(f"{seed}:samples:{r['id']}") for r in part] if rep.n else None
@@ -157,9 +158,6 @@ def cache_rows_many(teacher: "Teacher", rows: list[dict], reps: list[Rep]) -> di
 
 def write_set(directory: Path, rows: list[dict], rep: Rep, teacher: Teacher, shards: int = 1):
     """A transfer set in the pipeline's format (real writer, manifest with the teacher's fingerprints)."""
-    from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
-    from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
-
     shutil.rmtree(directory, ignore_errors=True)
     extra = {"topk_encoding": rep.encoding} if rep.encoding else {}
     schema = row_schema(vocab_size=teacher.vocab, top_k=rep.k, sampled_tokens=rep.n, has_mlm=True, **extra)
@@ -181,8 +179,6 @@ def write_set(directory: Path, rows: list[dict], rep: Rep, teacher: Teacher, sha
 
 def cached_bytes(directory: Path, infos) -> float:
     """Compressed bytes per real position of the teacher-output columns (not ids, text or masks)."""
-    from kdlib.cache.shards import column_bytes_per_position
-
     per = column_bytes_per_position(directory, infos, sum(i.tokens for i in infos))
     return sum(v for name, v in per.items() if name not in BASE_COLUMNS)
 
@@ -245,9 +241,6 @@ def choose(size, budgets: list[float], vocab: int) -> list[tuple[float, Rep]]:
 
 def fidelity(folder: Path, batches, chunk: int = 512) -> dict:
     """Means over every real held-out position (module docstring)."""
-    from kdlib.cache import TransferSet
-    from kdlib.cache.sampling import dense_weights, estimate_fidelity, expected_weights
-
     ts = TransferSet(folder)
     batch = ts.batch(range(len(ts)))
     real = batch["attention_mask"].bool()
@@ -303,10 +296,6 @@ def train_student(name: str, folder: Path, rep: Rep, teacher: Path, steps: int, 
 
 def score(models: dict, transfer: Path, out: Path) -> dict:
     """evaluate's held-out masked-LM metrics (masked top-1 agreement with the teacher, masked KL)."""
-    from evaluate.config import EvaluateConfig
-    from evaluate.run import evaluate_models, prepare_reference
-    from kdlib.config import from_dict
-
     cfg = from_dict(EvaluateConfig, {
         "models": models, "teacher": "teacher", "transfer_set": str(transfer),
         "output_dir": str(out / "evaluation"), "threads": 2, "progress_bar": False, "overwrite": True,
@@ -355,7 +344,7 @@ def student_table(scored: dict, trained: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.cache_fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="50,100,150")
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--students", choices=("trio", "all", "none"), default="trio")
@@ -430,8 +419,6 @@ def main(argv=None) -> None:
 
 def _training_rows(transfer: Path, count: int) -> list[dict]:
     """The first rows of the demo transfer set (their masked ids and MLM targets), cached again per representation."""
-    from kdlib.cache import TransferSet
-
     ts = TransferSet(transfer, verify="lazy",
                      columns=["id", "source_id", "augmentation", "input_ids", "mlm_positions", "mlm_labels"])
     return [{k: (np.asarray(v) if k in ("input_ids", "mlm_positions", "mlm_labels") else v)

@@ -56,7 +56,7 @@ def relation_kl(exact: torch.Tensor, stored: torch.Tensor, mask: torch.Tensor, h
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.cache_vectors", description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="runs/demo/teacher_mlm")
     parser.add_argument("--transfer-set", default="runs/demo/transfer_set")
     parser.add_argument("--rows", type=int, default=64)

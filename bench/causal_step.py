@@ -57,6 +57,7 @@ SHAPES = {  # model settings, default batch and length; the teacher's layer coun
 
 def build(shape: dict, layers: int, vocab: int, length: int, seed: int, device: str):
     """A randomly initialised causal LM of the shape (built on the device directly: no 1B-parameter CPU copy)."""
+    # transformers' model classes: ~4 s to import; --help runs without them
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -122,7 +123,7 @@ def setup(shape: str, vocab: int, batch_size: int, length: int, device: str = "c
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.causal_step", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--batch", type=int, default=0, help="rows per batch (default: the shape's)")
     parser.add_argument("--length", type=int, default=0, help="tokens per row (default: the shape's)")

@@ -14,15 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
+from finetune.data import EncodedExamples
+from finetune.folds import read_split
+from finetune.models import load_classifier
+from kdlib.runtime.models import load_tokenizer
+from kdlib.runtime.speed import compare_speed, count_parameters
+
 
 def main(argv: list[str] | None = None) -> None:
-    from finetune.data import EncodedExamples
-    from finetune.folds import read_split
-    from finetune.models import load_classifier
-    from kdlib.runtime.models import load_tokenizer
-    from kdlib.runtime.speed import compare_speed, count_parameters
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.finetune_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/demo/finetune")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)

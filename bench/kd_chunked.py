@@ -22,6 +22,10 @@ import time
 
 import torch
 
+from kdlib.losses.chunked_twins import chunked_kd_topk
+from kdlib.losses.output import mlm_ce
+from kdlib.losses.topk import kd_topk
+
 TOPK = 32
 
 
@@ -41,10 +45,6 @@ def inputs(vocab: int, positions: int, hidden: int, seed: int = 0) -> dict:
 
 def step(variant: str, x: dict) -> None:
     """Forward + backward of one variant's output layer; gradients land in h, w, b."""
-    from kdlib.losses.chunked_twins import chunked_kd_topk
-    from kdlib.losses.output import mlm_ce
-    from kdlib.losses.topk import kd_topk
-
     h, w, b = (x[k].detach().requires_grad_(True) for k in ("h", "w", "b"))
     if variant == "plain":
         loss = mlm_ce(torch.nn.functional.linear(h, w, b).unsqueeze(0), x["labels"].unsqueeze(0), None)
@@ -76,7 +76,7 @@ def ratio(a: float, b: float) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.kd_chunked", description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", default="30522,128000")
     parser.add_argument("--positions", type=int, default=2048)  # 16 x 128, every position real
     parser.add_argument("--hidden", type=int, default=384)

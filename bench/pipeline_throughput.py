@@ -71,7 +71,7 @@ def bare_forward(ts: TransferSet, teacher: ModelConfig, batch_size: int, sample_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline_throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo_pipeline.yaml")
     parser.add_argument("--max-documents", type=int, default=None)
     parser.add_argument("--sample-positions", type=int, default=4096)

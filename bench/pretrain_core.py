@@ -40,7 +40,7 @@ def base_transfer_set(base: Path, teacher: Path, documents: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.pretrain_core", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/pretrain_demo.yaml")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)

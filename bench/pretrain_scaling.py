@@ -52,7 +52,7 @@ def run(config: str, processes: int, threads: int, steps: int, *, tree: Path = R
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.pretrain_scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/pretrain_demo.yaml")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()

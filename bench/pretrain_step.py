@@ -45,6 +45,8 @@ VARIANTS = ("mlm_step", "kd_dense", "kd_chunked", "teacher_forward", "online_ste
 
 
 def bert(layers: int, seed: int, vocab: int):
+    # transformers' model classes: ~4 s to import; --help and bench.causal_step (which imports helpers from here)
+    # run without them
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
@@ -176,7 +178,7 @@ def measure(vocab: int, args) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.pretrain_step", description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", default="30522,128000")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)

@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch  # noqa: F401  (imported before the clock starts, as in the trainer)
+
+import kdlib
+from kdlib.cache import TransferSet
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "reader_startup"
@@ -109,10 +113,6 @@ def build(directory: Path, shards: int, seed: int) -> None:
 
 def measure(transfer: str, verify: str, path: str, batches: int, seed: int, save: str) -> dict:
     """Start-up (open + first batch) and steady-state rows/s with whatever kdlib PYTHONPATH points at."""
-    import kdlib
-    import torch  # noqa: F401  (imported before the clock starts, as in the trainer)
-    from kdlib.cache import TransferSet
-
     manifest = json.loads((Path(transfer) / "manifest.json").read_text())
     rows = manifest["totals"]["rows"]
     rng = np.random.default_rng(seed)
@@ -149,7 +149,7 @@ def measure(transfer: str, verify: str, path: str, batches: int, seed: int, save
 
 
 def run_variant(tree: Path, transfer: Path, verify: str, path: str, args, tag: str) -> dict:
-    from bench.base_tree import check_imported
+    from bench.base_tree import check_imported  # not at the top: the measuring subprocess (the base tree) has no bench/
 
     save = OUT / f"{tag}.npz"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--transfer", str(transfer), "--verify", verify,
@@ -168,7 +168,7 @@ def same_batches(a: Path, b: Path) -> bool:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.reader_startup", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=1000)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args.transfer, args.verify, args.path, args.batches, args.seed, args.save)))
         return
 
-    from bench.base_tree import remove, worktree
+    from bench.base_tree import remove, worktree  # not at the top: see run_variant
 
     transfer = OUT / "transfer"
     build(transfer, args.shards, args.seed)

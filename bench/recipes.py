@@ -19,7 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from bench.local_runs import REPO, env, launch_local
+from evaluate.config import EvaluateConfig
+from evaluate.run import evaluate_models, prepare_reference
+from kdlib.config import from_dict
+from kdlib.runtime.plots import finish_bar_chart, pyplot
 RECIPES = ["sentence", "pooled", "distilbert", "tinybert", "minilm", "minilmv2", "bert_emd"]
 
 
@@ -56,9 +62,6 @@ METRICS = [("simlex999_spearman", "SimLex-999 ρ"), ("wordsim353_spearman", "Wor
 def score(models: dict, transfer_set: str, out: Path) -> dict:
     """evaluate's metrics for every model; speed is timed once for the teacher and the untrained student
     (every trained student has the untrained student's shape, so its speed is the same by construction)."""
-    from evaluate.config import EvaluateConfig
-    from kdlib.config import from_dict
-    from evaluate.run import evaluate_models, prepare_reference
 
     def config(names: list[str], speed: bool) -> EvaluateConfig:
         return from_dict(EvaluateConfig, {
@@ -112,14 +115,7 @@ def write_table(scores: dict, recipes: list[str], seeds: list[int], args, out: P
 
 def plot(summary: dict, teacher: dict, untrained: dict, path: Path) -> None:
     """% of teacher per metric (bars: mean over seeds, error bars: std), the untrained student as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from kdlib.runtime.plots import finish_bar_chart
-
+    plt = pyplot()
     keys = [(k, label) for k, label in METRICS if k != "masked_kl"]
     x = np.arange(len(keys))
     width = 0.8 / max(len(summary), 1)
@@ -136,7 +132,7 @@ def plot(summary: dict, teacher: dict, untrained: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=30)

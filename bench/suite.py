@@ -92,7 +92,7 @@ def machine() -> str:
         memory = f"{kib / 2**20:.0f} GiB"
     except (OSError, AttributeError):
         memory = "memory unknown"
-    import torch
+    import torch  # ~1.2 s to import: `python -m bench --list` and --help run without it
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, {memory}, Python {platform.python_version()}, "

@@ -13,6 +13,13 @@ from apache_beam.metrics import Metrics
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.rows import TokenizedText, pack_group, row_id, stable_hash
+from kdlib.cache import complete_shard, row_schema, rows_to_table, shard_name, write_shard
+from kdlib.cache.sampling import position_samples, sampled_fidelity_sums
+from kdlib.cache.vectors import fidelity_sums, merge_sums, vector_names
+from kdlib.runtime.models import load_model, load_tokenizer
+from kdlib.teachers.outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_reconstruction
+from kdlib.text.augment import (PosVocabulary, augment_batch, default_tagger, is_eligible, make_mlm_candidates_fn,
+                                tag_sentences, tokenize)
 from kdlib.text.masking import MaskTokens, mask_tokens, word_starts
 from kdlib.text.packing import packing_for, packing_ids
 from kdlib.text.padding import pad_sequences
@@ -49,8 +56,6 @@ class ReadSource(beam.DoFn):
 
 def pos_pairs(batch: list[dict], mask_token: str):
     """(tag, lowercased word) for every eligible word of a batch of units: input to the POS vocabulary."""
-    from kdlib.text.augment import default_tagger, is_eligible, tag_sentences, tokenize
-
     words = [tokenize(u["text"], mask_token).words for u in batch]
     for ws, tags in zip(words, tag_sentences(default_tagger(), words)):
         for w, t in zip(ws, tags):
@@ -60,8 +65,6 @@ def pos_pairs(batch: list[dict], mask_token: str):
 
 def build_vocabulary(counts: list[tuple[str, int]], min_count: int = 1) -> str:
     """Counted (tag, word) pairs -> PosVocabulary JSON (a plain string travels to workers safely)."""
-    from kdlib.text.augment import PosVocabulary
-
     entries: dict[str, list] = {}
     for key, count in counts:
         tag, word = key.split("\t", 1)
@@ -78,21 +81,14 @@ class AugmentUnits(beam.DoFn):
         self.copies = Metrics.counter(NS, "augmented_copies")
 
     def setup(self):
-        from kdlib.text.augment import default_tagger
-
         self.tagger = default_tagger()
         self.vocab_json = None
         self.mlm_fn = None
         if self.cfg.augment.mlm_replace_prob > 0:
-            from kdlib.text.augment import make_mlm_candidates_fn
-            from kdlib.runtime.models import load_model, load_tokenizer
-
             swap = self.cfg.swap_model
             self.mlm_fn = make_mlm_candidates_fn(load_model(swap), load_tokenizer(swap.path), self.cfg.augment.mlm_top_k)
 
     def process(self, batch: list[dict], vocab_json: str):
-        from kdlib.text.augment import PosVocabulary, augment_batch
-
         if vocab_json != self.vocab_json:
             self.vocab, self.vocab_json = PosVocabulary.from_json(vocab_json), vocab_json
         by_id = {u["unit_id"]: u for u in batch}
@@ -112,8 +108,6 @@ class TokenizeUnits(beam.DoFn):
         self.cfg = cfg
 
     def setup(self):
-        from kdlib.runtime.models import load_tokenizer
-
         self.tokenizer = load_tokenizer(self.cfg.teacher.path)
 
     def process(self, batch: list[dict]):
@@ -146,8 +140,6 @@ class PackAndMask(beam.DoFn):
         self.cfg = cfg
 
     def setup(self):
-        from kdlib.runtime.models import load_tokenizer
-
         tok = load_tokenizer(self.cfg.teacher.path)
         self.cls_id, self.sep_id = packing_ids(tok, packing_for(self.cfg.teacher.task))
         self.tokens = MaskTokens.from_tokenizer(tok)
@@ -193,8 +185,6 @@ class TeacherShard(beam.DoFn):
         self.skipped = Metrics.counter(NS, "shards_skipped")
 
     def setup(self):
-        from kdlib.runtime.models import load_model, load_tokenizer
-
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
         self.model = load_model(self.cfg.teacher)
@@ -202,8 +192,6 @@ class TeacherShard(beam.DoFn):
         self.vocab_size = self.model.config.vocab_size
 
     def process(self, keyed):
-        from kdlib.cache import complete_shard, row_schema, rows_to_table, shard_name, write_shard
-
         shard, rows = keyed
         name = shard_name(shard, self.cfg.num_shards)
         done = complete_shard(self.directory, name)
@@ -227,10 +215,6 @@ class TeacherShard(beam.DoFn):
         yield info.name
 
     def _forward(self, batch: list[dict], fidelity: dict, rng: np.random.Generator, quota: int) -> list[dict]:
-        from kdlib.cache.sampling import position_samples, sampled_fidelity_sums
-        from kdlib.cache.vectors import fidelity_sums, merge_sums, vector_names
-        from kdlib.teachers.outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_reconstruction
-
         outputs = self.cfg.teacher_outputs
         ids, mask = pad_sequences([r["input_ids"] for r in batch], self.pad_id)
         raw = teacher_forward(self.model, ids, mask, outputs)

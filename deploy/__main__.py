@@ -7,14 +7,14 @@ output_dir. Exit status 0 done, 2 a user error (config, a missing model folder o
 import os
 import sys
 
+from deploy.config import DeployConfig
+from deploy.run import run
+from kdlib.runtime.cli import run_stage
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.runtime.cli import run_stage
-    from deploy.config import DeployConfig
-    from deploy.run import run
-
     return run_stage(__doc__, DeployConfig, run, argv, stage="deploy")
 
 

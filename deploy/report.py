@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdlib.deploy import CANDIDATES, deployment_table
 from kdlib.runtime.io import atomic_write_text
-from kdlib.runtime.plots import finish_bar_chart
+from kdlib.runtime.plots import finish_bar_chart, pyplot
 
 
 def how_measured(record: dict) -> list[str]:
@@ -52,11 +52,7 @@ def deploy_markdown(record: dict) -> str:
 
 def deploy_chart(record: dict, path: Path) -> Path:
     """Two panels: file size (MB) and throughput (seq/s) per candidate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [n for n in CANDIDATES if n in record["candidates"]]
     colors = [f"C{i}" for i in range(len(names))]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

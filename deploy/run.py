@@ -116,6 +116,7 @@ def _found(output_dir: Path) -> Optional[dict]:
 
 def run(cfg: DeployConfig, source: str = "<config>") -> Path:
     """The CLI: check inputs and output_dir, deploy and measure, write the report; returns deploy.md's path."""
+    # torch and onnxruntime (~1.5 s to import): --help and input checks run without them (module docstring)
     from kdlib.deploy import deploy_model
     from deploy.report import write_report
 

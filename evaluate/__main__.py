@@ -7,14 +7,14 @@ error (config, a missing model folder, a transfer set without held-out text), na
 import os
 import sys
 
+from evaluate.config import EvaluateConfig
+from evaluate.run import run
+from kdlib.runtime.cli import run_stage
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.runtime.cli import run_stage
-    from evaluate.config import EvaluateConfig
-    from evaluate.run import run
-
     return run_stage(__doc__, EvaluateConfig, run, argv, stage="evaluate")
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from kdlib.runtime.fingerprints import model_fingerprint
 from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
 
@@ -63,8 +65,6 @@ class LoadedModel:
 
 def safetensors_keys(folder: Path) -> list[str]:
     """Every tensor name in the folder's safetensors files (headers only; no weights are read)."""
-    from safetensors import safe_open
-
     keys: list[str] = []
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.runtime.io import atomic_write_text, json_safe
-from kdlib.runtime.plots import finish_bar_chart
+from kdlib.runtime.plots import finish_bar_chart, pyplot
 
 # (key, column title, decimals of the value, how it relates to the teacher: "percent", "ratio" or None)
 METRICS = (
@@ -105,11 +105,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Grouped bars: one group per metric, one bar per model, height = % of teacher (speed: 100 x speed-up)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [(key, title) for key, title, _, kind in METRICS if kind is not None]
     names = list(result["models"])
     width = 0.8 / len(names)

@@ -20,10 +20,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -47,24 +46,10 @@ def log(message: str) -> None:
     sys.stdout.flush()
 
 
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's thread count for the block (0: unchanged), restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def check_inputs(cfg: EvaluateConfig, source: str = "<config>") -> dict[str, ModelEntry]:
     """Every model folder found and safe, sequence lengths they accept, a transfer set with held-out text:
     checked before any model is loaded. Errors are ConfigErrors naming the config field."""
-    from evaluate.heldout import corpus_of
+    from evaluate.heldout import corpus_of  # loads torch and pyarrow (~2 s): --help runs without them
 
     entries = {}
     for name, ref in cfg.models.items():
@@ -107,9 +92,11 @@ def reference_key(cfg: EvaluateConfig, teacher: ModelEntry) -> str:
 
 def prepare_reference(cfg: EvaluateConfig, entries: Optional[dict[str, ModelEntry]] = None) -> PreparedReference:
     """Load the teacher, select and mask the held-out text, and run the teacher over it once."""
+    # these load torch (~2 s to import): --help and config errors come without it
     from evaluate.heldout import select_heldout
     from evaluate.scores import teacher_reference
     from evaluate.wordsim import word_similarity
+    from kdlib.runtime.speed import torch_threads
 
     entries = entries or check_inputs(cfg)
     entry = entries[cfg.teacher]
@@ -130,6 +117,7 @@ def prepare_reference(cfg: EvaluateConfig, entries: Optional[dict[str, ModelEntr
 
 
 def _heldout_scores(cfg: EvaluateConfig, loaded: LoadedModel, ref: PreparedReference, notes: dict) -> dict:
+    # these load torch (~2 s to import): --help and config errors come without it
     from evaluate.heldout import same_tokens
     from evaluate.scores import compare, self_scores
 
@@ -162,7 +150,7 @@ def _heldout_scores(cfg: EvaluateConfig, loaded: LoadedModel, ref: PreparedRefer
 
 
 def _speed_batches(cfg: EvaluateConfig, loaded: dict[str, LoadedModel]) -> list[dict]:
-    import torch
+    import torch  # ~1.2 s to import: --help and config errors come without it
 
     s = cfg.speed
     vocab = min(len(m.tokenizer) for m in loaded.values())
@@ -174,7 +162,8 @@ def _speed_batches(cfg: EvaluateConfig, loaded: dict[str, LoadedModel]) -> list[
 def evaluate_models(cfg: EvaluateConfig, *, reference: Optional[PreparedReference] = None,
                     source: str = "<config>") -> dict:
     """Score every model of `cfg` against its teacher; returns the evaluation.json content (nan = n/a)."""
-    from kdlib.runtime.speed import compare_speed, count_parameters
+    # these load torch (~1.2 s to import): --help and config errors come without it
+    from kdlib.runtime.speed import compare_speed, count_parameters, torch_threads
     from evaluate.wordsim import DATASETS, word_similarity
 
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import sys
 from kdlib.config import load_config
 from kdlib.errors import KDError
 from kdlib.runtime.cli import parse_overrides, stage_parser
+from finetune.layout import BASELINE, KD
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -36,7 +37,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, action="append", metavar="K", help="only this fold (repeatable)")
     parser.add_argument("--seed", type=int, action="append", metavar="S",
                         help="only this student seed (repeatable; distill)")
-    parser.add_argument("--arm", choices=("kd", "baseline"), action="append", help="only this arm (distill)")
+    parser.add_argument("--arm", choices=(KD, BASELINE), action="append", help="only this arm (distill)")
     parser.add_argument("--check", action="store_true", help="validate the config and the data, then exit")
 
 
@@ -44,15 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("finetune", __doc__, flags=add_flags, steps=STEP_HELP, default_step="all")
     args = parser.parse_args(argv)
     try:
-        # imported after parsing: the config module loads torch and transformers, which `--help` must not wait for
+        # imported after parsing: these load torch and transformers (~4 s), which `--help` must not wait for
         from finetune.config import FinetuneConfig
-
-        cfg = load_config(args.config, FinetuneConfig, parse_overrides(args.set))
+        from finetune.driver import run_multitask_steps, run_steps
+        from finetune.multitask import task_config
         from finetune.validate import validate
 
+        cfg = load_config(args.config, FinetuneConfig, parse_overrides(args.set))
         if cfg.tasks:  # multi-task: every task checked as its own single-task config
-            from finetune.multitask import task_config
-
             derived = [task_config(cfg, i) for i in range(len(cfg.tasks))]
             setups = {d.output_dir: validate(d, args.config, field_prefix=f"tasks[{i}].") for i, d in enumerate(derived)}
             summary = "; ".join(f"{t.name}: {s.examples} examples, labels {s.labels}"
@@ -63,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"{args.config}: valid ({summary}; {cfg.evaluation.folds} folds x {len(cfg.evaluation.seeds)} seed(s))")
             return 0
-        from finetune.driver import run_multitask_steps, run_steps
-
         if cfg.tasks:
             return run_multitask_steps(cfg, setups, args.config, step=args.step, folds=args.fold, seeds=args.seed,
                                        arms=args.arm)

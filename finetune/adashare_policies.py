@@ -12,6 +12,7 @@ import numpy as np
 from safetensors.torch import save_file
 
 from kdlib.runtime.io import atomic_target, atomic_write_bytes, atomic_write_text
+from kdlib.runtime.plots import pyplot
 from kdlib.students.adashare import TaskPolicies, candidate_policies
 from kdlib.training.config import math_hash
 
@@ -64,11 +65,7 @@ def write_policies(run, student, step: int, metrics: dict, evaluate) -> str:
 
 def _plot(probs: np.ndarray, policy: list[list[bool]], tasks: list[str], path: Path) -> None:
     """Heat map of p(execute) per task and layer, the fixed draw marked (x executes, . skips)."""
-    import matplotlib  # ~0.3 s to import with pyplot; only the end of a search draws, and Agg must be set first
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.8 * probs.shape[1], 0.8 + 0.6 * len(tasks)))
     image = ax.imshow(probs, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     for t, row in enumerate(policy):

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from kdlib.schemas import StudentConfig
 from kdlib.students.theseus import TheseusModel
-from kdlib.training.objective_plan import fail_field
+from kdlib.errors import fail_field
 
 Start = tuple[Optional[StudentConfig], Optional[str]]  # (shape built from the teacher, or None), (folder, or None)
 

@@ -29,7 +29,7 @@ from kdlib.errors import ReaderError
 from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
 from kdlib.runtime.jsonl import json_objects
 from kdlib.runtime.metrics import read_metrics
-from kdlib.runtime.plots import finish_bar_chart, loss_curve
+from kdlib.runtime.plots import finish_bar_chart, loss_curve, pyplot
 from kdlib.tasks.metrics import TASK_TYPES, percent_of, summarize, task_metrics
 from finetune.layout import BASELINE, KD, TEACHER
 
@@ -314,18 +314,9 @@ def _markdown(title: str, result: dict, files: dict, appendix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _metrics_plot(result: dict, path: Path, title: str) -> None:
     """Grouped bars: one group per metric, one bar per arm, error bars = sample std."""
-    plt = _pyplot()
+    plt = pyplot()
     names, arms = result["metrics"], list(result["arms"])
     width = 0.8 / len(arms)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names) * len(arms) ** 0.5 + 2), 4))

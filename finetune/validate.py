@@ -15,7 +15,8 @@ from kdlib.runtime.fingerprints import tokenizer_fingerprint
 from kdlib.runtime.models import check_model_folder, resolve_model_path
 from kdlib.tasks.readers import label_number
 from kdlib.schemas import check_against_teacher, shape_fields
-from kdlib.training.objective_plan import fail_field, fail_objective, layer_offer
+from kdlib.errors import fail_field
+from kdlib.training.objective_plan import fail_objective, layer_offer
 from kdlib.training.providers import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
 from finetune.config import FinetuneConfig

@@ -1,5 +1,7 @@
 """Errors a user can cause: each names the file / field / line and what was expected."""
 
+from typing import NoReturn
+
 
 class KDError(Exception):
     """Base class for every error this project reports to a user."""
@@ -28,3 +30,8 @@ class CacheError(KDError):
 class OutputError(KDError):
     """An output folder may not be written: it holds someone else's files, other inputs' results, or a
     live writer's lock."""
+
+
+def fail_field(source: str, field: str, message: str) -> NoReturn:
+    """The validators' one error shape: ConfigError "<config file>: field '<dotted field>': <message>"."""
+    raise ConfigError(f"{source}: field '{field}': {message}")

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Optional
 
+from kdlib.runtime.cli import add_config_flags
 from kdlib.runtime.process_group import free_port
 
 STAGES = ("pretrain",)  # stages with the rank contract; finetune joins when it exists
@@ -130,10 +131,9 @@ def _wait(procs: list[subprocess.Popen]) -> list[int]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch local", description=__doc__.splitlines()[0])
+    add_config_flags(parser)  # the stage's --config / --set, spelled and explained as every stage does
     parser.add_argument("--nproc", type=int, required=True, help="ranks on this machine (one per GPU, or per core)")
-    parser.add_argument("--config", required=True, help="the stage's YAML or JSON config")
-    parser.add_argument("--stage", default="pretrain", choices=STAGES)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the stage")
+    parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the training stage to run")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     args = parser.parse_args(argv)
     if args.nproc < 1:

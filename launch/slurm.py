@@ -22,7 +22,7 @@ from pathlib import Path
 from string import Template
 from typing import Optional
 
-from kdlib.runtime.cli import parse_overrides
+from kdlib.runtime.cli import add_config_flags, parse_overrides
 from kdlib.config import read_config_data
 from kdlib.errors import KDError
 from launch.local import STAGES, USER_ERROR
@@ -126,7 +126,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch slurm", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    add_config_flags(parser)  # the stage's --config / --set, spelled and explained as every stage does
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU nodes)")
     parser.add_argument("--tasks-per-node", type=int, default=0, help="ranks per node (default: one per GPU)")
@@ -135,8 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--partition", default=None)
     parser.add_argument("--warn-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
     parser.add_argument("--job-name", default=None)
-    parser.add_argument("--stage", default="pretrain", choices=STAGES)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the stage")
+    parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the training stage to run")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     args = parser.parse_args(argv)
     try:

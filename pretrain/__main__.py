@@ -33,18 +33,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, PretrainConfig, parse_overrides(args.set))
-        from pretrain.validate import validate
+        from pretrain.validate import validate  # torch and transformers: after parsing, as the config above
 
         setup = validate(cfg, args.config)
         if args.check:
             print(f"{args.config}: valid for {setup.place.world_size} rank(s)")
             return 0
         if args.export_init:
-            from pretrain.init_export import export_init
+            from pretrain.init_export import export_init  # after parsing: --help runs without torch
 
             print(f"untrained student written to {export_init(cfg, setup, args.export_init)}")
             return 0
-        from pretrain.train import train
+        from pretrain.train import train  # after parsing: --help runs without torch
 
         return train(cfg, setup)
     except KDError as err:

@@ -16,7 +16,7 @@ from kdlib.losses import get_spec
 from kdlib.runtime.models import load_tokenizer, resolve_model_path
 from kdlib.text.alignment import alignment_problem
 from kdlib.training.cross_tokenizer import ALIGNED_KEYS
-from kdlib.training.objective_plan import fail_field
+from kdlib.errors import fail_field
 
 # inputs a cross-tokenizer objective may read; the teacher's values only through aligned_mask
 _ALLOWED = frozenset({"student_logits", "topk_logits", "teacher_lse", "aligned_mask", "mask", "next_token_labels",

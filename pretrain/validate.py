@@ -16,14 +16,14 @@ from transformers import AutoConfig
 from kdlib.cache import MANIFEST, TransferSet
 from kdlib.runtime.process_group import DistEnv, dist_env
 from kdlib.training.deepspeed_engine import deepspeed_config
-from kdlib.errors import KDError
+from kdlib.errors import KDError, fail_field
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import sha256_file
 from kdlib.runtime.models import check_model_folder, resolve_model_path
 from kdlib.training.progressive import coverage_problem
 from kdlib.schemas import check_against_teacher
 from kdlib.students.shape import architecture_config
-from kdlib.training.objective_plan import cached_reads, fail_field, fail_objective, layer_offer, transfer_set_offer
+from kdlib.training.objective_plan import cached_reads, fail_objective, layer_offer, transfer_set_offer
 from kdlib.training.providers import Offer
 from kdlib.training.loop import check_run_folder
 from kdlib.training.module import plan_objectives

@@ -6,12 +6,12 @@ and the PNGs into output_dir. Exit status 0 done, 2 a missing or inconsistent in
 
 import sys
 
+from kdlib.runtime.cli import run_stage
+from report.build import build_report
+from report.config import ReportConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlib.runtime.cli import run_stage
-    from report.build import build_report
-    from report.config import ReportConfig
-
     def run(cfg: ReportConfig, source: str) -> None:
         path = build_report(cfg, source)
         print(f"[report] {path}", flush=True)

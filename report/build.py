@@ -12,6 +12,7 @@ from kdlib.config import read_config_file
 from kdlib.errors import ReaderError
 from kdlib.runtime.io import atomic_target, atomic_write_text
 from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.plots import pyplot
 from report.config import ReportConfig
 from report.numbers import Numbers, verify
 from report.scaling import scaling_section
@@ -21,19 +22,10 @@ from report.sections import (files_section, first_paths, general_section, loss_s
 NOT_OBJECTIVES = {"kind", "step", "loss", "lr", "tokens", "tokens_per_s", "epoch", "layer_in_training"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> str:
     with atomic_target(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
@@ -44,7 +36,7 @@ def _curve(ax, records: list[dict], key: str, **style) -> None:
 
 
 def teacher_curve(losses: list[float], path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, linewidth=0.8)
     ax.set(xlabel="optimizer step", ylabel="masked-LM cross-entropy", yscale="log",
@@ -55,7 +47,7 @@ def teacher_curve(losses: list[float], path: Path) -> str:
 
 
 def general_curve(records: list[dict], path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     keys = ["loss"] + sorted({k for r in records for k in r} - NOT_OBJECTIVES)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
@@ -70,7 +62,7 @@ def general_curve(records: list[dict], path: Path) -> str:
 
 def task_curves(runs: list[dict], path: Path) -> str:
     """One panel per trained arm, one line per fold (and seed)."""
-    plt = _pyplot()
+    plt = pyplot()
     arms = [a for a in ("teacher", "kd", "baseline") if any(r["arm"] == a for r in runs)]
     fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), squeeze=False)
     for ax, arm in zip(axes[0], arms):
@@ -85,7 +77,7 @@ def task_curves(runs: list[dict], path: Path) -> str:
 
 
 def speed_plot(n: Numbers, evaluation: str, deploy: str, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     names, speeds, notes = [], [], []
     for name, record in n.value(evaluation, "models").items():
         names.append(name)
@@ -108,7 +100,7 @@ def speed_plot(n: Numbers, evaluation: str, deploy: str, path: Path) -> str:
 
 
 def steps_plot(steps: dict, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(steps)
     minutes = [steps[s]["work_seconds"] / 60 for s in names]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from kdlib.config import read_config_file
 from kdlib.errors import ReaderError
 from kdlib.runtime.io import atomic_write_text
+from kdlib.runtime.cli import stage_parser
 
 NUMBERS_FILE = "numbers.json"
 NUMBER = re.compile(r"(?<![\w.\-/])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
@@ -136,14 +136,14 @@ def verify(report_dir: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m report.numbers REPORT_DIR`: check report.md against its sources; exit 1 listing what differs."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m report.numbers REPORT_DIR", file=sys.stderr)
-        return 2
-    problems = verify(args[0])
+    parser = stage_parser("report.numbers", "check a report's numbers against the files they were read from",
+                          config=False, flags=lambda p: p.add_argument("report_dir", metavar="REPORT_DIR",
+                                                                       help="the folder holding report.md and numbers.json"))
+    report_dir = parser.parse_args(argv).report_dir
+    problems = verify(report_dir)
     for problem in problems:
         print(problem)
-    print(f"{args[0]}: " + ("every number equals its source" if not problems else f"{len(problems)} problem(s)"))
+    print(f"{report_dir}: " + ("every number equals its source" if not problems else f"{len(problems)} problem(s)"))
     return 1 if problems else 0
 
 

@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
 EOS = "<|endoftext|>"
 TOKENIZER_KINDS = ("bpe", "wordpiece")
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -40,8 +42,6 @@ def train_tokenizer(lines: Iterable[str], kind: str, vocab_size: int, reproducib
 
     A byte-level BPE is the same on every run. The `tokenizers` WordPiece trainer is not (`_canonical_wordpiece`);
     `reproducible` fixes its alphabet and renumbers its entries, False keeps the trainer's own output."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
     lines = list(lines)
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
@@ -89,8 +89,6 @@ def _canonical_wordpiece(tok):
     tokenization and makes the ids reproducible whenever the entries are: they are unless two merges tie
     for the last places (rare merges on a small corpus).
     """
-    from tokenizers import models
-
     vocab = tok.get_vocab(with_added_tokens=False)
     order = list(WORDPIECE_SPECIALS) + sorted(t for t in vocab if t not in WORDPIECE_SPECIALS)
     return models.WordPiece({t: i for i, t in enumerate(order)}, unk_token="[UNK]", continuing_subword_prefix="##",
@@ -110,7 +108,7 @@ def special_tokens(kind: str) -> dict:
 def save_tokenizer(folder: str | Path, tokenizer, kind: str):
     """Save a trained `tokenizers.Tokenizer` (a copy: the caller's object is left as it is) into `folder` as a
     fast transformers tokenizer that `AutoTokenizer` loads; returns that transformers tokenizer."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # ~1.2 s to import; training a tokenizer does not need it
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.__class__.from_str(tokenizer.to_str()),
                                    **special_tokens(kind))

@@ -17,7 +17,7 @@ from tests.paths import REPO_ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-# (command after `python -m`, takes --config, parser built by kdlib.runtime.cli.stage_parser)
+# (command after `python -m`, takes --config (None: not checked), parser built by kdlib.runtime.cli.stage_parser)
 ENTRY_POINTS = [
     ("data_pipeline", True, True),
     ("teacher", True, True),
@@ -30,10 +30,14 @@ ENTRY_POINTS = [
     ("report", True, True),
     ("report.steps", False, True),
     ("launch", False, True),
-    ("launch local", True, False),  # launch/local.py and launch/slurm.py build their own parsers (same spelling)
+    ("launch local", True, False),  # launch/local.py and launch/slurm.py build their own parsers (same flags)
     ("launch slurm", True, False),
     ("bench", False, True),
+    ("report.numbers", False, True),
     ("kdlib.teachers.inspect", False, True),
+    # each benchmark: its own argparse parser, named as typed
+    *[(f"bench.{path.stem}", None, False) for path in sorted((REPO_ROOT / "bench").glob("*.py"))
+      if "argparse.ArgumentParser(" in path.read_text()],
 ]
 
 
@@ -50,7 +54,8 @@ def test_help_names_the_command_typed_and_spells_the_common_flags_alike(command,
     assert lines[0].startswith(f"usage: python -m {command} [-h]"), lines[0]
     usage = " ".join(proc.stdout.split("\n\n")[0].split())  # the usage block, however argparse wrapped it
     flat = " ".join(proc.stdout.split())
-    assert ("--config CONFIG" in usage) == takes_config, usage
+    if takes_config is not None:
+        assert ("--config CONFIG" in usage) == takes_config, usage
     if takes_config:
         assert "[--set KEY=VALUE]" in usage, usage
         assert usage.index("--config CONFIG") < usage.index("[--set KEY=VALUE]"), usage

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 from kdlib.deploy.onnx_export import output_name
-from kdlib.runtime.speed import _eval_mode, compare_calls
+from kdlib.runtime.speed import eval_mode, compare_calls
 
 
 def as_numpy(values) -> np.ndarray:
@@ -68,7 +68,7 @@ def max_abs_difference(model: torch.nn.Module, runner: Callable, batches: list[d
     """max |runner - model| over every value of every batch (float64), the model in eval + inference mode."""
     reference = torch_call(model, output_name(model))
     worst = 0.0
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in batches:
             ref = reference(batch["input_ids"], batch["attention_mask"])
             worst = max(worst, row_max_abs(ref, np.asarray(runner(batch["input_ids"], batch["attention_mask"]))))

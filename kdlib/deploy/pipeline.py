@@ -26,7 +26,7 @@ from kdlib.deploy.quantize import quantize_int8, torch_dynamic_int8
 from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
 from kdlib.runtime.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
                                   task_of)
-from kdlib.runtime.speed import _threads
+from kdlib.runtime.speed import torch_threads
 
 CANDIDATES = ("transformers fp32", "torch dynamic int8", "onnxruntime fp32", "onnxruntime int8")
 REFERENCE = CANDIDATES[0]
@@ -153,7 +153,7 @@ def deploy_model(folder: Path, out: Path, *, texts: list[str], labels: Optional[
     torch_int8 = torch_dynamic_int8(model)
     calls = {REFERENCE: torch_call(model, name), "torch dynamic int8": torch_call(torch_int8, name),
              **{cand: OnnxRunner(out / file, threads) for cand, file in FILES.items()}}
-    with _threads(threads):
+    with torch_threads(threads):
         say("measuring quality")
         quality = measure_quality(task, calls, quality_batches(tokenizer, texts, max_length, batch_size), labels)
         speed = {}

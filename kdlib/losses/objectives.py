@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 from kdlib.losses import get_chunked, get_spec, known_losses
+from kdlib.losses.chunked import FactoredLogits, fused_loss
 from kdlib.losses.schedules import ScheduleConfig
 
 
@@ -129,8 +130,6 @@ def chunk_term(objective: ObjectiveConfig, inputs: Mapping[str, Any], step: int 
                total_steps: int = 1) -> Optional[tuple[float, Any, Any]]:
     """(weight_at(step), ChunkTerm, the FactoredLogits it reads) when the objective reads factored student logits and its loss has a
     chunked twin that serves these inputs; None otherwise (evaluate it with evaluate_objective)."""
-    from kdlib.losses.chunked import FactoredLogits
-
     twin = get_chunked(objective.name)
     if twin is None:
         return None
@@ -151,8 +150,6 @@ def evaluate_objective(objective: ObjectiveConfig, inputs: Mapping[str, Any], st
     (kdlib.losses.chunked.FactoredLogits) go to the loss's chunked twin, or are materialised for a loss
     without one.
     """
-    from kdlib.losses.chunked import FactoredLogits, fused_loss
-
     deferred = chunk_term(objective, inputs, step, total_steps)
     if deferred is not None:
         weight, term, logits = deferred

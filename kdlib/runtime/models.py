@@ -97,14 +97,14 @@ def task_of(model_config: dict) -> ModelTask:
 
 def quiet_transformers() -> None:
     """Our own messages say what matters; transformers' load reports and bars only add noise."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # ~1 s to import (module docstring)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
 def _auto_class(task: ModelTask):
-    import transformers
+    import transformers  # ~1 s to import (module docstring)
 
     return {
         "base": transformers.AutoModel,
@@ -152,7 +152,7 @@ def load_model(cfg: ModelConfig, *, allow_new_head: bool = False, dtype=None):
 
 def load_tokenizer(ref: str, model_config: dict | None = None):
     """Load a fast tokenizer offline and check it fits the model's vocabulary."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # ~1 s to import (module docstring)
 
     folder = resolve_model_path(ref)
     quiet_transformers()

@@ -70,9 +70,10 @@ def init_distributed(backend: str = "auto") -> DistEnv:
 
     The rendezvous variables it exports (what env:// reads) are put back by `shutdown`, so a later job in
     the same process, or a process it starts (a launcher, a pipeline), does not inherit this job's rank."""
+    # torch and deepspeed (~3 s to import) load here, not at the top: launchers import free_port without them
     import deepspeed
     import torch
-    import torch.distributed as dist
+    import torch.distributed as dist  # not at the top: launchers import free_port without torch
 
     place = dist_env()
     if not _saved_environment:
@@ -89,7 +90,7 @@ def init_distributed(backend: str = "auto") -> DistEnv:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # not at the top: launchers import free_port without torch
 
     if dist.is_initialized():
         dist.barrier()
@@ -99,6 +100,7 @@ def shutdown() -> None:
     """Close the process group and forget the groups DeepSpeed cached on it (module globals in
     deepspeed.utils.groups), so a later job in the same process (a stage with sub-steps, a test) can start
     again; without this, its engine broadcasts over a destroyed group."""
+    # here, not at the top: launchers import free_port without torch or deepspeed (module docstring)
     import torch.distributed as dist
     from deepspeed.utils import groups
 
@@ -121,7 +123,7 @@ def shutdown() -> None:
 
 def all_reduce_sum(tensor) -> None:
     """In-place sum over ranks (a no-op in a single process without a process group)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # not at the top: launchers import free_port without torch
 
     if dist.is_initialized():
         dist.all_reduce(tensor)

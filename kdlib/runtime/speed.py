@@ -63,10 +63,11 @@ def _validate(batches: list[dict], threads: int, warmup: int, repeats: int) -> i
 
 
 @contextmanager
-def _threads(threads: int) -> Iterator[None]:
-    """torch's intra-op thread count set for the block and restored afterwards, even on error."""
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set for the block (0: left as it is) and restored afterwards, even on error."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -74,7 +75,7 @@ def _threads(threads: int) -> Iterator[None]:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off for the measurement; the caller's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -115,7 +116,7 @@ def compare_calls(passes: Mapping[str, Callable[[], object]], threads: int, *, w
         raise ValueError("models: expected at least one model, got none")
     names = list(passes)
     best = {name: float("inf") for name in names}
-    with _threads(threads), torch.inference_mode():
+    with torch_threads(threads), torch.inference_mode():
         for name in names:
             for _ in range(warmup):
                 passes[name]()
@@ -144,14 +145,8 @@ def compare_speed(models: Mapping[str, torch.nn.Module], batches: list[dict], th
     placed = {name: [{k: v.to(_device(models[name])) for k, v in b.items()} for b in batches] for name in names}
     with ExitStack() as stack:
         for name in names:
-            stack.enter_context(_eval_mode(models[name]))
+            stack.enter_context(eval_mode(models[name]))
         best = compare_calls({name: partial(_one_pass, models[name], placed[name], _device(models[name]))
                               for name in names}, threads, warmup=warmup, repeats=repeats)
     return {name: {"sequences_per_s": sequences / best[name], "seconds": best[name], "batch_size": batch_size,
                    "threads": threads} for name in names}
-
-
-def measure_throughput(model: torch.nn.Module, batches: list[dict], *, threads: int, warmup: int = 1,
-                       repeats: int = 3) -> dict:
-    """{"sequences_per_s", "seconds", "batch_size", "threads"} of one model (see `compare_speed`)."""
-    return compare_speed({"model": model}, batches, threads, warmup=warmup, repeats=repeats)["model"]

@@ -17,13 +17,12 @@ from kdlib.cache.sampling import sample_columns
 from kdlib.cache.schema import id_dtype
 from kdlib.cache.vectors import SCALE_SUFFIX, encode, vector_column, vector_names
 from kdlib.schemas import TeacherOutputsConfig
+from kdlib.training.internals import capture_qkv
 
 
 def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: TeacherOutputsConfig):
     """One forward pass under inference_mode; returns the raw tensors the config asks for (Q/K/V of the
     `qkv_layers` captured from the attention blocks' projections, as the online teacher's are)."""
-    from kdlib.training.internals import capture_qkv
-
     want_hidden = bool(outputs.hidden_layers) or outputs.pooled is not None
     with torch.inference_mode(), capture_qkv(model, enabled=bool(outputs.qkv_layers)) as qkv:
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden)

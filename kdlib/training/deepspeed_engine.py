@@ -77,7 +77,7 @@ def logit_chunk_size(engine: EngineConfig, objectives) -> int:
     Chunking pays only when no loss needs the dense logits anyway, and ZeRO-3 partitions the output
     projection's weight outside its module's forward, where the chunked losses read it. "on" with
     either raises ValueError naming the field; "auto" then falls back to dense."""
-    from kdlib.losses import get_chunked, get_spec
+    from kdlib.losses import get_chunked, get_spec  # loads torch: finetune/config.py imports this module, torch-free
 
     if engine.chunked_logits == "off":
         return 0
@@ -184,6 +184,8 @@ def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0,
     peak rate per depth (num_layers: the student's transformer layers), which the scheduler keeps per group;
     by_depth: per-depth groups tagged with their depth (progressive transfer); rates: {name regex: rate} for
     parameters with a rate of their own (kdlib.training.lr_groups)."""
+    # torch and deepspeed (~3 s to import): finetune/config.py imports this module for EngineConfig, and config
+    # validation and `python -m finetune --help` run without them
     import deepspeed
     import torch
 

@@ -1,7 +1,7 @@
 """Objective planning: for one registered loss, under what a stage offers, the scope it is evaluated at,
 its sites (layer pairs), and a check that every input it needs can be provided, all before any model loads.
 The table of inputs itself is kdlib.training.providers. The stages build their Offer from the pieces here
-(`layer_offer`, `transfer_set_offer`) and report what does not fit as one field error (`fail_field`).
+(`layer_offer`, `transfer_set_offer`) and report what does not fit as one field error (`kdlib.errors.fail_field`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from kdlib.cache.reader import cached_batch_keys
 from kdlib.cache.vectors import is_vector_column
-from kdlib.errors import ConfigError
+from kdlib.errors import fail_field
 from kdlib.losses import get_spec
 from kdlib.training.providers import (ALL_LAYERS, ATTENTION_PAIR, BATCH, CHAIN, EMBEDDING, PAIR, PROVIDERS, STACKED,
                                       Offer, Site, StepInputs)
@@ -131,11 +131,6 @@ def cached_reads(plans: list[ObjectivePlan], offer: Offer) -> frozenset:
         parts = (["hidden"] if "hidden" in kinds else []) + (["query", "key", "value"] if "qkv" in kinds else [])
         keep |= {f"teacher_{part}_{t}" for t in layers for part in parts} & offer.cached
     return frozenset(keep)
-
-
-def fail_field(source: str, field: str, message: str) -> NoReturn:
-    """The validators' one error shape: ConfigError "<config file>: field '<dotted field>': <message>"."""
-    raise ConfigError(f"{source}: field '{field}': {message}")
 
 
 def fail_objective(source: str, err: ValueError, prefix: str = "") -> NoReturn:

@@ -22,7 +22,7 @@ from transformers import BertForMaskedLM, BertForSequenceClassification
 
 from finetune.report import aggregate, collect, write_report
 from kdlib.errors import ReaderError
-from kdlib.runtime.speed import compare_speed, count_parameters, measure_throughput
+from kdlib.runtime.speed import compare_speed, count_parameters
 from tests.tiny_models import make_tiny_bert
 
 TOL = 1e-14
@@ -294,7 +294,7 @@ def test_speed_helpers_on_tiny_berts(tmp_path):
     try:
         torch.set_num_threads(2)
         small.train()
-        one = measure_throughput(small, batches, threads=1, warmup=1, repeats=2)
+        one = compare_speed({"model": small}, batches, threads=1, warmup=1, repeats=2)["model"]
         assert torch.get_num_threads() == 2 and small.training  # thread count and train mode restored
         assert set(one) == {"sequences_per_s", "seconds", "batch_size", "threads"}
         assert one["batch_size"] == 4 and one["threads"] == 1
@@ -305,7 +305,7 @@ def test_speed_helpers_on_tiny_berts(tmp_path):
             assert result["batch_size"] == 4 and result["threads"] == 1 and result["sequences_per_s"] > 0
             assert result["sequences_per_s"] * result["seconds"] == pytest.approx(8, rel=1e-12)
         with pytest.raises(ValueError, match="threads: expected an int >= 1, got 0"):
-            measure_throughput(small, batches, threads=0)
+            compare_speed({"model": small}, batches, threads=0)
         assert torch.get_num_threads() == 2
         with pytest.raises(ValueError, match="batches: expected at least one batch"):
             compare_speed({"student": small}, [], threads=1)

@@ -25,7 +25,7 @@ def make_mlm_candidates_fn(
 
     A mask cut off by truncation gets an empty list (the augmenter then keeps that word).
     """
-    import torch
+    import torch  # ~1.2 s to import: data_pipeline's --help imports kdlib.text.augment without it
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")

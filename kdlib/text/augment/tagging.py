@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 def default_tagger() -> Any:
     """TextBlob's PatternTagger; imported lazily because textblob loads its lexicon on first use."""
-    from textblob.en.taggers import PatternTagger
+    from textblob.en.taggers import PatternTagger  # ~3.7 s to import: `python -m data_pipeline --help` runs without it
 
     return PatternTagger()
 
@@ -39,6 +39,7 @@ def tag_sentences(tagger: Any, sentences: Sequence[Sequence[str]]) -> list[list[
     nonempty = [list(ws) for ws in sentences if ws]
     if not nonempty:
         return [[] for _ in sentences]
+    # textblob: ~3.7 s to import; data_pipeline's --help and config checks import this module without it
     from textblob.en import parser as pattern_parser
     from textblob.en.taggers import PatternTagger
 
