@@ -8,9 +8,10 @@ reports the field path and the file like any other config error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, Optional
 
-from kdlib.errors import ConfigError
+from kdlib.errors import fail_field
 
 
 @dataclass
@@ -166,10 +167,7 @@ def check_against_teacher(source: str, teacher_config: dict, *, outputs: Teacher
     vocab = teacher_config.get("vocab_size")
     positions = teacher_config.get("max_position_embeddings")
     layers = teacher_config.get("num_hidden_layers")
-    width = teacher_config.get("hidden_size")
-
-    def fail(path: str, message: str) -> None:
-        raise ConfigError(f"{source}: field '{path}': {message}")
+    fail = partial(fail_field, source)
 
     if max_length is not None and positions is not None and max_length > positions:
         fail(max_length_path, f"expected at most the teacher's {positions} position embeddings, got {max_length}")

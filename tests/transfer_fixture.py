@@ -99,8 +99,6 @@ def build_transfer_set(root: Path, *, rows: int = 320, top_k: int = 8, seed: int
     cache those teacher outputs too (vectors stored with `vector_encoding`), `sampled_tokens` teacher draws per
     position (a tail outside the top-k); `dropout` (e.g. 0.0) is written into the teacher's config, which students
     copy."""
-    from transformers import BertForMaskedLM, BertTokenizerFast
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CI has 2 cores; more threads than cores makes a tiny model 10x slower
     try:

@@ -221,7 +221,7 @@ def test_kd_topk_on_the_q8_batch_is_within_the_derived_tolerance(built):
 
 
 def test_q8_manifest_records_encoding_fidelity_and_fewer_bytes(built):
-    (fp16_dir, fp16_cfg, fp16_out), (q8_dir, q8_cfg, q8_out) = built["fp16"], built["q8"]
+    (fp16_dir, fp16_cfg, _), (q8_dir, _, q8_out) = built["fp16"], built["q8"]
     a, b = read_manifest(fp16_dir), read_manifest(q8_dir)
     assert a.cached["topk_encoding"] == "fp16" and b.cached["topk_encoding"] == "q8"
     assert {"topk_id_deltas", "topk_levels", "topk_max", "topk_step"} <= set(b.dtypes)

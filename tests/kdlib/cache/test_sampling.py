@@ -20,7 +20,7 @@ from kdlib.losses import kd_sparse, kd_topk, sparse_kd_per_position
 from kdlib.runtime.metrics import read_metrics
 from kdlib.runtime.models import ModelConfig, load_model
 from kdlib.schemas import TeacherOutputsConfig, check_against_teacher
-from kdlib.teachers.outputs import rows_from_outputs, teacher_forward
+from kdlib.teachers.outputs import rows_from_outputs
 from pretrain.evaluate import teacher_top1
 from tests.data_pipeline.test_pipeline import corpus_config, run_pipeline
 from tests.transfer_fixture import base_config, build_transfer_set, run_pretrain, write_config
