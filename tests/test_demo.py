@@ -20,6 +20,8 @@ from report.numbers import numbers_in, verify
 from tests.finetune_fixture import write_task
 from tests.tiny_models import make_tiny_bert
 
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
+
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = {"kind": "text", "path": "gensim:lee_background.cor", "text_mode": "line"}
 

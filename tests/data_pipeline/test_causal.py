@@ -184,6 +184,7 @@ def expected_original_rows(tokenizer) -> tuple[dict[str, dict], dict[int, list]]
     return expected, streams
 
 
+@pytest.mark.slow
 def test_causal_rows_are_the_documents_tokens_each_followed_by_eos(built, rows, tokenizer):
     expected, streams = expected_original_rows(tokenizer)
     original = {r["id"]: r for r in rows if r["augmentation"] == "original"}
@@ -204,6 +205,7 @@ def test_causal_rows_are_the_documents_tokens_each_followed_by_eos(built, rows, 
     assert {r["augmentation"] for r in rows} == {"original", "copy1"}
 
 
+@pytest.mark.slow
 def test_char_offsets_hold_each_tokens_text_and_breaks_mark_the_document_pieces(rows, tokenizer):
     expected, _ = expected_original_rows(tokenizer)
     eos = tokenizer.eos_token_id
@@ -248,6 +250,7 @@ def test_char_offsets_hold_each_tokens_text_and_breaks_mark_the_document_pieces(
         assert text == "\n".join(t[a:b] for _, t, a, b in pieces)
 
 
+@pytest.mark.slow
 def test_cached_outputs_equal_the_teachers_own_forward(rows, gpt2):
     model = load_model(ModelConfig(path=str(gpt2), task="causal_lm"))
 
@@ -274,6 +277,7 @@ def test_cached_outputs_equal_the_teachers_own_forward(rows, gpt2):
     assert checked >= 25 and rows[0]["topk_ids"].dtype == np.uint16
 
 
+@pytest.mark.slow
 def test_manifest_records_causal_packing_char_offsets_and_the_teacher_tokenizer(built, tokenizer):
     m = read_manifest(built)
     assert m.cached["packing"] == "causal" and m.cached["char_offsets"] is True and m.cached["mlm"] is False
@@ -299,6 +303,7 @@ def test_manifests_from_before_causal_packing_read_as_cls_packed():
     assert manifest({"packing": "causal", "char_offsets": True}, {}).packing == "causal"
 
 
+@pytest.mark.slow
 def test_reader_batches_leave_text_out_unless_asked(built, rows):
     ts = TransferSet(built)
     indices = [0, 5, len(ts) - 1]
@@ -337,6 +342,7 @@ def test_a_keep_text_task_set_gives_its_texts_the_same_way(tmp_path):
     assert "char_offsets" not in batch and "texts" not in TransferSet(tmp_path).batch([2, 0])
 
 
+@pytest.mark.slow
 def test_a_rebuild_with_one_worker_is_byte_identical(work, gpt2, built):
     out = work / "causal-one-worker"
     run_pipeline(work, causal_config(gpt2, out), ONE_WORKER)
@@ -370,6 +376,7 @@ def test_config_errors_name_the_field_and_the_file(tmp_path, over, field, words)
     assert str(err.value).startswith(f"{path}: field '{field}': ") and words in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_causal_teacher_without_an_eos_token_is_refused_in_preflight_naming_its_folder(work, tmp_path):
     from transformers import AutoTokenizer
 
@@ -397,6 +404,7 @@ def test_existing_configs_keep_their_content_hash(name):
     assert content_hash(load_config(ROOT / name, PipelineConfig, {"char_offsets": False})) == SHIPPED[name]
 
 
+@pytest.mark.slow
 def test_char_offsets_and_causal_packing_change_the_content_hash(tmp_path, work):
     teacher = make_tiny_bert(work / "bert", task="masked_lm", layers=2, hidden=32, heads=4)
     base = {**causal_config(teacher, tmp_path / "x", char_offsets=False), "teacher": {"path": str(teacher),

@@ -29,6 +29,8 @@ from kdlib.runtime.outputs import process_start_time
 from tests.tiny_models import make_tiny_bert
 from tests.paths import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
+
 ROOT = REPO_ROOT
 TWO_WORKERS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
 

@@ -107,6 +107,7 @@ def trained_onnx(trained, tmp_path_factory):
 # ------------------------------------------------------------------ 1. fp32 export, dynamic axes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["sequence_classification", "masked_lm", "base", "gpt2", "llama"])
 def test_onnx_fp32_matches_transformers_on_other_shapes(task, tmp_path):
     if task in ("gpt2", "llama"):
@@ -146,6 +147,7 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
 # ------------------------------------------------------------------ 2 + 3. int8: agreement, size, torch's copy
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32_on_a_trained_classifier(trained_onnx):
     model, tokenizer, fp32, int8 = trained_onnx
     unseen = sentences(200, seed=1)
@@ -160,6 +162,7 @@ def test_int8_agrees_with_fp32_on_a_trained_classifier(trained_onnx):
     assert np.abs(got - ref).max() > 0  # int8 really changed the weights
 
 
+@pytest.mark.slow
 def test_int8_file_is_smaller_by_the_linear_weights(trained_onnx):
     model, _, fp32, int8 = trained_onnx
     linear = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -169,6 +172,7 @@ def test_int8_file_is_smaller_by_the_linear_weights(trained_onnx):
     assert int8.stat().st_size < 0.7 * fp32.stat().st_size
 
 
+@pytest.mark.slow
 def test_torch_dynamic_int8_is_a_quantized_copy(trained_onnx):
     model, tokenizer, _, _ = trained_onnx
     before = copy.deepcopy(model.state_dict())
@@ -184,6 +188,7 @@ def test_torch_dynamic_int8_is_a_quantized_copy(trained_onnx):
     assert 0 < np.abs(got - ref).max() <= MAX_DELTA
 
 
+@pytest.mark.slow
 def test_speed_comparison_needs_equal_threads(trained_onnx):
     model, tokenizer, fp32, _ = trained_onnx
     batches = [padded_batch(tokenizer, ["a good film", "the worst"])] * 2
@@ -202,6 +207,7 @@ def test_speed_comparison_needs_equal_threads(trained_onnx):
 # ------------------------------------------------------------------ 4. deploy_model's record and folder
 
 
+@pytest.mark.slow
 def test_deploy_model_record_matches_a_recomputation(trained, tmp_path):
     data = sentences(40, seed=3)
     texts, labels = [t for t, _ in data], [y for _, y in data]
@@ -260,6 +266,7 @@ def write_stage(tmp_path: Path, model: Path, **fields) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_writes_the_table_of_its_record(trained, tmp_path, capsys):
     config = write_stage(tmp_path, trained)
     assert main(["--config", str(config)]) == 0
@@ -281,6 +288,7 @@ def test_cli_writes_the_table_of_its_record(trained, tmp_path, capsys):
     assert "set overwrite: true" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_bad_configs_name_the_field_and_file(trained, tmp_path, capsys):
     config = write_stage(tmp_path, trained, eval_data=str(tmp_path / "missing.jsonl"))
     assert main(["--config", str(config)]) == 2
@@ -299,6 +307,7 @@ def test_cli_bad_configs_name_the_field_and_file(trained, tmp_path, capsys):
     assert "field 'eval_data'" in (e := capsys.readouterr().err) and "line 1: label 'maybe'" in e
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["masked_lm", "base", "gpt2"])
 def test_deploy_model_quality_of_language_models_and_encoders(task, tmp_path):
     folder = (make_tiny_decoder(tmp_path / "m", family="gpt2") if task == "gpt2"

@@ -99,6 +99,7 @@ def world(tmp_path_factory):
 # ---------------------------------------------------------------- held-out selection
 
 
+@pytest.mark.slow
 def test_heldout_selection_excludes_the_transfer_set_and_packs_like_the_pipeline(world):
     held = world["reference"].heldout
     ids = doc_ids(world["corpus"])
@@ -123,6 +124,7 @@ def test_heldout_selection_excludes_the_transfer_set_and_packs_like_the_pipeline
     assert world["result"]["settings"]["heldout"]["article_ids"] == held.article_ids
 
 
+@pytest.mark.slow
 def test_heldout_refuses_a_transfer_set_without_max_documents(world, tmp_path, capsys):
     corpus = world["corpus"]
     unlimited = write_transfer_set(tmp_path / "all", corpus_dict(corpus, None), doc_ids(corpus)[:SKIP])
@@ -140,6 +142,7 @@ def test_heldout_refuses_a_transfer_set_without_max_documents(world, tmp_path, c
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_heldout_refuses_a_document_the_transfer_set_holds(world, tmp_path):
     corpus = world["corpus"]
     ids = doc_ids(corpus)
@@ -156,6 +159,7 @@ def _numbers(result: dict, name: str) -> dict:
     return result["models"][name]["metrics"]
 
 
+@pytest.mark.slow
 def test_a_model_against_an_identical_copy(world):
     for name in ("teacher", "copy"):
         m = _numbers(world["result"], name)
@@ -172,6 +176,7 @@ def _softmax64(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.exp(logp), logp
 
 
+@pytest.mark.slow
 def test_agreement_kl_and_cosine_against_another_model_match_a_hand_computation(world):
     from transformers import BertForMaskedLM
 
@@ -200,6 +205,7 @@ def test_agreement_kl_and_cosine_against_another_model_match_a_hand_computation(
     assert m["parameters"] == sum(p.numel() for p in other.bert.parameters())
 
 
+@pytest.mark.slow
 def test_spearman_matches_scipy_on_words_embedded_one_by_one(world):
     from transformers import AutoTokenizer, BertModel
 
@@ -226,6 +232,7 @@ def test_spearman_matches_scipy_on_words_embedded_one_by_one(world):
     assert world["result"]["settings"]["word_similarity"]["simlex999"]["pairs"] == 999
 
 
+@pytest.mark.slow
 def test_bare_encoder_and_other_widths_get_na_not_numbers(world):
     bare, wide = world["result"]["models"]["bare"], world["result"]["models"]["wide"]
     assert not bare["has_mlm_head"] and math.isnan(bare["metrics"]["masked_top1_agreement"])
@@ -239,6 +246,7 @@ def test_bare_encoder_and_other_widths_get_na_not_numbers(world):
     assert row.split(" | ")[3:5] == ["n/a", "n/a"]
 
 
+@pytest.mark.slow
 def test_speed_and_percentages(world):
     models = world["result"]["models"]
     assert list(models)[0] == "teacher"
@@ -260,6 +268,7 @@ def _table(markdown: str) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
+@pytest.mark.slow
 def test_every_number_in_the_markdown_is_the_json_number(world):
     from evaluate.report import METRICS
 
@@ -289,6 +298,7 @@ def test_every_number_in_the_markdown_is_the_json_number(world):
     assert saved["settings"]["heldout"]["sequences"] == 12 and saved["claim"]
 
 
+@pytest.mark.slow
 def test_cli_writes_refuses_other_configs_and_missing_folders(world, tmp_path, capsys):
     from evaluate.__main__ import main
 
@@ -314,6 +324,7 @@ def test_cli_writes_refuses_other_configs_and_missing_folders(world, tmp_path, c
     assert "field 'models.ghost'" in err and "does not exist" in err
 
 
+@pytest.mark.slow
 def test_config_errors_name_the_field(world):
     base = {"models": {"t": "x"}, "teacher": "t", "output_dir": "o", "transfer_set": "ts"}
     with pytest.raises(ConfigError, match="field 'teacher': expected one of the model names"):

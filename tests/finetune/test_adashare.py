@@ -152,6 +152,7 @@ def test_all_layers_executed_equals_the_stock_encoder_exactly():
     assert torch.equal(hidden, stock.last_hidden_state) and torch.equal(pooled, stock.pooler_output)
 
 
+@pytest.mark.slow
 def test_a_skipped_layer_gives_the_outputs_of_the_model_without_it(tmp_path):
     from finetune.multitask_model import MultiTaskClassifier
 
@@ -220,6 +221,7 @@ def adashare(tmp_path_factory):
     return root / "run", data
 
 
+@pytest.mark.slow
 def test_search_learns_policies_and_retraining_exports_only_the_selected_layers(adashare):
     run, _ = adashare
     for fold in (0, 1):
@@ -242,6 +244,7 @@ def test_search_learns_policies_and_retraining_exports_only_the_selected_layers(
             assert record["parameters"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_each_task_report_shows_adashare_beside_the_dense_multitask_student(adashare):
     run, _ = adashare
     for task in ("polarity", "topic"):
@@ -255,6 +258,7 @@ def test_each_task_report_shows_adashare_beside_the_dense_multitask_student(adas
         assert "Layers executed per task model" in (run / task / "report/report.md").read_text()
 
 
+@pytest.mark.slow
 def test_policies_and_weights_survive_kill_9_and_resume(adashare, tmp_path):
     run, data = adashare
     copy = tmp_path / "run"

@@ -40,6 +40,7 @@ def plain(tmp_path_factory):
     return root / "run", path, data
 
 
+@pytest.mark.slow
 def test_alpha_one_reproduces_the_no_kd_run_exactly(plain):
     run, _, _ = plain
     for fold in (0, 1):
@@ -50,6 +51,7 @@ def test_alpha_one_reproduces_the_no_kd_run_exactly(plain):
         assert not torch.equal(kd["classifier.weight"], start["classifier.weight"])
 
 
+@pytest.mark.slow
 def test_held_out_metrics_equal_scikit_learn(plain):
     run, _, _ = plain
     evals = sorted(run.glob("fold-*/**/eval.json"))
@@ -68,6 +70,7 @@ def test_held_out_metrics_equal_scikit_learn(plain):
             assert record["speed"]["sequences_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_report_shows_the_numbers_of_the_eval_files(plain):
     run, _, _ = plain
     report = json.loads((run / "report/report.json").read_text())
@@ -83,6 +86,7 @@ def test_report_shows_the_numbers_of_the_eval_files(plain):
     assert (run / "report/metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_teacher_stops_early_and_exports_its_best_weights(plain):
     run, _, data = plain
     teacher = run / "fold-0/teacher"
@@ -117,6 +121,7 @@ def test_teacher_stops_early_and_exports_its_best_weights(plain):
     assert set(exported) >= {"classifier.weight", "bert.pooler.dense.weight"}
 
 
+@pytest.mark.slow
 def test_folds_partition_the_examples_and_augmentation_sees_only_training_rows(plain):
     run, _, _ = plain
     split = {f: {s: [json.loads(line) for line in (run / f"folds/fold-{f}/{s}.jsonl").read_text().splitlines()]
@@ -131,6 +136,7 @@ def test_folds_partition_the_examples_and_augmentation_sees_only_training_rows(p
         assert {ts.row(i)["source_id"] for i in range(len(ts))} == ids["train"]
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_work_and_a_changed_config_is_refused(plain, capsys):
     run, path, data = plain
     before = {p: p.stat().st_mtime_ns for p in run.glob("fold-*/**/eval.json")}
@@ -142,6 +148,7 @@ def test_a_rerun_skips_finished_work_and_a_changed_config_is_refused(plain, caps
     assert {p: p.stat().st_mtime_ns for p in run.glob("fold-*/**/eval.json")} == before
 
 
+@pytest.mark.slow
 def test_a_transfer_set_of_another_teacher_is_refused(plain, tmp_path, capsys):
     from tests.tiny_models import make_tiny_bert
 
@@ -224,6 +231,7 @@ def test_folds_are_stratified_and_deterministic():
         assert len(fold.valid) == 2 and {e.label for e in fold.valid} == {"a", "b"}  # floor(16 x 0.1), floor(8 x 0.1) -> 1
 
 
+@pytest.mark.slow
 def test_an_already_fine_tuned_teacher_is_scored_without_training(plain, tmp_path):
     """teacher.finetuned: no teacher run; the given classifier is scored on each held-out fold (here the plain
     run's own fold-0 teacher, so its held-out metrics must come out the same)."""
@@ -240,6 +248,7 @@ def test_an_already_fine_tuned_teacher_is_scored_without_training(plain, tmp_pat
 
 # ---------------------------------------------------------------- the deploy step (finetune.int8)
 
+@pytest.mark.slow
 def test_the_int8_arm_is_the_onnx_int8_model_on_the_held_out_fold(plain):
     from transformers import AutoTokenizer
 
@@ -273,6 +282,7 @@ def test_the_int8_arm_is_the_onnx_int8_model_on_the_held_out_fold(plain):
         assert sizes["onnxruntime int8"] < sizes["onnxruntime fp32"]
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_int8_arm_and_its_table(plain):
     run, _, _ = plain
     report = json.loads((run / "report/report.json").read_text())
@@ -287,6 +297,7 @@ def test_the_report_shows_the_int8_arm_and_its_table(plain):
     assert f"{int8['size_bytes'] / 1e6:.2f}" in text  # the table's size column, from deploy.json
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_the_finished_artefacts(plain):
     run, path, _ = plain
     before = {p: p.stat().st_mtime_ns for p in run.glob("fold-*/seed-*/kd-int8/eval.json")}

@@ -54,12 +54,14 @@ def run_config(data: dict, out: Path, **distill):
     return dataclasses.replace(student_run(cfg, 0, 0, "kd", ["neg", "pos"]), output_dir=str(out))
 
 
+@pytest.mark.slow
 def test_kd_loss_falls(augmented):
     run, _ = augmented
     kd = [r["kd_kl"] for r in records(run / "fold-0/seed-0/kd/metrics.jsonl")]
     assert len(kd) == 24 and np.mean(kd[-6:]) < 0.8 * np.mean(kd[:6])
 
 
+@pytest.mark.slow
 def test_the_transfer_set_caches_what_the_objectives_read(augmented):
     run, _ = augmented
     manifest = TransferSet(run / "fold-0/transfer_set").manifest
@@ -68,6 +70,7 @@ def test_the_transfer_set_caches_what_the_objectives_read(augmented):
     #                                                  leaves the last layer to the output loss)
 
 
+@pytest.mark.slow
 def test_cached_logits_are_the_teachers_own(augmented):
     from transformers import BertForSequenceClassification
 
@@ -83,6 +86,7 @@ def test_cached_logits_are_the_teachers_own(augmented):
         assert torch.allclose(cached, own, rtol=0, atol=1e-5 * max(1.0, float(own.abs().max())))  # fp32, batched
 
 
+@pytest.mark.slow
 def test_augmented_copies_carry_soft_targets_only(augmented):
     run, _ = augmented
     train = read_split(run / "folds/fold-0/train.jsonl")
@@ -96,6 +100,7 @@ def test_augmented_copies_carry_soft_targets_only(augmented):
     assert all(labels[i] == IGNORE_INDEX for i in range(len(rows)) if rows.augmented[i])
 
 
+@pytest.mark.slow
 def test_two_phases_switch_objectives_at_the_configured_step(augmented, tmp_path):
     _, data = augmented
     phases = [{"name": "intermediate", "steps": 5, "objectives": [{"name": "hidden_mse"}]},
@@ -110,6 +115,7 @@ def test_two_phases_switch_objectives_at_the_configured_step(augmented, tmp_path
         assert (r["kd_kl"] == 0.0) == first and (r["kd_kl"] > 0) == (not first)
 
 
+@pytest.mark.slow
 def test_theseus_exports_the_successor_alone(augmented, tmp_path):
     from transformers import BertForSequenceClassification
 
@@ -137,6 +143,7 @@ def test_theseus_exports_the_successor_alone(augmented, tmp_path):
     assert torch.allclose(scores, logits, rtol=0, atol=1e-5 * max(1.0, float(logits.abs().max())))
 
 
+@pytest.mark.slow
 def test_mutual_learning_saves_both_students(augmented, tmp_path):
     _, data = augmented
     cfg = run_config(data, tmp_path / "dml", objectives=[{"name": "dml"}])
@@ -146,6 +153,7 @@ def test_mutual_learning_saves_both_students(augmented, tmp_path):
     assert a.keys() == b.keys() and not torch.equal(a["classifier.weight"], b["classifier.weight"])
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_give_the_same_weights(augmented, tmp_path):
     import shutil
 
@@ -168,6 +176,7 @@ def test_kill_9_and_resume_give_the_same_weights(augmented, tmp_path):
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_multi_teacher_targets_are_the_weighted_average_of_the_teachers(tmp_path):
     """Two teachers per fold (seeds 0 and 1), each with its own transfer set of the same rows; the student's
     targets are their mixture at T = 2 with weights 1:3, computed by hand in float64."""
@@ -198,6 +207,7 @@ def test_multi_teacher_targets_are_the_weighted_average_of_the_teachers(tmp_path
     assert {"teacher", "teacher-1", "kd", "baseline"} <= set(report["arms"])
 
 
+@pytest.mark.slow
 def test_a_student_with_its_own_tokenizer_reads_the_kept_text(augmented, tmp_path, capsys):
     """transfer.tokenize_per_model: the set keeps each row's text, the student's tokenizer encodes it; per-position
     objectives are refused (the two models' tokens differ)."""
@@ -238,6 +248,7 @@ def test_a_student_with_its_own_tokenizer_reads_the_kept_text(augmented, tmp_pat
     assert "with transfer.tokenize_per_model their tokens differ" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_decoder_student_with_its_own_tokenizer_gets_a_classifier_head(augmented, tmp_path):
     """A GPT-2 student (byte-level BPE, not the teacher's WordPiece) on the task set: transformers' own
     sequence-classification head over its last real token, fed the kept text in its own tokens."""

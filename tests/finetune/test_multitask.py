@@ -26,6 +26,7 @@ def multitask(tmp_path_factory):
     return root / "run", path
 
 
+@pytest.mark.slow
 def test_each_task_gets_a_plain_model_on_the_shared_encoder(multitask):
     from transformers import BertForSequenceClassification
 
@@ -40,6 +41,7 @@ def test_each_task_gets_a_plain_model_on_the_shared_encoder(multitask):
     assert model.config.id2label == {0: "politics", 1: "science", 2: "sport"}
 
 
+@pytest.mark.slow
 def test_held_out_predictions_are_the_exported_models(multitask):
     from transformers import BertForSequenceClassification
 
@@ -60,6 +62,7 @@ def test_held_out_predictions_are_the_exported_models(multitask):
     assert torch.allclose(scores, logits, rtol=0, atol=1e-5 * max(1.0, float(logits.abs().max())))
 
 
+@pytest.mark.slow
 def test_each_task_report_shows_the_multitask_arms(multitask):
     run, _ = multitask
     for task in ("polarity", "topic"):
@@ -70,6 +73,7 @@ def test_each_task_report_shows_the_multitask_arms(multitask):
         assert abs(report["arms"]["multitask-kd"]["metrics"]["accuracy"]["mean"] - np.mean(values)) < 1e-12
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_the_finished_multitask_runs(multitask, capsys):
     run, path = multitask
     before = {p: p.stat().st_mtime_ns for p in run.glob("*/fold-*/seed-*/multitask-*/eval.json")}

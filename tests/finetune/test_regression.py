@@ -42,6 +42,7 @@ def test_hard_mse_is_the_mean_squared_error_over_rows_with_targets():
         get_loss("hard_mse")(torch.zeros(6, 2), y)
 
 
+@pytest.mark.slow
 def test_targets_travel_as_numbers(regression):
     run, _ = regression
     train = read_split(run / "folds/fold-0/train.jsonl")
@@ -53,6 +54,7 @@ def test_targets_travel_as_numbers(regression):
     assert all(math.isnan(float(labels[i])) for i in range(len(rows)) if rows.augmented[i])
 
 
+@pytest.mark.slow
 def test_pearson_and_spearman_equal_scipy(regression):
     run, _ = regression
     evals = sorted(run.glob("fold-*/**/eval.json"))

@@ -104,6 +104,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return size
 
 
+@pytest.mark.slow
 def test_report_numbers_are_the_runs_numbers(tmp_path):
     runs = _classification_runs(tmp_path / "runs")
     config = tmp_path / "kd_resolved.yaml"
@@ -187,6 +188,7 @@ def test_report_numbers_are_the_runs_numbers(tmp_path):
         assert entry["metrics"] == run["metrics"] and entry["speed"] == run["speed"]
 
 
+@pytest.mark.slow
 def test_percent_and_speedup_are_undefined_when_not_like_for_like(tmp_path):
     runs = _classification_runs(tmp_path / "runs")
     chosen = [r for r in runs if r["arm"] != "teacher" or r["fold"] == 0]  # the teacher lacks fold 1
@@ -273,6 +275,7 @@ def _batches(vocab: int) -> list[dict]:
              "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_speed_helpers_on_tiny_berts(tmp_path):
     small = BertForSequenceClassification.from_pretrained(
         make_tiny_bert(tmp_path / "small", task="sequence_classification", layers=1))

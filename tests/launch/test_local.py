@@ -25,6 +25,7 @@ def paths(tmp_path_factory):
     return build_transfer_set(tmp_path_factory.mktemp("launch_fixture"))
 
 
+@pytest.mark.slow
 def test_two_ranks_train_exactly_as_under_torchrun(paths, tmp_path):
     runs = {}
     for name in ("launch", "torchrun"):
@@ -38,6 +39,7 @@ def test_two_ranks_train_exactly_as_under_torchrun(paths, tmp_path):
     assert [(r["loss"], r["kd_topk"]) for r in runs["launch"]] == [(r["loss"], r["kd_topk"]) for r in runs["torchrun"]]
 
 
+@pytest.mark.slow
 def test_a_config_error_is_one_line_and_exit_2(paths, tmp_path):
     config = write_config(base_config(paths, tmp_path / "never", steps=0), tmp_path / "bad.yaml")
     proc = subprocess.run(launch_command(config), cwd=REPO, env=stage_env(), capture_output=True, text=True,
@@ -48,6 +50,7 @@ def test_a_config_error_is_one_line_and_exit_2(paths, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_rerun_finishes(paths, tmp_path):
     out = tmp_path / "preempted"
     config = write_config(base_config(paths, out, steps=12, checkpoint_every=100), tmp_path / "long.yaml")

@@ -12,6 +12,8 @@ import pytest
 
 from tests.transfer_fixture import REPO, base_config, build_transfer_set, stage_env, write_config
 
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
+
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):

@@ -65,6 +65,7 @@ def log_softmax64(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_causal_kd_step_equals_a_hand_computation(sets, tmp_path, monkeypatch, family):
     """kd_topk at every real position, next_token_ce on shifted targets (padding and the last position excluded),
@@ -111,6 +112,7 @@ def _blocks(model):
     return model.transformer.h if model.config.model_type == "gpt2" else model.model.layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_student_initialised_from_teacher_layers_reproduces_them(sets, family):
     from transformers import AutoConfig
@@ -167,6 +169,7 @@ def gpt2_run(sets, tmp_path_factory):
     return root / "run", proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_causal_distillation_learns_and_exports_a_model_that_generates(gpt2_run):
     out, log = gpt2_run
     train_records = read_metrics(out / "metrics.jsonl")
@@ -212,6 +215,7 @@ def sets_root_transfer(run_dir) -> str:
     return yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["transfer_set"]
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_is_bit_identical_for_a_llama_student(sets, tmp_path):
     paths = sets("llama")
     settings = dict(steps=6, **{"engine.zero_stage": 2})
@@ -240,6 +244,7 @@ def test_kill_9_and_resume_is_bit_identical_for_a_llama_student(sets, tmp_path):
     assert json.loads((out / "export" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     ({"objectives": [{"name": "mlm_ce"}]}, "masked-LM positions"),
     ({"student.init": "svd", "student.hidden_size": 16}, "init=svd compresses BERT-family layers"),

@@ -37,6 +37,7 @@ def test_shipped_configs_load_and_make_a_deepspeed_config(path, monkeypatch):
     assert ds["zero_optimization"]["stage"] == cfg.engine.zero_stage
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_naming_the_field(fixture_paths, tmp_path):
     cfg = base_config(fixture_paths, tmp_path / "out", **{"student.num_layers": 3, "student.init": "every_other"})
     config = write_config(cfg, tmp_path / "bad.yaml")
@@ -47,6 +48,7 @@ def test_bad_config_exits_2_naming_the_field(fixture_paths, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_config_under_torchrun_fails_before_deepspeed_starts(fixture_paths, tmp_path):
     config = write_config(base_config(fixture_paths, tmp_path / "out", **{"engine.micro_batch": 0}), tmp_path / "bad.yaml")
     proc = subprocess.run(torchrun_command(config), cwd=REPO, env=stage_env(), capture_output=True, text=True,
@@ -58,6 +60,7 @@ def test_bad_config_under_torchrun_fails_before_deepspeed_starts(fixture_paths, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_transfer_set_of_another_teacher_is_refused(fixture_paths, tmp_path):
     other = make_tiny_bert(tmp_path / "other", task="masked_lm", layers=4, hidden=32, heads=4, seed=1)
     cfg = from_dict(PretrainConfig, base_config(fixture_paths, tmp_path / "out", **{"teacher.path": str(other)}))
@@ -67,12 +70,14 @@ def test_transfer_set_of_another_teacher_is_refused(fixture_paths, tmp_path):
     assert model_fingerprint(other) in message and model_fingerprint(fixture_paths["teacher"]) in message
 
 
+@pytest.mark.slow
 def test_eval_rows_must_leave_a_global_batch(fixture_paths, tmp_path):
     cfg = from_dict(PretrainConfig, base_config(fixture_paths, tmp_path / "out", eval_rows=90))
     with pytest.raises(ConfigError, match="field 'eval_rows'.*leaves 6"):
         validate(cfg, "run.yaml")
 
 
+@pytest.mark.slow
 def test_attention_losses_need_matching_heads(fixture_paths, tmp_path):
     cfg = from_dict(PretrainConfig, base_config(
         fixture_paths, tmp_path / "out", online_teacher=True, layer_map={"name": "uniform"},

@@ -30,6 +30,8 @@ from tests.data_pipeline.test_pipeline import run_pipeline
 from tests.tiny_models import make_tiny_decoder
 from tests.transfer_fixture import run_pretrain, stage_env, write_config
 
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
+
 STUDENT = {"student.config": None, "student.tokenizer": None, "student.num_layers": 2, "student.init": "random"}
 
 

@@ -3,12 +3,15 @@ projections inside the DeepSpeed module), ZeRO-3, 2 gloo processes; every loss l
 
 from __future__ import annotations
 
+import pytest
 import json
 
 from safetensors.torch import load_file
 
 from kdlib.runtime.metrics import read_metrics
 from tests.transfer_fixture import base_config, build_transfer_set, run_pretrain, write_config
+
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
 
 ONLINE = ["kd_topk", "hidden_mse", "distilbert_cosine", "embedding_mse", "attention_kl", "value_relation_kl",
           "minilmv2_relations"]

@@ -53,6 +53,7 @@ def test_there_is_a_recipe_for_every_method_of_the_comparison():
                                           "sentence"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_from_the_cache_and_its_losses_fall(paths, tmp_path, monkeypatch, recipe_path):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

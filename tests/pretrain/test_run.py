@@ -18,6 +18,8 @@ from kdlib.runtime.metrics import read_metrics
 from tests.transfer_fixture import (REPO, base_config, build_transfer_set, free_port, probe_export_in_clean_process,
                                     run_pretrain, stage_env, start_pretrain, wait_for_step, write_config)
 
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
+
 # First-step loss of the fixture run (kd_topk + 0.5 * mlm_ce, 2 ranks x 2 micro-batches of 8), pinned.
 PINNED_FIRST_LOSS = 7.8618409633636475
 

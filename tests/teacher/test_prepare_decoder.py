@@ -74,6 +74,7 @@ def next_token_by_hand(model, rows: np.ndarray) -> dict:
             "tokens": targets.size}
 
 
+@pytest.mark.slow
 def test_the_prepared_teacher_loads_offline_and_its_report_recomputes(prepared):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +103,7 @@ def test_the_prepared_teacher_loads_offline_and_its_report_recomputes(prepared):
     assert "| trained |" in (folder / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_student_tokenizer_is_a_plain_folder_trained_on_the_same_pages(prepared):
     from transformers import AutoTokenizer
 
@@ -114,6 +116,7 @@ def test_the_student_tokenizer_is_a_plain_folder_trained_on_the_same_pages(prepa
     assert "[UNK]" not in pieces
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_byte_identical_weights_and_a_rerun_does_nothing(prepared, capsys):
     root, folder, config, again = prepared
     for name in ("model.safetensors", "tokenizer.json", "config.json"):

@@ -1,5 +1,6 @@
 """Teacher preparation on the real packaged encoder: the trained head beats the untrained one."""
 
+import pytest
 import json
 
 import torch
@@ -9,6 +10,8 @@ from kdlib.config import from_dict
 from kdlib.runtime.fingerprints import model_fingerprint
 from kdlib.runtime.models import resolve_model_path
 from teacher.prepare_mlm import TeacherPrepConfig, prepare_teacher
+
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
 
 
 def test_prepared_teacher_beats_untrained_head_and_loads_with_plain_transformers(tmp_path):

@@ -152,6 +152,7 @@ def by_id(ids: torch.Tensor, values: torch.Tensor):
     return ids.gather(-1, order), values.double().gather(-1, order)
 
 
+@pytest.mark.slow
 def test_q8_set_reads_back_as_the_fp16_set_within_the_bound(built):
     fp16, q8 = TransferSet(built["fp16"][0]), TransferSet(built["q8"][0])
     assert len(fp16) == len(q8) > 100
@@ -205,6 +206,7 @@ def renormalized_kd_bound(student: torch.Tensor, batch: dict, delta: torch.Tenso
     return float(per.mean())
 
 
+@pytest.mark.slow
 def test_kd_topk_on_the_q8_batch_is_within_the_derived_tolerance(built):
     fp16, q8 = TransferSet(built["fp16"][0]), TransferSet(built["q8"][0])
     indices = list(range(0, len(q8), 3))
@@ -220,6 +222,7 @@ def test_kd_topk_on_the_q8_batch_is_within_the_derived_tolerance(built):
     assert 0 < abs(float(loss["q8"]) - float(loss["fp16"])) <= tolerance
 
 
+@pytest.mark.slow
 def test_q8_manifest_records_encoding_fidelity_and_fewer_bytes(built):
     (fp16_dir, fp16_cfg, _), (q8_dir, _, q8_out) = built["fp16"], built["q8"]
     a, b = read_manifest(fp16_dir), read_manifest(q8_dir)

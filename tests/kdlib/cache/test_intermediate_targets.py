@@ -70,6 +70,7 @@ def qkv_set(tmp_path_factory):
     return teacher, out
 
 
+@pytest.mark.slow
 def test_cached_hidden_and_qkv_equal_the_teachers_own_outputs(qkv_set):
     from kdlib.training.internals import capture_qkv
 
@@ -142,6 +143,7 @@ def _direct(r, teacher_qkv, teacher_hidden) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_attention_and_relation_losses_train_from_the_cache_as_from_the_online_teacher(cached_paths, tmp_path,
                                                                                         monkeypatch):
     cfg, setup, first = one_step(cached_paths, tmp_path / "offline", monkeypatch, ATTENTION_LOSSES,
@@ -171,6 +173,7 @@ def test_attention_and_relation_losses_train_from_the_cache_as_from_the_online_t
         assert torch.allclose(b[f"teacher_query_{t}"][real], stored_qkv[t]["query"][real], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_missing_qkv_layers_name_the_field_to_set(cached_paths, tmp_path):
     from kdlib.config import from_dict
     from kdlib.errors import ConfigError
@@ -187,6 +190,7 @@ def test_missing_qkv_layers_name_the_field_to_set(cached_paths, tmp_path):
     assert "teacher_outputs.qkv_layers including [3]" in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_recipe_decodes_only_the_columns_its_objectives_read(cached_paths):
     from kdlib.cache.reader import cached_batch_keys
     from kdlib.losses.objectives import ObjectiveConfig
@@ -215,6 +219,7 @@ def test_a_recipe_decodes_only_the_columns_its_objectives_read(cached_paths):
     assert torch.equal(batch["teacher_query_4"], full["teacher_query_4"])
 
 
+@pytest.mark.slow
 def test_masking_rows_leaves_the_other_rows_plain_text(qkv_set):
     """masking.rows 0.5: about half the rows carry masks, the others are the text as it is (what representation
     losses want the teacher to see), chosen by a stable draw from the row's id."""

@@ -194,6 +194,7 @@ def binomial_z(observed: float, expected: np.ndarray, n: int) -> float:
     return (observed - n * expected.sum()) / np.sqrt((n * expected * (1 - expected)).sum())
 
 
+@pytest.mark.slow
 def test_pure_sampling_weights_are_counts_over_n_and_follow_the_teacher(built):
     ts = TransferSet(built["pure"])
     assert ts.manifest.cached["sampled_tokens"] == N and ts.manifest.cached["top_k"] == 0
@@ -249,6 +250,7 @@ def test_draws_depend_on_the_seed_alone():
         rows_from_outputs(raw, mask, mask, outputs, 50)
 
 
+@pytest.mark.slow
 def test_combined_weights_are_exact_top_k_then_rest_times_counts_over_n(built):
     ts = TransferSet(built["combined"])
     m = read_manifest(built["combined"])
@@ -299,6 +301,7 @@ def test_combined_weights_are_exact_top_k_then_rest_times_counts_over_n(built):
     assert abs(binomial_z(observed, expected, N)) < 4, binomial_z(observed, expected, N)
 
 
+@pytest.mark.slow
 def test_a_rebuilt_shard_is_byte_identical(built):
     original = read_manifest(built["combined"])
     out = built["root"] / "rebuilt"
@@ -320,6 +323,7 @@ SPARSE_RUN = {"objectives": [{"name": "kd_sparse", "weight": 1.0}, {"name": "mlm
               "steps": 4, "checkpoint_every": 2, "keep_checkpoints": 3, "eval_rows": 64}
 
 
+@pytest.mark.slow
 def test_a_pipeline_built_sampled_set_trains_and_resumes_bit_exactly(built, tmp_path):
     paths = {"teacher": built["teacher"], "transfer": built["combined"]}
     ref = tmp_path / "reference"

@@ -270,6 +270,7 @@ def _peak_increase_kib(path: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_chunked_peak_memory_is_below_half_of_unchunked():
     """V=30522, H=32, N=2048, chunk 256, float32: peak RSS increase of forward+backward (VmHWM, KiB)."""
     logits_kib = 2048 * 30522 * 4 // 1024

@@ -178,6 +178,7 @@ def test_every_registered_loss_has_a_hand_wiring_here():
     assert all(name in Path(test).read_text() for name, test in SEQUENCE_ONLY.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MASKED_LM_LOSSES)
 def test_each_loss_trains_one_step_and_logs_its_direct_value(paths, tmp_path, monkeypatch, name):
     overrides = {"layer_map": {"name": "emd"}} if name == "bert_emd" else {}
@@ -190,6 +191,7 @@ def test_each_loss_trains_one_step_and_logs_its_direct_value(paths, tmp_path, mo
     assert math.isfinite(first[name])
 
 
+@pytest.mark.slow
 def test_cached_teacher_outputs_serve_losses_without_an_online_teacher(paths, tmp_path, monkeypatch):
     """hidden_mse reads the cached hidden_2 / hidden_4 (fp16) and rkd_distance the cached pooled embedding."""
     objectives = [{"name": "hidden_mse"}, {"name": "rkd_distance"}]
@@ -210,6 +212,7 @@ def test_cached_teacher_outputs_serve_losses_without_an_online_teacher(paths, tm
     assert abs(first["rkd_distance"] - cached_pooled) <= 1e-5 * (1 + cached_pooled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective, overrides, message", [
     ("attention_mse", {"online_teacher": False},
      "objectives[0]': attention_mse needs teacher attention scores (teacher_attention_scores): set online_teacher: true, "

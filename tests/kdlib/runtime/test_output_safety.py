@@ -171,6 +171,7 @@ def teacher_config(tmp_path: Path, output_dir: Path, **over) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_teacher_refuses_a_folder_it_did_not_write_and_changes_nothing(tmp_path):
     precious = fake_transfer_set(tmp_path / "transfer_copy")
     before = tree_digest(precious)
@@ -181,6 +182,7 @@ def test_teacher_refuses_a_folder_it_did_not_write_and_changes_nothing(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.suffix == ".yaml") == ["transfer_copy"]
 
 
+@pytest.mark.slow
 def test_teacher_refuses_its_own_folder_from_another_config_unless_overwrite(tmp_path):
     out = tmp_path / "teacher_mlm"
     out.mkdir()
@@ -192,6 +194,7 @@ def test_teacher_refuses_its_own_folder_from_another_config_unless_overwrite(tmp
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow
 def test_config_errors_are_one_line_naming_the_file(tmp_path):
     out = tmp_path / "never"
     bad = tmp_path / "latin1.yaml"
@@ -212,6 +215,7 @@ def test_config_errors_are_one_line_naming_the_file(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_inspect_describes_a_prepared_masked_lm_teacher(tmp_path):
     mlm = make_tiny_bert(tmp_path / "mlm", task="masked_lm", layers=2, hidden=32, heads=4)
     proc = run_module("kdlib.teachers.inspect", "--model", str(mlm), "--corpus", "text:gensim:lee_background.cor")

@@ -23,6 +23,8 @@ from pretrain.train import train
 from pretrain.validate import validate
 from tests.transfer_fixture import base_config, build_transfer_set, free_port, probe_export_in_clean_process
 
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
+
 SHAPE = {"num_layers": 4, "architecture": "bottleneck", "init": "embeddings",
          "bottleneck": {"intra_size": 8, "feedforward_networks": 2}}  # teacher: 4 layers, width 32, 4 heads
 

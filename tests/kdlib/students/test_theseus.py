@@ -204,6 +204,7 @@ def test_non_divisible_layer_count_is_rejected(folder):
             TheseusModel(predecessor, TheseusConfig(successor_layers=bad))
 
 
+@pytest.mark.slow
 def test_draws_are_reproducible_and_binomial(folder):
     ids, mask, _ = batch()
     model = theseus(folder, 0.5).train()
@@ -233,6 +234,7 @@ def test_draws_are_reproducible_and_binomial(folder):
     assert len({c for c in first}) == 2 ** SUCCESSOR  # all 8 module combinations occur
 
 
+@pytest.mark.slow
 def test_mixed_choice_runs_the_chosen_modules(folder):
     ids, mask, _ = batch()
     model = theseus(folder, 0.5).train()

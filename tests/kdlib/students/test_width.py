@@ -73,6 +73,7 @@ def student_of(teacher, init: str, **shape):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_basis_is_orthonormal_holds_the_ones_direction_and_commutes_with_mean_removal(teacher):
     basis = basis_of(teacher, WIDTH)
     assert basis.shape == (32, WIDTH) and basis.dtype == torch.float64
@@ -95,6 +96,7 @@ def test_basis_is_orthonormal_holds_the_ones_direction_and_commutes_with_mean_re
     assert abs(float(torch.trace(basis.T @ moment @ basis)) - float(values[:WIDTH - 1].sum())) < 1e-9
 
 
+@pytest.mark.slow
 def test_at_the_teachers_width_the_svd_init_is_exactly_the_copy(teacher):
     copied = student_of(teacher, "every_other")
     svd = student_of(teacher, "svd")
@@ -106,6 +108,7 @@ def test_at_the_teachers_width_the_svd_init_is_exactly_the_copy(teacher):
     assert all(torch.equal(mine[k], theirs[k]) and torch.equal(raw[k], theirs[k]) for k in mine)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads", [None, 2], ids=["4 heads of 4 (per-head SVD)", "2 heads of 8 (kept heads)"])
 def test_a_narrower_svd_student_starts_close_to_the_teacher(teacher, held_out, heads):
     ids, mask = held_out
@@ -129,6 +132,7 @@ def test_a_narrower_svd_student_starts_close_to_the_teacher(teacher, held_out, h
     assert scores["svd"][1] > 0.6 and scores["random"][1] < 0.05, scores
 
 
+@pytest.mark.slow
 def test_the_width_student_exports_and_reloads_with_plain_transformers(teacher, teacher_folder, held_out, tmp_path):
     shape = {"num_layers": 2, "init": "svd", "hidden_size": WIDTH, "intermediate_size": 48}
     student = student_of(teacher, "svd", hidden_size=WIDTH, intermediate_size=48)

@@ -166,6 +166,7 @@ def numpy_logits(batch: dict) -> np.ndarray:
     return batch["teacher_logits"].numpy().astype(np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MultiTeacherConfig(), MultiTeacherConfig(weights=[3.0, 1.0]),
                                  MultiTeacherConfig(combine="mean_probs", temperature=2.0),
                                  MultiTeacherConfig(combine="mean_probs", weights=[1.0, 4.0], temperature=1.0)])
@@ -195,6 +196,7 @@ def test_batches_hold_the_hand_average_of_both_sets_batches(sets, cfg):
     assert set(multi.batch_keys()) == {k for k in ours if k.startswith("teacher_") or k == "labels"}
 
 
+@pytest.mark.slow
 def test_batches_from_several_threads_equal_serial_ones(sets):
     multi = MultiTeacherSet([TransferSet(sets["a"], max_open_shards=1), TransferSet(sets["b"], max_open_shards=1)])
     batches = [[i, (i * 7) % 48, (i * 13 + 5) % 48] for i in range(24)]
@@ -204,6 +206,7 @@ def test_batches_from_several_threads_equal_serial_ones(sets):
     assert all(torch.equal(s, p) for s, p in zip(serial, parallel))
 
 
+@pytest.mark.slow
 def test_sets_of_other_rows_name_the_first_differing_row(sets):
     a, shifted = TransferSet(sets["a"]), TransferSet(sets["shifted"])
     ids_a = [a.row(i)["id"] for i in range(len(a))]
@@ -217,12 +220,14 @@ def test_sets_of_other_rows_name_the_first_differing_row(sets):
         MultiTeacherSet([a, TransferSet(sets["fewer"])])
 
 
+@pytest.mark.slow
 def test_the_same_teacher_twice_is_refused(sets):
     a = TransferSet(sets["a"])
     with pytest.raises(CacheError, match=rf"/a and .*/a: both were made by teacher {a.manifest.teacher_fingerprint}"):
         MultiTeacherSet([a, TransferSet(sets["a"])])
 
 
+@pytest.mark.slow
 def test_other_token_sequences_are_refused_per_batch(sets):
     a, truncated = TransferSet(sets["a"]), TransferSet(sets["truncated"])
     multi = MultiTeacherSet([a, truncated])  # same rows (ids), another teacher: accepted at open
@@ -236,6 +241,7 @@ def test_other_token_sequences_are_refused_per_batch(sets):
         multi.batch(short[:2] + [long])
 
 
+@pytest.mark.slow
 def test_other_label_orders_and_missing_logits_are_refused(sets):
     a = TransferSet(sets["a"])
     with pytest.raises(CacheError, match=r"relabelled: label names \['pos', 'neg'\] differ from .*/a's \['neg', 'pos'\]"):

@@ -89,6 +89,7 @@ def test_config_ngram_min_above_max_names_field():
         AugmentConfig(ngram_min=4, ngram_max=3)
 
 
+@pytest.mark.slow
 def test_missing_vocab_or_mlm_fn_is_reported(tagger):
     with pytest.raises(ValueError, match="^vocab: expected"):
         augment_batch([(0, "a cat")], _cfg(pos_swap_prob=0.5), None, tagger)
@@ -144,6 +145,7 @@ class _WrappedTagger:
         return self.inner.tag(text, tokenize=tokenize)
 
 
+@pytest.mark.slow
 def test_batch_tagging_equals_one_call_per_sentence(lee, tagger):
     sents = [tokenize(s).words for s in lee[1][:150]] + [()]
     one_by_one = [tag_sentence(tagger, ws) for ws in sents]
@@ -155,6 +157,7 @@ def test_batch_tagging_equals_one_call_per_sentence(lee, tagger):
 
 
 # --- vocabulary --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_vocabulary_counts_words_per_tag(tagger):
     texts = ["The cat sat on the mat.", "The dog sat on a mat!", "A cat ran."]
     vocab = PosVocabulary.build(texts, tagger, min_count=2)
@@ -173,6 +176,7 @@ def test_vocabulary_counts_words_per_tag(tagger):
     assert "." not in {w for rows in vocab.entries.values() for w, _ in rows}
 
 
+@pytest.mark.slow
 def test_vocabulary_json_round_trip(vocab, tmp_path):
     again = PosVocabulary.from_json(vocab.to_json())
     assert again == vocab and again.to_json() == vocab.to_json()
@@ -199,6 +203,7 @@ def test_vocabulary_sampling_is_frequency_weighted():
 
 
 # --- the augmentation --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mask_rate_within_binomial_tolerance(lee, tagger):
     cfg = _cfg(copies=2, mask_prob=0.15)
     examples = list(enumerate(lee[1][:120]))
@@ -221,6 +226,7 @@ def test_mask_rate_within_binomial_tolerance(lee, tagger):
     assert abs(masked - 0.15 * eligible) <= 4 * sigma, (masked, eligible)
 
 
+@pytest.mark.slow
 def test_pos_swaps_keep_the_tag_and_never_touch_punctuation(lee, tagger, vocab):
     cfg = _cfg(copies=3, pos_swap_prob=0.5)
     examples = list(enumerate(lee[1][200:300]))
@@ -249,6 +255,7 @@ def test_pos_swaps_keep_the_tag_and_never_touch_punctuation(lee, tagger, vocab):
     assert abs(swaps - 0.5 * candidates) <= 4 * math.sqrt(candidates * 0.25), (swaps, candidates)
 
 
+@pytest.mark.slow
 def test_mask_then_pos_order_and_punctuation_untouched(tagger, vocab):
     cfg = _cfg(copies=1, mask_prob=1.0, pos_swap_prob=1.0)
     (orig, copy) = augment_batch([("p", "Wait -- is it 4:00pm, Bob?!")], cfg, vocab, tagger)
@@ -256,6 +263,7 @@ def test_mask_then_pos_order_and_punctuation_untouched(tagger, vocab):
     assert copy.kind == "mask"
 
 
+@pytest.mark.slow
 def test_ngram_windows_are_contiguous_with_bounded_length(lee, tagger):
     cfg = _cfg(copies=4, ngram_prob=1.0, ngram_min=2, ngram_max=4)
     examples = list(enumerate(lee[1][:100])) + [(100, "Hi."), (101, "One"), (102, "")]
@@ -278,6 +286,7 @@ def test_ngram_windows_are_contiguous_with_bounded_length(lee, tagger):
     assert {2, 3, 4} <= set(lengths)
 
 
+@pytest.mark.slow
 def test_ngram_probability_is_per_copy(lee, tagger):
     cfg = _cfg(copies=10, ngram_prob=0.25)
     out = [a for a in augment_batch(list(enumerate(lee[1][:100])), cfg, None, tagger) if a.copy_index]
@@ -285,6 +294,7 @@ def test_ngram_probability_is_per_copy(lee, tagger):
     assert abs(k - 250) <= 4 * math.sqrt(1000 * 0.25 * 0.75)
 
 
+@pytest.mark.slow
 def test_determinism_per_seed_id_and_copy(lee, tagger, vocab):
     cfg = _cfg(mask_prob=0.15, pos_swap_prob=0.15)
     toks = tokenize(max(lee[1][:300], key=len))
@@ -304,6 +314,7 @@ def test_determinism_per_seed_id_and_copy(lee, tagger, vocab):
     assert [op == "mask" for op in a1.ops] == want
 
 
+@pytest.mark.slow
 def test_batch_equals_serial_and_is_order_and_split_independent(lee, tagger, vocab):
     cfg = AugmentConfig(copies=3, seed=11, mask_prob=0.1, pos_swap_prob=0.1, ngram_prob=0.25)
     examples = [(f"s{i}", s) for i, s in enumerate(lee[1][:200])] + [("empty", ""), ("punct", "?!")]
@@ -382,6 +393,7 @@ def test_mlm_candidates_are_the_teachers_top_whole_words(tiny_mlm):
     assert short(["the cat sat on the big mat [MASK]", "[MASK] cat"]) == [[[]], [_expected_candidates(model, tok, "[MASK] cat", 2)[0]]]
 
 
+@pytest.mark.slow
 def test_mlm_replacement_uses_teacher_candidates_and_batch_equals_serial(tiny_mlm, tagger, vocab, lee):
     model, tok = tiny_mlm
     fn = make_mlm_candidates_fn(model, tok, top_k=3)
@@ -407,6 +419,7 @@ def test_mlm_replacement_uses_teacher_candidates_and_batch_equals_serial(tiny_ml
     assert n_mlm > 15
 
 
+@pytest.mark.slow
 def test_mlm_fn_result_count_is_checked(tagger):
     cfg = _cfg(copies=1, mlm_replace_prob=1.0)
     with pytest.raises(ValueError, match="^mlm_candidates_fn: expected 1 results, got 0"):

@@ -34,6 +34,7 @@ def write_bytes(path: Path, data: bytes) -> Path:
 # ---------------------------------------------------------------- real packaged files
 
 
+@pytest.mark.slow
 def test_wikipedia_sample_counts_and_ids(wiki_docs):
     from gensim.corpora.wikicorpus import extract_pages
 
@@ -53,6 +54,7 @@ def test_wikipedia_sample_counts_and_ids(wiki_docs):
     assert 2_900_000 < total < 3_200_000  # ~3.0 M characters of article text
 
 
+@pytest.mark.slow
 def test_wikipedia_text_has_no_markup_left(wiki_docs):
     for doc in wiki_docs:
         assert doc.text and doc.text == doc.text.strip()
@@ -68,6 +70,7 @@ def test_wikipedia_text_has_no_markup_left(wiki_docs):
     assert "\n\nEtymology and terminology\n\n" in anarchism  # `==Etymology and terminology==` kept as text
 
 
+@pytest.mark.slow
 def test_wikipedia_ids_stable_across_reads(wiki_docs):
     again = list(read_corpus(CorpusConfig(kind="wikipedia_xml", max_documents=5)))
     assert again == wiki_docs[:5]

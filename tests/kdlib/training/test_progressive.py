@@ -143,6 +143,7 @@ def by_depth(state: dict, num_layers: int) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_pretrain_trains_one_block_at_a_time_then_all_and_resumes_bit_exactly(paths, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run(config(paths, out, steps=6), monkeypatch) == 0
@@ -172,6 +173,7 @@ def test_pretrain_trains_one_block_at_a_time_then_all_and_resumes_bit_exactly(pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_pretrain_refuses_progressive_configs_that_cannot_work(paths, tmp_path):
     with pytest.raises(ConfigError, match=r"field 'progressive': gates each layer's gradients.*ZeRO-3"):
         from_dict(PretrainConfig, base_config(paths, tmp_path / "r", student=SHAPE, objectives=OBJECTIVES,

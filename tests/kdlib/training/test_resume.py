@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from kdlib.runtime.metrics import read_metrics
 from tests.transfer_fixture import REPO, base_config, build_transfer_set, run_pretrain, stage_env, write_config
 
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
+
 EMD_RUN = {"online_teacher": True, "layer_map": {"name": "emd", "emd_temperature": 0.5},
            "objectives": [{"name": "kd_topk", "weight_schedule": {"name": "linear", "start": 1.0, "end": 0.5}},
                           {"name": "bert_emd", "weight": 1.0}],
