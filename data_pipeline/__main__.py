@@ -9,8 +9,7 @@ import logging
 import sys
 
 from data_pipeline.config import PipelineConfig
-from kdlib.config import load_config
-from kdlib.runtime.cli import exit_code_of, parse_overrides, stage_parser
+from kdlib.runtime.cli import run_config, stage_parser
 
 BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--runner, --project, --direct_num_workers, ...),\n"
                 "passed through unchanged to the runner")
@@ -28,8 +27,7 @@ def main(argv=None) -> int:
     # one line and keeps Beam's detail in <output_dir>/logs/ instead.
     for name in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    return exit_code_of(lambda: run(load_config(args.config, PipelineConfig, parse_overrides(args.set)),
-                                     default_beam_args(beam_args), source=args.config))
+    return run_config(args, PipelineConfig, lambda cfg, source: run(cfg, default_beam_args(beam_args), source=source))
 
 
 if __name__ == "__main__":

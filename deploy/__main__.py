@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(__doc__, DeployConfig, run, argv, stage="deploy")
+    return run_stage("deploy", __doc__, DeployConfig, run, argv)
 
 
 if __name__ == "__main__":

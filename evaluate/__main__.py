@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(__doc__, EvaluateConfig, run, argv, stage="evaluate")
+    return run_stage("evaluate", __doc__, EvaluateConfig, run, argv)
 
 
 if __name__ == "__main__":

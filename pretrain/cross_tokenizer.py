@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdlib.errors import KDError
+from kdlib.errors import KDError, fail_field
 from kdlib.losses import get_spec
 from kdlib.runtime.models import load_tokenizer, resolve_model_path
 from kdlib.text.alignment import alignment_problem
 from kdlib.training.cross_tokenizer import ALIGNED_KEYS
-from kdlib.errors import fail_field
 
 # inputs a cross-tokenizer objective may read; the teacher's values only through aligned_mask
 _ALLOWED = frozenset({"student_logits", "topk_logits", "teacher_lse", "aligned_mask", "mask", "next_token_labels",

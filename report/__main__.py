@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build_report(cfg, source)
         print(f"[report] {path}", flush=True)
 
-    return run_stage(__doc__, ReportConfig, run, argv, stage="report")
+    return run_stage("report", __doc__, ReportConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -100,16 +100,6 @@ def stage_parser(stage: str, doc: str, *, config: bool = True,
     return parser
 
 
-def config_parser(description: str, stage: Optional[str] = None) -> argparse.ArgumentParser:
-    """`stage_parser` of a stage that takes only --config / --set (kept for callers of the older name)."""
-    if stage is not None:
-        return stage_parser(stage, description)
-    parser = argparse.ArgumentParser(description=summary(description),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser)
-    return parser
-
-
 def exit_code_of(work: Callable[[], object]) -> int:
     """Run `work`: 0 when it finishes, 2 with one readable line when a user error (KDError) stops it."""
     try:
@@ -126,7 +116,7 @@ def run_config(args: argparse.Namespace, config_cls: type[T], main: Callable[[T,
     return exit_code_of(lambda: main(load_config(args.config, config_cls, parse_overrides(args.set)), args.config))
 
 
-def run_stage(description: str, config_cls: type[T], main: Callable[[T, str], object],
-              argv: list[str] | None = None, *, stage: Optional[str] = None) -> int:
-    """Parse (as `python -m <stage>`), then `run_config`: user errors exit 2."""
-    return run_config(config_parser(description, stage).parse_args(argv), config_cls, main)
+def run_stage(stage: str, doc: str, config_cls: type[T], main: Callable[[T, str], object],
+              argv: list[str] | None = None) -> int:
+    """`stage_parser(stage, doc)`, then `run_config`: user errors exit 2."""
+    return run_config(stage_parser(stage, doc).parse_args(argv), config_cls, main)

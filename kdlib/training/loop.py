@@ -26,12 +26,11 @@ from tqdm import tqdm
 from kdlib.training.checkpoints import checkpoint_steps, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlib.runtime.process_group import DistEnv, all_reduce_sum, barrier, dist_env, init_distributed, shutdown
 from kdlib.training.deepspeed_engine import initialize
-from kdlib.runtime.outputs import save_resolved
 from kdlib.runtime.digests import verify_digests
 from kdlib.runtime.io import atomic_write_text
 from kdlib.runtime.metrics import MetricsWriter, read_metrics
 from kdlib.errors import OutputError
-from kdlib.runtime.outputs import check_output_folder, output_lock
+from kdlib.runtime.outputs import check_output_folder, output_lock, save_resolved
 from kdlib.runtime.plots import loss_curve
 from kdlib.training import state as ckpt
 from kdlib.training.config import math_hash, reads_total_steps

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from kdlib.runtime.cli import run_stage
 from kdlib.config import load_config
 from kdlib.errors import ConfigError
 from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
-from teacher.prepare_decoder import DecoderPrepConfig, initial_model, prepare_decoder
+from teacher.decoder import main as decoder_main
+from teacher.prepare_decoder import DecoderPrepConfig, initial_model
 
 TINY = {"corpus": {"kind": "wikipedia_xml", "max_documents": 2}, "tokenizer": "bpe", "vocab_size": 300,
         "family": "gpt2", "layers": 2, "hidden": 32, "heads": 4, "intermediate": 64, "max_length": 32,
@@ -37,7 +37,7 @@ def write_config(path, **fields):
 
 def prep(tmp_path, name: str, **extra):
     config = write_config(tmp_path / f"{name}.yaml", output_dir=str(tmp_path / name), **TINY, **extra)
-    assert run_stage("test", DecoderPrepConfig, prepare_decoder, ["--config", str(config)]) == 0
+    assert decoder_main(["--config", str(config)]) == 0
     return tmp_path / name, config
 
 
@@ -126,7 +126,7 @@ def test_the_same_seed_gives_byte_identical_weights_and_a_rerun_does_nothing(pre
     assert mine["before"] == theirs["before"] and mine["after"] == theirs["after"]
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
-    assert run_stage("test", DecoderPrepConfig, prepare_decoder, ["--config", str(config)]) == 0
+    assert decoder_main(["--config", str(config)]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -152,7 +152,7 @@ def test_bad_fields_are_refused_naming_the_file_and_the_field(tmp_path, fields, 
         load_config(config, DecoderPrepConfig)
     message = str(info.value)
     assert message.startswith(f"{config}: field '{path}': ") and words in message, message
-    assert run_stage("test", DecoderPrepConfig, prepare_decoder, ["--config", str(config)]) == 2
+    assert decoder_main(["--config", str(config)]) == 2
     assert not (tmp_path / "out").exists()
 
 
@@ -162,7 +162,7 @@ def test_folders_this_stage_did_not_write_are_refused_even_with_overwrite(tmp_pa
     out.mkdir()
     (out / "teacher_report.json").write_text(json.dumps({"config_hash": "another-config"}))
     config = write_config(tmp_path / "c.yaml", **{**TINY, "output_dir": str(out), "overwrite": True})
-    assert run_stage("test", DecoderPrepConfig, prepare_decoder, ["--config", str(config)]) == 2
+    assert decoder_main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "output_dir:" in err and "did not write (teacher_report.json)" in err, err
     assert [p.name for p in out.iterdir()] == ["teacher_report.json"]
