@@ -66,10 +66,10 @@ def padded_batch(tokenizer, texts: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A tiny classifier trained to put the sentiment word's label on a sentence (labels neg / pos)."""
-    # seed 1: weights from which 120 steps learn the task (held-out accuracy 0.91 here; from seed 0's the loss
-    # stays at log 2 and the accuracy at 0.62, which the old test order hid)
+    # seed 4: weights from which 120 steps learn the task (held-out accuracy 0.93 here; seeds 1-3 give 0.88-0.92;
+    # from seed 0's the loss stays at log 2 and the accuracy at 0.62, which the old test order hid)
     folder = make_tiny_bert(tmp_path_factory.mktemp("trained"), task="sequence_classification", layers=2,
-                            hidden=64, heads=4, intermediate=256, seed=1)
+                            hidden=64, heads=4, intermediate=256, seed=4)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     train = sentences(TRAIN, seed=0)
@@ -159,7 +159,7 @@ def test_int8_agrees_with_fp32_on_a_trained_classifier(trained_onnx):
         ref = model(**batch).logits.numpy().astype(np.float64)
     got = OnnxRunner(int8, threads=1)(batch["input_ids"], batch["attention_mask"]).astype(np.float64)
     labels = np.array([y for _, y in unseen])
-    assert (ref.argmax(-1) == labels).mean() >= 0.8  # the model learned the task (chance: 0.5): its logits mean something
+    assert (ref.argmax(-1) == labels).mean() >= 0.9  # the model learned the task: its logits mean something
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= AGREEMENT
     assert np.abs(got - ref).max() <= MAX_DELTA
     assert np.abs(got - ref).max() > 0  # int8 really changed the weights
