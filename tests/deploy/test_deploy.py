@@ -150,7 +150,6 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_int8_agrees_with_fp32_on_a_trained_classifier(trained_onnx):
     model, tokenizer, fp32, int8 = trained_onnx
     unseen = sentences(200, seed=1)
