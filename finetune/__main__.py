@@ -16,9 +16,11 @@ import sys
 from kdlib.config import load_config
 from kdlib.errors import KDError
 from kdlib.runtime.cli import parse_overrides, stage_parser
+from kdlib.runtime.process_group import dist_env
 from finetune.layout import BASELINE, KD
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+RANK_STEPS = ("teacher", "distill")  # the steps that train on the training core, so on every rank of a job
 
 STEP_HELP = {  # STEPS + ("all",), each with its line in `--help` (and its `python -m finetune <step> --help`)
     "folds": "stratified k-fold split of the labelled set",
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             setup = validate(cfg, args.config)
             summary = f"{setup.examples} examples, labels {setup.labels}"
+        world = dist_env().world_size
+        if world > 1 and not args.check and args.step not in RANK_STEPS:
+            raise KDError(f"{args.step}: runs once, not on {world} ranks; only the steps {', '.join(RANK_STEPS)} train "
+                          "on several ranks (`python -m launch local|slurm --stage finetune` runs each step where it "
+                          "belongs)")
         if args.check:
             print(f"{args.config}: valid ({summary}; {cfg.evaluation.folds} folds x {len(cfg.evaluation.seeds)} seed(s))")
             return 0

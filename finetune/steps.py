@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from kdlib.runtime.io import atomic_write_text
+from kdlib.runtime.process_group import dist_env
 from kdlib.runtime.outputs import save_resolved
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_given_teacher
@@ -51,6 +52,8 @@ def execute(run: RunConfig) -> None:
     code = train_run(run)
     if code != 0:
         raise SystemExit(code)
+    if dist_env().rank != 0:  # every rank has finished the run (the loop's last barrier); rank 0 tidies up
+        return
     for leftover in ("checkpoints", "best"):  # the export is kept; optimizer state and the best-weights copy are
         shutil.rmtree(Path(run.output_dir) / leftover, ignore_errors=True)  # not needed once the run is evaluated
 

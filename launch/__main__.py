@@ -4,12 +4,13 @@ import argparse
 import sys
 
 from kdlib.runtime.cli import stage_parser
-from launch import local, slurm
+from launch import local, slurm, testcluster
 
-COMMANDS = {"local": local.main, "slurm": slurm.main}
+COMMANDS = {"local": local.main, "slurm": slurm.main, "testcluster": testcluster.main}
 COMMAND_HELP = {  # each command's line in `python -m launch --help`; `python -m launch <command> --help` has the rest
     "local": "N ranks on this machine, with meaningful exit statuses",
     "slurm": "a SLURM job: preemption, checkpoint and requeue",
+    "testcluster": "a real multi-host SLURM cluster on this machine (network namespaces), up / status / down",
 }
 EXAMPLE = "e.g. python -m launch local --nproc 2 --config configs/pretrain_demo.yaml"
 

@@ -1,4 +1,7 @@
-"""`python -m launch local --nproc N --config X.yaml [--stage pretrain] [--set k=v ...]`: one machine, N ranks.
+"""`python -m launch local --nproc N --config X.yaml [--stage S] [--step T] [--set k=v ...] [-- stage args]`: one machine,
+N ranks.
+
+The stage's steps run in the order launch.plans gives: a training step on all N ranks, any other step once.
 
 The same environment contract as torchrun or SLURM (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT), so a stage never knows which launcher started it. What this launcher adds
@@ -26,10 +29,11 @@ import threading
 import time
 from typing import Optional
 
+from kdlib.errors import KDError
 from kdlib.runtime.cli import add_config_flags
 from kdlib.runtime.process_group import free_port
+from launch.plans import STAGES, command, plan
 
-STAGES = ("pretrain",)  # stages with the rank contract; finetune joins when it exists
 USER_ERROR, REQUEUE = 2, 75
 GRACE_S = 30.0  # how long ranks get to finish after one failed, before SIGKILL
 
@@ -69,11 +73,20 @@ def exit_status(codes: list[int]) -> int:
     return next(c for c in codes if c not in (0, REQUEUE))
 
 
-def launch(stage: str, config: str, nproc: int, sets: list[str], port: Optional[int] = None) -> int:
+def launch(stage: str, config: str, nproc: int, sets: list[str], port: Optional[int] = None,
+           step: Optional[str] = None, stage_args: Optional[list[str]] = None) -> int:
+    """Every step of the stage's plan in order (or only `step`); stops at the first that does not finish (0)."""
     port = port or free_port()
-    command = [sys.executable, "-m", stage, "--config", config]
-    for item in sets:
-        command += ["--set", item]
+    for part in plan(stage, step):
+        argv = command(sys.executable, stage, part, config, sets, stage_args or [])
+        code = run_ranks(argv, nproc if part.on_ranks else 1, port)
+        if code != 0:
+            return code
+    return 0
+
+
+def run_ranks(command: list[str], nproc: int, port: int) -> int:
+    """`command` as ranks 0..nproc-1 (rank 0 keeps the terminal); one exit status for them all."""
     procs: list[subprocess.Popen] = []
     forwards: list[_Forward] = []
     for rank in range(nproc):
@@ -134,8 +147,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_config_flags(parser)  # the stage's --config / --set, spelled and explained as every stage does
     parser.add_argument("--nproc", type=int, required=True, help="ranks on this machine (one per GPU, or per core)")
     parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the training stage to run")
+    parser.add_argument("--step", default=None, help="only this step of the stage (e.g. finetune's distill)")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    parser.add_argument("stage_args", nargs="*", metavar="-- ARG",
+                        help="after --: flags for the stage itself (e.g. -- --arm kd --fold 0)")
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc: expected a positive number of ranks, got {args.nproc}")
-    return launch(args.stage, args.config, args.nproc, args.set, args.master_port)
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        parser.error(f"--master-port: expected a TCP port in 1-65535, got {args.master_port}")
+    try:
+        return launch(args.stage, args.config, args.nproc, args.set, args.master_port, args.step, args.stage_args)
+    except KDError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR

@@ -25,7 +25,8 @@ from typing import Optional
 from kdlib.runtime.cli import add_config_flags, parse_overrides
 from kdlib.config import read_config_data
 from kdlib.errors import KDError
-from launch.local import STAGES, USER_ERROR
+from launch.local import USER_ERROR
+from launch.plans import STAGES, command, plan, shell_line
 
 TEMPLATE = Path(__file__).with_name("templates") / "sbatch.sh"
 TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")  # SLURM's forms: M, H:M:S, D-H, D-H:M:S, ...
@@ -47,6 +48,8 @@ class SlurmJob:
     warn_seconds: int = 120  # SIGUSR1 this long before the time limit
     job_name: str = ""
     sets: list[str] = field(default_factory=list)  # --set overrides passed to the stage
+    step: Optional[str] = None  # only this step of the stage's plan (launch/plans.py)
+    stage_args: list[str] = field(default_factory=list)  # the stage's own flags (after `--`)
     exports: dict[str, str] = field(default_factory=dict)  # extra environment for every task
     python: str = sys.executable
     workdir: str = field(default_factory=lambda: str(Path.cwd()))  # where the job runs (this checkout)
@@ -72,17 +75,30 @@ def render(job: SlurmJob, script: Optional[Path] = None) -> str:
         partition_line=f"#SBATCH --partition={job.partition}" if job.partition else "# (default partition)",
         warn_seconds=job.warn_seconds, log_dir=job.log_dir, workdir=q(job.workdir),
         exports="\n".join(f"export {k}={q(v)}" for k, v in job.exports.items()) or "# (no extra environment)",
-        python=q(job.python), stage=job.stage, config=q(str(Path(job.config).resolve())),
-        sets="".join(f" --set {q(s)}" for s in job.sets))
+        out_dir=q(job.output_dir), steps=steps_block(job))
+
+
+def steps_block(job: SlurmJob) -> str:
+    """The shell lines that run the stage's plan: srun for a step on every task, a plain command for a step run
+    once (as a one-process job: the batch shell's SLURM_NTASKS would otherwise make it believe it is one rank of
+    many); each later step only if the earlier ones finished."""
+    config = str(Path(job.config).resolve())
+    lines = []
+    for i, step in enumerate(plan(job.stage, job.step)):
+        argv = shell_line(command(job.python, job.stage, step, config, job.sets, job.stage_args))
+        if step.on_ranks:
+            run = f'srun --output="$ranks/{step.log_name()}" {argv}'
+        else:
+            run = f'RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 {argv} >"$ranks/{step.log_name()}" 2>&1'
+        lines.append(f"{run}\ncode=$?" if i == 0 else f'if [ "$code" -eq 0 ]; then\n  {run}\n  code=$?\nfi')
+    return "\n".join(lines)
 
 
 def check_config(job: SlurmJob) -> None:
     """The stage validates the config as rank 0 of the job's world size; its one error line is ours."""
     env = dict(os.environ, RANK="0", WORLD_SIZE=str(job.world_size), LOCAL_RANK="0")
-    command = [job.python, "-m", job.stage, "--config", job.config, "--check"]
-    for item in job.sets:
-        command += ["--set", item]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=job.workdir)
+    argv = command(job.python, job.stage, plan(job.stage, job.step)[0], job.config, job.sets, job.stage_args)
+    proc = subprocess.run(argv + ["--check"], env=env, capture_output=True, text=True, cwd=job.workdir)
     if proc.returncode != 0:
         lines = [line[len("error: "):] for line in proc.stderr.splitlines() if line.startswith("error: ")]
         raise KDError(lines[-1] if lines else f"{job.config}: the stage's check failed (exit {proc.returncode}):\n"
@@ -113,6 +129,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if args.time is not None and not TIME.match(args.time):
         raise KDError(f"--time: expected a SLURM time such as 04:00:00 or 1-12:00:00, got {args.time!r}")
     tasks = args.tasks_per_node or args.gpus_per_node or 1
+    plan(args.stage, args.step)  # an unknown --step fails here, in one line
     data = read_config_data(args.config, parse_overrides(args.set))
     output_dir = data.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir:
@@ -120,7 +137,8 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     return SlurmJob(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
                     output_dir=str(Path(output_dir).resolve()), stage=args.stage, cpus_per_task=args.cpus_per_task,
                     time=args.time, partition=args.partition, warn_seconds=args.warn_seconds,
-                    job_name=args.job_name or "", sets=list(args.set),
+                    job_name=args.job_name or "", sets=list(args.set), step=args.step,
+                    stage_args=list(args.stage_args),
                     exports={"DS_ACCELERATOR": "cpu"} if args.gpus_per_node == 0 else {})
 
 
@@ -136,7 +154,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warn-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
     parser.add_argument("--job-name", default=None)
     parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the training stage to run")
+    parser.add_argument("--step", default=None, help="only this step of the stage (e.g. finetune's distill)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument("stage_args", nargs="*", metavar="-- ARG",
+                        help="after --: flags for the stage itself (e.g. -- --arm kd --fold 0)")
     args = parser.parse_args(argv)
     try:
         job = job_from_args(args)

@@ -2,15 +2,15 @@
 
 import sys
 
-from kdlib.runtime.cli import run_config, stage_parser
+from kdlib.runtime.cli import check_flag, run_config, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = stage_parser("teacher", __doc__).parse_args(argv)
+    args = stage_parser("teacher", __doc__, flags=check_flag).parse_args(argv)
     # imported after parsing: preparing a teacher loads torch, which `--help` must not wait for
     from teacher.prepare_mlm import TeacherPrepConfig, prepare_teacher
 
-    return run_config(args, TeacherPrepConfig, prepare_teacher)
+    return run_config(args, TeacherPrepConfig, prepare_teacher, check_only=args.check)
 
 
 if __name__ == "__main__":

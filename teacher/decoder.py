@@ -3,15 +3,15 @@ tokenizers) from scratch on a local corpus."""
 
 import sys
 
-from kdlib.runtime.cli import run_config, stage_parser
+from kdlib.runtime.cli import check_flag, run_config, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = stage_parser("teacher.decoder", __doc__).parse_args(argv)
+    args = stage_parser("teacher.decoder", __doc__, flags=check_flag).parse_args(argv)
     # imported after parsing: preparing a decoder teacher loads torch, which `--help` must not wait for
     from teacher.prepare_decoder import DecoderPrepConfig, prepare_decoder
 
-    return run_config(args, DecoderPrepConfig, prepare_decoder)
+    return run_config(args, DecoderPrepConfig, prepare_decoder, check_only=args.check)
 
 
 if __name__ == "__main__":

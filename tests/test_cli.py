@@ -32,7 +32,9 @@ ENTRY_POINTS = [
     ("launch", False, True),
     ("launch local", True, False),  # launch/local.py and launch/slurm.py build their own parsers (same flags)
     ("launch slurm", True, False),
+    ("launch testcluster", False, True),
     ("bench", False, True),
+    ("bench.gpu", False, True),
     ("report.numbers", False, True),
     ("kdlib.teachers.inspect", False, True),
     # each benchmark: its own argparse parser, named as typed
@@ -82,7 +84,7 @@ def test_a_missing_config_file_is_one_line_naming_it_and_status_2(command, tmp_p
 def test_launch_without_a_command_says_its_usage_and_exits_2():
     proc = run_module("launch")
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[0] == "usage: python -m launch [-h] {local,slurm} [ARG ...]"
+    assert proc.stderr.splitlines()[0] == "usage: python -m launch [-h] {local,slurm,testcluster} [ARG ...]"
     assert proc.stderr.splitlines()[-1] == "python -m launch: error: the following arguments are required: command"
 
 

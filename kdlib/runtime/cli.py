@@ -110,10 +110,22 @@ def exit_code_of(work: Callable[[], object]) -> int:
     return 0
 
 
-def run_config(args: argparse.Namespace, config_cls: type[T], main: Callable[[T, str], object]) -> int:
-    """Load and validate the config that `args` (--config / --set) name, then run `main(config, config_path)`;
-    user errors exit 2."""
-    return exit_code_of(lambda: main(load_config(args.config, config_cls, parse_overrides(args.set)), args.config))
+def check_flag(parser: argparse.ArgumentParser) -> None:
+    """`--check`: validate the config and exit (what `python -m launch slurm` runs before it submits a job)."""
+    parser.add_argument("--check", action="store_true", help="validate the config, then exit")
+
+
+def run_config(args: argparse.Namespace, config_cls: type[T], main: Callable[[T, str], object], *,
+               check_only: bool = False) -> int:
+    """Load and validate the config that `args` (--config / --set) name, then run `main(config, config_path)` (or,
+    with `check_only`, say that it is valid); user errors exit 2."""
+    def work():
+        cfg = load_config(args.config, config_cls, parse_overrides(args.set))
+        if check_only:
+            print(f"{args.config}: valid")
+        else:
+            main(cfg, args.config)
+    return exit_code_of(work)
 
 
 def run_stage(stage: str, doc: str, config_cls: type[T], main: Callable[[T, str], object],

@@ -97,21 +97,24 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Close the process group and forget the groups DeepSpeed cached on it (module globals in
-    deepspeed.utils.groups), so a later job in the same process (a stage with sub-steps, a test) can start
-    again; without this, its engine broadcasts over a destroyed group."""
+    """End a job's use of the process group: put back the rendezvous variables, and in a one-process job close the
+    group and forget the groups DeepSpeed cached on it (module globals in deepspeed.utils.groups), so a later job
+    in the same process (a stage with sub-steps, a test) can start again; without this, its engine broadcasts
+    over a destroyed group.
+
+    With several ranks the group stays open until the process ends, and the next job of the process (finetune's
+    next run) reuses it: a second rendezvous on the same port can reach rank 0's first store before rank 0 has
+    closed it, and then never completes (seen: both ranks waiting for ever after a run)."""
     # here, not at the top: launchers import free_port without torch or deepspeed (module docstring)
     import torch.distributed as dist
     from deepspeed.utils import groups
 
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _restore_environment()
+        return
     if dist.is_initialized():
         dist.destroy_process_group()
-    for key, value in _saved_environment.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    _saved_environment.clear()
+    _restore_environment()
     for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
                  "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
         if hasattr(groups, name):
@@ -119,6 +122,15 @@ def shutdown() -> None:
     for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
                  "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
         getattr(groups, name, {}).clear()
+
+
+def _restore_environment() -> None:
+    for key, value in _saved_environment.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_environment.clear()
 
 
 def all_reduce_sum(tensor) -> None:

@@ -30,11 +30,20 @@ ranks=$log_dir/job-$$SLURM_JOB_ID/restart-$$restart  # each rank's output of thi
 mkdir -p "$$ranks"
 echo "[launch] job $$SLURM_JOB_ID restart $$restart: $$SLURM_NTASKS tasks on $$SLURM_JOB_NODELIST, rendezvous $$MASTER_ADDR:$$MASTER_PORT, rank logs in $$ranks, $$(date -u +%FT%TZ)"
 
-srun --output="$$ranks/rank-%t.out" $python -m $stage --config $config$sets
-code=$$?
+# The stage's steps (launch/plans.py): a training step on every task (srun), any other step once, here on the
+# first node; each stops the job at its first failure. A rerun skips the work that is finished.
+$steps
 if [ "$$code" -eq 75 ]; then
   echo "[launch] preempted after a checkpoint: requeueing job $$SLURM_JOB_ID"
   scontrol requeue "$$SLURM_JOB_ID"
+fi
+if [ "$$code" -ne 0 ] && [ "$$code" -ne 75 ]; then
+  # a node that stopped answering: SLURM marks it down (the srun above ends then), and requeues the job (--requeue)
+  lost=$$(sinfo -h -N -n "$$SLURM_JOB_NODELIST" -t down,drained,fail,no_respond -o %N 2>/dev/null | sort -u | paste -sd, -)
+  if [ -n "$$lost" ]; then
+    echo "[launch] job $$SLURM_JOB_ID lost node(s) $$lost; checkpoints kept: $$(find $out_dir -path '*checkpoints/latest' -exec sh -c 'echo "$$1 -> $$(cat "$$1")"' _ {} \; | paste -sd ';' -)"
+    echo "[launch] SLURM requeues the job; it resumes from those checkpoints once $$SLURM_JOB_NUM_NODES nodes are free (or scancel it and resubmit, with --nodes to change the node count)"
+  fi
 fi
 echo "[launch] job $$SLURM_JOB_ID restart $$restart ended with exit code $$code"
 exit "$$code"

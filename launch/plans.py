@@ -1,0 +1,64 @@
+"""What a launcher runs for each training stage: its steps in order, each either on every rank of the job or once.
+
+Both launchers read this one table, so `launch local` and the sbatch script `launch slurm` renders run the same
+commands in the same order. A step "on every rank" trains on the training core (the rank contract); a step run
+"once" reads or writes files only (fold splits, the teacher pass of a transfer set, timing, reports) or trains
+one small model on one process (the teacher preparations). A rerun of the whole plan skips what is finished, so
+after a preemption or a lost node the same command (or SLURM's requeue) resumes where the job stopped.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Optional
+
+from kdlib.errors import KDError
+
+
+@dataclass(frozen=True)
+class Step:
+    name: Optional[str]  # the stage's sub-step (`python -m finetune teacher`), None for a stage without steps
+    on_ranks: bool  # True: every rank of the job runs it together; False: one process runs it
+
+    def log_name(self) -> str:
+        """Its output file under the job's log folder (`%t`: SLURM's task number)."""
+        if not self.on_ranks:
+            return f"{self.name}.out"
+        return "rank-%t.out" if self.name is None else f"{self.name}-rank-%t.out"
+
+
+PLANS: dict[str, tuple[Step, ...]] = {
+    "pretrain": (Step(None, True),),
+    "finetune": (Step("folds", False), Step("teacher", True), Step("transfer", False), Step("distill", True),
+                 Step("speed", False), Step("deploy", False), Step("report", False)),
+    "teacher": (Step(None, False),),  # the masked-LM head over a frozen encoder: one process
+    "teacher.decoder": (Step(None, False),),  # the decoder teacher from scratch: one process
+}
+STAGES = tuple(PLANS)
+
+
+def plan(stage: str, step: Optional[str] = None) -> tuple[Step, ...]:
+    """The stage's steps, or only `step` (--step); a step name the stage does not have is refused."""
+    steps = PLANS[stage]
+    if step is None:
+        return steps
+    named = [s for s in steps if s.name == step]
+    if not named:
+        known = [s.name for s in steps if s.name]
+        raise KDError(f"--step: {stage} has " + (f"the steps {', '.join(known)}, not {step!r}" if known
+                                                 else f"no steps (got {step!r}); leave --step out"))
+    return tuple(named)
+
+
+def command(python: str, stage: str, step: Step, config: str, sets: list[str], stage_args: list[str]) -> list[str]:
+    """argv of one step: `python -m <stage> [<step>] --config X [--set k=v ...] [stage args]`."""
+    argv = [python, "-m", stage] + ([step.name] if step.name else []) + ["--config", config]
+    for item in sets:
+        argv += ["--set", item]
+    return argv + list(stage_args)
+
+
+def shell_line(argv: list[str]) -> str:
+    """argv as one line of a shell script, every word quoted where it needs it."""
+    return " ".join(shlex.quote(word) for word in argv)
