@@ -16,7 +16,6 @@ folder records what was made, so `down` works from another process.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os

@@ -29,6 +29,9 @@ restart=$${SLURM_RESTART_COUNT:-0}
 ranks=$log_dir/job-$$SLURM_JOB_ID/restart-$$restart  # each rank's output of this start: rank-<R>.out
 mkdir -p "$$ranks"
 echo "[launch] job $$SLURM_JOB_ID restart $$restart: $$SLURM_NTASKS tasks on $$SLURM_JOB_NODELIST, rendezvous $$MASTER_ADDR:$$MASTER_PORT, rank logs in $$ranks, $$(date -u +%FT%TZ)"
+if [ "$$restart" -gt 0 ]; then  # requeued: after a preemption, or by SLURM after a node failure (srun names the node)
+  echo "[launch] job $$SLURM_JOB_ID restart $$restart resumes from: $$(find $out_dir -path '*checkpoints/latest' -exec sh -c 'echo "$$1 -> $$(cat "$$1")"' _ {} \; | paste -sd ';' -)"
+fi
 
 # The stage's steps (launch/plans.py): a training step on every task (srun), any other step once, here on the
 # first node; each stops the job at its first failure. A rerun skips the work that is finished.
@@ -36,14 +39,6 @@ $steps
 if [ "$$code" -eq 75 ]; then
   echo "[launch] preempted after a checkpoint: requeueing job $$SLURM_JOB_ID"
   scontrol requeue "$$SLURM_JOB_ID"
-fi
-if [ "$$code" -ne 0 ] && [ "$$code" -ne 75 ]; then
-  # a node that stopped answering: SLURM marks it down (the srun above ends then), and requeues the job (--requeue)
-  lost=$$(sinfo -h -N -n "$$SLURM_JOB_NODELIST" -t down,drained,fail,no_respond -o %N 2>/dev/null | sort -u | paste -sd, -)
-  if [ -n "$$lost" ]; then
-    echo "[launch] job $$SLURM_JOB_ID lost node(s) $$lost; checkpoints kept: $$(find $out_dir -path '*checkpoints/latest' -exec sh -c 'echo "$$1 -> $$(cat "$$1")"' _ {} \; | paste -sd ';' -)"
-    echo "[launch] SLURM requeues the job; it resumes from those checkpoints once $$SLURM_JOB_NUM_NODES nodes are free (or scancel it and resubmit, with --nodes to change the node count)"
-  fi
 fi
 echo "[launch] job $$SLURM_JOB_ID restart $$restart ended with exit code $$code"
 exit "$$code"

@@ -1,12 +1,10 @@
 """`python -m launch slurm`: the sbatch script it renders (checked as text and by bash's parser), and a config
-error that stops before sbatch is ever called."""
+error that stops before sbatch is ever called. Jobs on a real multi-host cluster: tests/launch/test_multinode.py."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -68,61 +66,3 @@ def test_a_config_error_fails_before_sbatch_in_one_line(paths, tmp_path):
     assert not out.exists()  # no script, no log folder: nothing reached sbatch
     proc = launch_slurm("--config", str(config), "--time", "four hours", "--dry-run")
     assert proc.returncode == 2 and "--time: expected a SLURM time" in proc.stderr
-
-
-# ---------------------------------------------------------------- on a real SLURM
-
-
-def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def test_a_preempted_job_checkpoints_is_requeued_under_its_id_and_ends_as_an_uninterrupted_run(paths, tmp_path):
-    from safetensors.torch import load_file
-
-    from kdlib.runtime.metrics import read_metrics
-    from tests.slurm_cluster import job_state, single_node_cluster
-
-    out = tmp_path / "preempted"
-    config = write_config(base_config(paths, out, steps=120, checkpoint_every=1000), tmp_path / "job.yaml")
-    with single_node_cluster(keep_logs=tmp_path / "slurm-logs") as slurm_env:
-        env = dict(stage_env(), SLURM_CONF=slurm_env["SLURM_CONF"])
-        proc = subprocess.run([sys.executable, "-m", "launch", "slurm", "--config", str(config), "--nodes", "1",
-                               "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "00:20:00"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-        log = out / "slurm" / f"job-{job}.out"
-        _wait(lambda: len(read_metrics(out / "metrics.jsonl")) >= 3, 300, "three training steps")
-        subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)  # what --signal sends before the limit
-        _wait(lambda: "requeueing job" in (log.read_text() if log.is_file() else ""), 120, "the requeue")
-
-        # requeued: held for the cluster's cred_expire (10 s here), then restarted under the same id
-        _wait(lambda: "restart 1:" in log.read_text(), 300, "the restart", poll=1.0)
-        _wait(lambda: job_state(job, env) == "" and "restart 1 ended" in log.read_text(), 300, "the restart to finish",
-              poll=1.0)
-        text = log.read_text()
-    assert f"[launch] job {job} restart 0:" in text and f"[launch] job {job} restart 1:" in text  # the same job id
-    assert f"[launch] job {job} restart 0 ended with exit code 75" in text
-    assert f"[launch] job {job} restart 1 ended with exit code 0" in text
-    ranks = out / "slurm" / f"job-{job}"
-    assert sorted(str(p.relative_to(ranks)) for p in ranks.rglob("*.out")) == [
-        "restart-0/rank-0.out", "restart-0/rank-1.out", "restart-1/rank-0.out", "restart-1/rank-1.out"]
-    assert "exiting with code 75" in (ranks / "restart-0" / "rank-0.out").read_text()
-    assert "resumed from" in (ranks / "restart-1" / "rank-0.out").read_text()
-    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
-    assert steps == list(range(1, 121))
-    # the same job, never interrupted, on the local launcher (the same rank contract): the same weights
-    straight = tmp_path / "straight"
-    reference = write_config(base_config(paths, straight, steps=120, checkpoint_every=1000), tmp_path / "ref.yaml")
-    done = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--config", str(reference)],
-                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    a, b = load_file(str(out / "export" / "model.safetensors")), load_file(str(straight / "export" / "model.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -1,0 +1,168 @@
+"""The SLURM path on a real multi-host cluster: 2 nodes, each its own network namespace, hostname and slurmd
+(launch/testcluster.py), one task per node, so the rendezvous crosses hosts (MASTER_ADDR is another node's address).
+
+Every job's final weights are compared bit for bit with the same config run uninterrupted by `launch local` with 2
+processes: a plain 2-node job, a job preempted by SIGUSR1 and requeued, a job whose second node is lost mid-run
+(its slurmd and every process on it killed) and that resumes once the node is back, and finetune's KD arm.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from kdlib.runtime.digests import verify_digests
+from kdlib.runtime.metrics import read_metrics
+from kdlib.training.checkpoints import latest_checkpoint
+from launch import testcluster
+from tests.finetune_fixture import base_config as finetune_config
+from tests.transfer_fixture import REPO, base_config, build_transfer_set, stage_env, write_config
+
+pytestmark = pytest.mark.slow  # starts a SLURM cluster and trains
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with testcluster.running(nodes=2, keep_logs=tmp_path_factory.mktemp("cluster-logs")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return build_transfer_set(tmp_path_factory.mktemp("multinode_fixture"), rows=160, teacher_steps=5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(paths, tmp_path_factory):
+    """The reference: the job's config, never interrupted, as 2 local processes."""
+    root = tmp_path_factory.mktemp("reference")
+    config = job_config(paths, root / "run", root / "job.yaml")
+    done = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--config", str(config)],
+                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(root / "run" / "export" / "model.safetensors"))
+
+
+def job_config(paths, out: Path, path: Path) -> Path:
+    return write_config(base_config(paths, out, steps=STEPS, checkpoint_every=10), path)
+
+
+def submit(cluster, config: Path, *extra: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "launch", "slurm", "--config", str(config), "--nodes", "2",
+                           "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "00:20:00", *extra],
+                          cwd=REPO, env=dict(stage_env(), SLURM_CONF=str(cluster.conf)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+def wait(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def log_of(out: Path, job: str) -> str:
+    path = out / "slurm" / f"job-{job}.out"
+    return path.read_text() if path.is_file() else ""
+
+
+def wait_until_done(cluster, out: Path, job: str, restart: int = 0, timeout: float = 400) -> str:
+    wait(lambda: testcluster.job_state(job, cluster.env) == "" and f"restart {restart} ended" in log_of(out, job),
+         timeout, f"job {job} restart {restart} to finish", poll=1.0)
+    return log_of(out, job)
+
+
+def steps_done(out: Path) -> int:
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    return max((r["step"] for r in records if r.get("kind", "train") == "train"), default=0)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_2_node_job_trains_exactly_as_2_local_processes(cluster, paths, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    job = submit(cluster, job_config(paths, out, tmp_path / "job.yaml"))
+    text = wait_until_done(cluster, out, job)
+    assert f"[launch] job {job} restart 0: 2 tasks on kdnode[1-2], rendezvous kdnode1:" in text
+    assert f"[launch] job {job} restart 0 ended with exit code 0" in text
+    ranks = out / "slurm" / f"job-{job}" / "restart-0"
+    assert sorted(p.name for p in ranks.iterdir()) == ["rank-0.out", "rank-1.out"]
+    assert same_weights(load_file(str(out / "export" / "model.safetensors")), uninterrupted)
+
+
+def test_usr1_checkpoints_requeues_under_the_same_id_and_ends_as_the_uninterrupted_run(cluster, paths, uninterrupted,
+                                                                                        tmp_path):
+    out = tmp_path / "preempted"
+    job = submit(cluster, job_config(paths, out, tmp_path / "job.yaml"))
+    wait(lambda: steps_done(out) >= 3, 300, "three training steps")
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster.env, check=True)  # what --signal sends
+    text = wait_until_done(cluster, out, job, restart=1)
+    assert f"[launch] job {job} restart 0 ended with exit code 75" in text  # checkpointed, then requeued
+    assert f"requeueing job {job}" in text and f"[launch] job {job} restart 1:" in text
+    assert f"[launch] job {job} restart 1 ended with exit code 0" in text
+    assert "resumed from" in (out / "slurm" / f"job-{job}" / "restart-1" / "rank-0.out").read_text()
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind", "train") == "train"] == \
+        list(range(1, STEPS + 1))
+    assert same_weights(load_file(str(out / "export" / "model.safetensors")), uninterrupted)
+
+
+def test_a_lost_node_is_named_the_checkpoint_survives_and_the_job_resumes_when_the_node_is_back(
+        cluster, paths, uninterrupted, tmp_path):
+    out = tmp_path / "lost"
+    job = submit(cluster, job_config(paths, out, tmp_path / "job.yaml"))
+    wait(lambda: steps_done(out) >= 25, 300, "25 training steps (checkpoints at 10 and 20)")
+    testcluster.kill_node(cluster, "kdnode2")  # its slurmd, slurmstepd and rank 1: a power cut
+    text = wait(lambda: "Node failure on kdnode2" in log_of(out, job) and log_of(out, job), 120,
+                "SLURM to name the lost node in the job's log")
+    latest = latest_checkpoint(out / "checkpoints")
+    assert latest is not None and int(latest.name.split("-")[1]) >= 20
+    verify_digests(latest)  # complete and unchanged: every file matches the digests written when it was saved
+    wait(lambda: testcluster.job_state(job, cluster.env) == "PENDING", 60, "SLURM to requeue the job")
+    testcluster.start_node(cluster, "kdnode2")  # the node is back
+    text = wait_until_done(cluster, out, job, restart=1)
+    assert f"[launch] job {job} restart 1 resumes from: {out / 'checkpoints' / 'latest'} -> {latest.name}" in text
+    assert f"[launch] job {job} restart 1 ended with exit code 0" in text
+    assert f"resumed from {latest}" in (out / "slurm" / f"job-{job}" / "restart-1" / "rank-0.out").read_text()
+    assert same_weights(load_file(str(out / "export" / "model.safetensors")), uninterrupted)
+
+
+def test_finetune_runs_every_step_on_the_cluster_and_its_kd_arm_equals_2_local_processes(cluster, tmp_path):
+    data = finetune_config(tmp_path, folds=2)
+    data["evaluation"]["seeds"] = [0]
+    config = tmp_path / "finetune.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = Path(data["output_dir"])
+    job = submit(cluster, config, "--stage", "finetune", "--", "--fold", "0", "--arm", "kd")
+    text = wait_until_done(cluster, out, job, timeout=600)
+    assert f"[launch] job {job} restart 0 ended with exit code 0" in text, text
+    logs = out / "slurm" / f"job-{job}" / "restart-0"
+    names = sorted(p.name for p in logs.iterdir())
+    assert names == sorted(["folds.out", "teacher-rank-0.out", "teacher-rank-1.out", "transfer.out",
+                            "distill-rank-0.out", "distill-rank-1.out", "speed.out", "deploy.out", "report.out"])
+    kd = out / "fold-0" / "seed-0" / "kd"
+    assert (kd / "eval.json").is_file() and (out / "report").is_dir()
+    # the same KD run by 2 local processes, from the same teacher and transfer set
+    shutil.move(kd, kd.with_name("kd-slurm"))
+    local = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--stage", "finetune", "--step",
+                            "distill", "--config", str(config), "--", "--fold", "0", "--arm", "kd"],
+                           cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert same_weights(load_file(str(kd / "export" / "model.safetensors")),
+                        load_file(str(kd.with_name("kd-slurm") / "export" / "model.safetensors")))
