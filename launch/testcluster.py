@@ -234,6 +234,10 @@ def up(nodes: int = 2, root: Path = DEFAULT_DIR, cpus: int = 2) -> Cluster:
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise KDError(f"{root}: exists and is not an empty folder; a test cluster makes its own folder "
                       f"(`python -m launch testcluster down --dir {root}` if it holds one)")
+    closed = [p for p in Path(root).resolve().parents if p.exists() and not p.stat().st_mode & 0o001]
+    if closed:
+        raise KDError(f"--dir: {root}: {closed[0]} is closed to other users; munged runs as the munge user and must "
+                      "reach its socket in the cluster folder: choose a folder under /tmp")
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)  # munged runs as the munge user, which must reach its socket folder
     prefix = f"kd{random.randrange(16 ** 4):04x}"
@@ -248,9 +252,9 @@ def up(nodes: int = 2, root: Path = DEFAULT_DIR, cpus: int = 2) -> Cluster:
         (root / "hosts").write_text("\n".join(hosts) + "\n")
         _network(c)
         c.conf.write_text(slurm_conf(c, free_port(), free_port()))
-        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c",
-                        f"/usr/sbin/munged --socket={root}/munge/munge.socket --pid-file={root}/munge/munged.pid "
-                        f"--log-file={root}/munge/munged.log --seed-file={root}/munge/seed"], check=True)
+        _sh("su", "-s", "/bin/sh", "munge", "-c",
+            f"/usr/sbin/munged --socket={root}/munge/munge.socket --pid-file={root}/munge/munged.pid "
+            f"--log-file={root}/munge/munged.log --seed-file={root}/munge/seed")
         c.pids["munged"] = _pid(root / "munge" / "munged.pid")
         _sh("slurmctld", "-f", str(c.conf))
         c.pids["slurmctld"] = _pid(root / "slurmctld.pid")
@@ -321,7 +325,7 @@ def running(nodes: int = 2, root: Optional[Path] = None, keep_logs: Optional[Pat
     """A cluster for the length of a `with` block (the tests' fixture); torn down also on failure."""
     import tempfile  # only the fixture picks a throw-away folder
 
-    c = up(nodes, Path(root) if root else Path(tempfile.mkdtemp(prefix="kd-cluster-")))
+    c = up(nodes, Path(root) if root else Path(tempfile.mkdtemp(prefix="kd-cluster-", dir="/tmp")))
     try:
         yield c
     finally:

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,3 +167,38 @@ def test_finetune_runs_every_step_on_the_cluster_and_its_kd_arm_equals_2_local_p
     assert local.returncode == 0, local.stderr[-3000:]
     assert same_weights(load_file(str(kd / "export" / "model.safetensors")),
                         load_file(str(kd.with_name("kd-slurm") / "export" / "model.safetensors")))
+
+
+def test_testcluster_up_status_down_as_a_user_runs_it(tmp_path):
+    closed = subprocess.run([sys.executable, "-m", "launch", "testcluster", "up", "--dir", str(tmp_path / "c")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)  # pytest's folders are 0700
+    assert closed.returncode == 2 and closed.stderr.count("error: ") == 1 and "closed to other users" in closed.stderr
+    assert "Traceback" not in closed.stderr and not (tmp_path / "c").exists()
+    root = Path(tempfile.mkdtemp(prefix="kd-cluster-test-", dir="/tmp")) / "cluster"
+    root.parent.chmod(0o755)
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "launch", "testcluster", *args, "--dir", str(root)], cwd=REPO,
+                              capture_output=True, text=True, timeout=180)
+
+    up = command("up", "--nodes", "2")
+    try:
+        assert up.returncode == 0, up.stderr
+        c = testcluster.Cluster.load(root)
+        assert f"export SLURM_CONF={root / 'slurm.conf'}" in up.stdout
+        # each node is its own host: its own hostname and address, reached across the bridge
+        hosts = subprocess.run(["srun", "-N2", "--ntasks-per-node=1", "sh", "-c", "echo $(hostname) $(hostname -I)"],
+                               env=c.env, capture_output=True, text=True, timeout=60)
+        assert sorted(hosts.stdout.split("\n")[:2]) == sorted(f"{n} {c.address(n)}" for n in c.nodes), hosts.stderr
+        again = command("up")  # a second cluster in the same folder is refused, the first left alone
+        assert again.returncode == 2 and again.stderr.startswith("error: ") and "exists" in again.stderr
+        assert "idle" in command("status").stdout
+    finally:
+        down = command("down")
+    assert down.returncode == 0, down.stderr
+    assert not root.exists()
+    root.parent.rmdir()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert c.prefix not in netns and c.prefix not in links  # nothing of the cluster is left on the machine
+    assert command("down").returncode == 2  # nothing to stop: one line, exit 2
