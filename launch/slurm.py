@@ -73,7 +73,7 @@ def render(job: SlurmJob, script: Optional[Path] = None) -> str:
         gpus_line=f"#SBATCH --gpus-per-node={job.gpus_per_node}" if job.gpus_per_node else "# (CPU nodes: no GPUs)",
         time_line=f"#SBATCH --time={job.time}" if job.time else "# (no --time: the partition's limit applies)",
         partition_line=f"#SBATCH --partition={job.partition}" if job.partition else "# (default partition)",
-        warn_seconds=job.warn_seconds, log_dir=job.log_dir, workdir=q(job.workdir),
+        warn_seconds=job.warn_seconds, log_dir=job.log_dir, log_dir_q=q(str(job.log_dir)), workdir=q(job.workdir),
         exports="\n".join(f"export {k}={q(v)}" for k, v in job.exports.items()) or "# (no extra environment)",
         out_dir=q(job.output_dir), steps=steps_block(job))
 
@@ -121,6 +121,28 @@ def submit(job: SlurmJob) -> str:
     return job_id
 
 
+NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")  # what SLURM accepts in partition (a comma list) and job names
+
+
+def check_script_values(args: argparse.Namespace, output_dir: str) -> None:
+    """Every value that goes into the script: names in SLURM's own syntax, counts in range, and no control
+    character anywhere (a newline in a value would start a line of its own); the rest is quoted by render."""
+    for flag, value in (("--partition", args.partition), ("--job-name", args.job_name)):
+        if value is not None and not NAME.match(value):
+            raise KDError(f"{flag}: expected letters, digits and _ . , + - only, got {value!r}")
+    for flag, value, least in (("--tasks-per-node", args.tasks_per_node, 0), ("--cpus-per-task", args.cpus_per_task, 1),
+                               ("--warn-seconds", args.warn_seconds, 0)):
+        if value < least:
+            raise KDError(f"{flag}: expected {least} or more, got {value}")
+    words = [("--config", args.config), ("output_dir", output_dir)] + [("--set", v) for v in args.set] + \
+        [("-- (a stage argument)", v) for v in args.stage_args]
+    for flag, value in words:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise KDError(f"{flag}: {value!r} holds a control character (a newline?); it would break the script")
+    if '"' in output_dir:
+        raise KDError(f"output_dir: {output_dir!r} holds a double quote, which an #SBATCH --output line cannot hold")
+
+
 def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if args.nodes < 1:
         raise KDError(f"--nodes: expected at least 1, got {args.nodes}")
@@ -134,6 +156,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     output_dir = data.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir:
         raise KDError(f"{args.config}: field 'output_dir': the SLURM logs go to <output_dir>/slurm/; set it")
+    check_script_values(args, output_dir)
     return SlurmJob(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
                     output_dir=str(Path(output_dir).resolve()), stage=args.stage, cpus_per_task=args.cpus_per_task,
                     time=args.time, partition=args.partition, warn_seconds=args.warn_seconds,

@@ -10,7 +10,7 @@ $partition_line
 #SBATCH --signal=USR1@$warn_seconds
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=$log_dir/job-%j.out
+#SBATCH --output="$log_dir/job-%j.out"
 #
 # --signal: every task gets SIGUSR1 $warn_seconds s before the time limit (or on `scancel --signal=USR1`);
 #   the trainer checkpoints at the next step boundary and exits 75.
@@ -26,7 +26,7 @@ export MASTER_ADDR=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1
 export MASTER_PORT=$$((29500 + SLURM_JOB_ID % 1000))
 $exports
 restart=$${SLURM_RESTART_COUNT:-0}
-ranks=$log_dir/job-$$SLURM_JOB_ID/restart-$$restart  # each rank's output of this start: rank-<R>.out
+ranks=$log_dir_q/job-$$SLURM_JOB_ID/restart-$$restart  # this start's logs: [<step>-]rank-<R>.out, <step>.out
 mkdir -p "$$ranks"
 echo "[launch] job $$SLURM_JOB_ID restart $$restart: $$SLURM_NTASKS tasks on $$SLURM_JOB_NODELIST, rendezvous $$MASTER_ADDR:$$MASTER_PORT, rank logs in $$ranks, $$(date -u +%FT%TZ)"
 if [ "$$restart" -gt 0 ]; then  # requeued: after a preemption, or by SLURM after a node failure (srun names the node)
