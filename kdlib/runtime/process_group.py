@@ -86,7 +86,44 @@ def init_distributed(backend: str = "auto") -> DistEnv:
         torch.cuda.set_device(place.local_rank)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if place.world_size > 1:
+            _learn_peers(place)
     return place
+
+
+_peers: dict[str, tuple[int, str]] = {}  # address -> (rank, host name) of every rank, for naming a lost one
+
+
+def _learn_peers(place: DistEnv) -> None:
+    """Every rank's host name and the address its peers reach it at (one all_gather at start): when a
+    connection breaks, the error then names a node, not only an address."""
+    import torch.distributed as dist  # not at the top: launchers import free_port without torch
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # the interface that leads to the master
+        try:
+            probe.connect((place.master_addr, int(place.master_port)))
+            address = probe.getsockname()[0]
+        except OSError:
+            address = ""
+    found: list = [None] * place.world_size
+    dist.all_gather_object(found, (place.rank, socket.gethostname(), address))
+    _peers.clear()
+    _peers.update({addr: (rank, host) for rank, host, addr in found if addr})
+
+
+def lost_peer(error: BaseException) -> Optional[str]:
+    """'rank R on host H (address)' when `error` is a collective that lost its connection to a peer, else None."""
+    text = str(error)
+    if not re.search(r"Connection (reset|closed)|Broken pipe|Socket closed|timed out", text, re.IGNORECASE):
+        return None
+    match = re.search(r"\[([0-9A-Fa-f.:]+)\]:\d+", text)
+    if match is None:
+        return None
+    address = match.group(1)
+    if address in _peers:
+        rank, host = _peers[address]
+        return f"rank {rank} on host {host} ({address})"
+    return f"the rank at {address}"
 
 
 def barrier() -> None:
