@@ -190,6 +190,16 @@ def test_testcluster_up_status_down_as_a_user_runs_it(tmp_path):
         hosts = subprocess.run(["srun", "-N2", "--ntasks-per-node=1", "sh", "-c", "echo $(hostname) $(hostname -I)"],
                                env=c.env, capture_output=True, text=True, timeout=60)
         assert sorted(hosts.stdout.split("\n")[:2]) == sorted(f"{n} {c.address(n)}" for n in c.nodes), hosts.stderr
+        # 2 nodes x 2 tasks under plain srun: each rank's place, as the stages read it, from SLURM's variables
+        probe = "from kdlib.runtime.process_group import dist_env; import socket; e = dist_env(); " \
+                "print(socket.gethostname(), e.rank, e.local_rank, e.world_size, e.master_addr, e.master_port)"
+        places = subprocess.run(["srun", "-N2", "--ntasks-per-node=2", sys.executable, "-c", probe], env=c.env,
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        rows = sorted(line.split() for line in places.stdout.splitlines())
+        job = rows[0][5] if rows else ""
+        assert rows == [["kdnode1", "0", "0", "4", "kdnode1", job], ["kdnode1", "1", "1", "4", "kdnode1", job],
+                        ["kdnode2", "2", "0", "4", "kdnode1", job], ["kdnode2", "3", "1", "4", "kdnode1", job]], \
+            places.stderr
         again = command("up")  # a second cluster in the same folder is refused, the first left alone
         assert again.returncode == 2 and again.stderr.startswith("error: ") and "exists" in again.stderr
         assert "idle" in command("status").stdout
