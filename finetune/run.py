@@ -255,8 +255,9 @@ def build_job(cfg: RunConfig, session: loop.Session) -> loop.Job:
                              heads=teacher_config.num_attention_heads)
 
     place = session.place
-    sampler = DistributedBatchSampler(len(rows), micro_batch=cfg.engine.micro_batch, grad_accum=cfg.engine.grad_accum,
-                                      rank=place.rank, world_size=place.world_size, seed=cfg.seed)
+    sampler = DistributedBatchSampler(len(rows), micro_batch=cfg.engine.micro_batch,
+                                      grad_accum=cfg.engine.accumulation(place.world_size), rank=place.rank,
+                                      world_size=place.world_size, seed=cfg.seed)
     batches = BatchStream(sampler, rows.batch, depth=cfg.prefetch, pin_memory=device.type == "cuda")
     valid = EncodedExamples(read_split(Path(cfg.valid_data)), tokenizer, cfg.labels, cfg.max_length, cfg.regression)
 

@@ -48,10 +48,6 @@ class PretrainConfig(LoopConfig):
         except ValueError as err:
             raise ValueError(f"engine.{err}") from None
 
-    @property
-    def global_batch_per_rank(self) -> int:
-        return self.engine.micro_batch * self.engine.grad_accum
-
     def math_hash(self) -> str:
         """Hash of everything that changes what a step computes (kdlib.training.config.math_hash)."""
         return math_hash(self)

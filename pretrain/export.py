@@ -57,7 +57,7 @@ transfer set{' plus an online teacher' if cfg.online_teacher else ''}).
 | transfer set | `{cfg.transfer_set}` |
 | transfer-set manifest sha256 | `{setup.manifest_sha256}` |
 | optimizer steps | {step} |
-| global batch (sequences) | {cfg.global_batch_per_rank * setup.place.world_size} |
+| global batch (sequences) | {cfg.engine.global_batch_for(setup.place.world_size)} |
 | initialisation | {cfg.student.init} |
 | architecture | {cfg.student.architecture} (width {model.config.hidden_size}) |
 | config hash | `{cfg.math_hash()}` |

@@ -106,8 +106,10 @@ def build_job(cfg: PretrainConfig, setup: Setup, session: loop.Session) -> loop.
     if cfg.student.tokenizer is not None:  # the student's own tokenization, the teacher's values at aligned spans
         load, agreement = cross_tokenizer_reading(cfg, setup, module.student)
 
-    sampler = DistributedBatchSampler(train_rows, micro_batch=cfg.engine.micro_batch, grad_accum=cfg.engine.grad_accum,
-                                      rank=session.place.rank, world_size=session.place.world_size, seed=cfg.seed)
+    world = session.place.world_size
+    sampler = DistributedBatchSampler(train_rows, micro_batch=cfg.engine.micro_batch,
+                                      grad_accum=cfg.engine.accumulation(world), rank=session.place.rank,
+                                      world_size=world, seed=cfg.seed)
     batches = BatchStream(sampler, load, depth=cfg.prefetch, pin_memory=device.type == "cuda")
 
     def evaluate(student) -> dict:

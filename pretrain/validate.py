@@ -135,12 +135,12 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
         if stages >= cfg.steps and place.rank == 0:  # allowed: a run may be stopped early and extended later
             print(f"{source}: note: steps={cfg.steps} ends within the progressive stages ({stages} steps); there is "
                   f"no joint phase, and layers whose stage is not reached stay as initialised", flush=True)
+    ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=source)  # first: checks global_batch
     train_rows = len(transfer) - cfg.eval_rows
-    global_batch = cfg.global_batch_per_rank * place.world_size
+    global_batch = ds["train_batch_size"]
     if train_rows < global_batch:
         fail_field(source, "eval_rows", f"{len(transfer)} rows minus {cfg.eval_rows} held out leaves {train_rows}, "
                    f"fewer than one global batch of {global_batch} (micro_batch x grad_accum x {place.world_size} ranks)")
-    ds = deepspeed_config(cfg.engine, place.world_size, cfg.steps, source=source)
     return Setup(source=source, teacher_folder=folder, student_tokenizer_folder=student_tokenizer, teacher_config=teacher_config, teacher_fingerprint=teacher_fp,
                  tokenizer_fingerprint=tokenizer_fp, transfer_set=transfer,
                  manifest_sha256=sha256_file(Path(cfg.transfer_set) / MANIFEST), pairs=list(offer.pairs), offer=offer, ds_config=ds,

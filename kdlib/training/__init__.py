@@ -6,7 +6,8 @@ does the same way. Not here: the losses themselves (kdlib.losses) or how a stude
 
   config.py           LoopConfig (steps, seed, cadence) and math_hash, the one definition of what changes the math
   deepspeed_engine.py EngineConfig -> DeepSpeed's JSON, and the DeepSpeed engine with our parameter groups
-  checkpoints.py      checkpoints a kill cannot corrupt (`latest`, digests), ZeRO-3 consolidation
+  checkpoints.py      checkpoints a kill cannot corrupt (`latest`, digests), loading at another world size,
+                      ZeRO-3 consolidation
   lr_groups.py        AdamW parameter groups with layer-wise learning-rate decay
   providers.py        the provider table: every loss input name -> where it comes from
   objective_plan.py   one objective under what a stage offers: its scope, sites and checks, before training
@@ -14,7 +15,7 @@ does the same way. Not here: the losses themselves (kdlib.losses) or how a stude
   progressive.py      MobileBERT's progressive transfer: which layers learn at each step
   internals.py        what a forward pass exposes to losses: logits, hidden states, pooled, Q/K/V and attention
   cross_tokenizer.py  batches of a student with its own tokenizer, aligned on character spans
-  sampler.py          the deterministic, resumable distributed batch order
+  sampler.py          the deterministic, resumable distributed batch order (the same at any world size)
   batches.py          BatchStream: batches decoded and collated ahead on a background thread
   loop.py             run(config, stage, build_job): start -> build -> Trainer -> finish; Session, Job, Trainer
   state.py            trainer state and per-rank RNG states as JSON side files of a checkpoint

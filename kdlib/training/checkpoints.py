@@ -1,27 +1,44 @@
-"""Checkpoints of a DeepSpeed engine that a kill at any moment cannot corrupt, and ZeRO-3 consolidation.
+"""Checkpoints of a DeepSpeed engine that a kill at any moment cannot corrupt, loading them at another world
+size, and ZeRO-3 consolidation.
 
 DeepSpeed writes into `<dir>/.tmp-step-N/`, which is renamed to `step-N` once every rank has finished, and only
 then does the `latest` text file (written atomically) point at it: a job killed at any moment leaves either the
 previous complete checkpoint or the new one, never a half-written one that `latest` names.
+
+At another data-parallel size (DeepSpeed 0.19.8, measured on CPU/gloo): ZeRO-0 keeps the whole optimizer state
+in `mp_rank_00_model_states.pt`, which every rank loads as is. ZeRO-1/2 partition it per rank, and a plain
+`engine.load_checkpoint` refuses ("The checkpoint being loaded used a DP world size of 2 but the current world
+size is 1. Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not currently
+supported."; `zero_optimization.elastic_checkpoint` does not get past that check); DeepSpeed's universal
+checkpoint (deepspeed/checkpoint/ds_to_universal.py, loaded with `checkpoint.load_universal`) re-partitions it,
+so rank 0 converts the step folder into `universal-step-N` beside it, every rank loads that, and it is deleted.
+ZeRO-3's universal load applies the first parameter group's hyperparameters to every group (weight decay on
+biases, one learning rate for all layer-decay groups), and even with them put back its updates depart from
+the uninterrupted run's: ZeRO-3 resumes only at the world size it was saved at.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from kdlib.runtime.digests import verify_digests, write_digests
 from kdlib.errors import KDError
 from kdlib.runtime.io import atomic_write_text, replace_directory
-from kdlib.runtime.process_group import barrier
+from kdlib.runtime.process_group import all_reduce_sum, barrier
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+UNIVERSAL_PREFIX = "universal-"  # `universal-step-N`: DeepSpeed's universal copy of step-N, only while it loads
 
 
 def step_tag(step: int) -> str:
@@ -90,14 +107,78 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def load_checkpoint(engine, folder: str | os.PathLike, *, verified: bool = False) -> None:
+def needs_universal(folder: str | os.PathLike, zero_stage: int, saved_world: int, world: int) -> bool:
+    """Whether loading `folder`, saved by `saved_world` ranks, on `world` ranks goes through DeepSpeed's universal
+    checkpoint (ZeRO-1/2 at another size; the engine must then be built with `checkpoint.load_universal`).
+    KDError for ZeRO-3 at another size (see the module docstring)."""
+    if saved_world == world or zero_stage == 0:
+        return False
+    if zero_stage == 3:
+        raise KDError(f"{folder}: saved at world size {saved_world}, now {world}: a ZeRO-3 checkpoint resumes only at "
+                      f"the world size it was saved at (DeepSpeed 0.19.8's universal checkpoint restores ZeRO-3 "
+                      f"optimizer state wrongly for several parameter groups); run {saved_world} ranks, or train "
+                      f"with engine.zero_stage 0-2 to change the node count")
+    return True
+
+
+def universal_copy(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Path:
+    """Collective: DeepSpeed's universal checkpoint of ZeRO-1/2 step folder `folder`, which loads at any
+    data-parallel size. Rank 0 converts into `<dir>/.tmp-universal-step-N/step-N` (the step folder is only read)
+    and renames that to `<dir>/universal-step-N`; the others wait. Returns the copy's root (the tag is still
+    step-N). Call it only on a folder whose digests were just verified: the conversion unpickles its files.
+    `device`: where the process group's backend reduces (the engine's device; nccl needs CUDA tensors)."""
+    folder = Path(folder)
+    final = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}"
+    tmp = folder.parent / f"{TMP_PREFIX}{UNIVERSAL_PREFIX}{folder.name}"
+    failed = torch.zeros(1, device=device)
+    error: Optional[BaseException] = None
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        try:
+            for stale in (tmp, final):  # left by a job killed while converting or loading: never trusted
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+            _convert_to_universal(folder, tmp / folder.name)
+            os.rename(tmp, final)
+        except Exception as err:  # the other ranks learn of it below instead of waiting at a barrier forever
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed += 1
+            error = err
+    all_reduce_sum(failed)
+    if error is not None:
+        raise KDError(f"{folder}: converting it to a universal checkpoint (to load it at another world size) failed: "
+                      f"{type(error).__name__}: {error}") from error
+    if failed.item():
+        raise KDError(f"{folder}: rank 0 could not convert it to a universal checkpoint (see rank 0's error)")
+    return final
+
+
+def _convert_to_universal(folder: Path, output: Path) -> None:
+    """deepspeed/checkpoint/ds_to_universal.py on one folder, in this process (one worker: no process pool), its
+    progress output kept back. `inject_missing_state`: our engines record no universal_checkpoint_info (only
+    tensor-parallel models need one); the conversion adds the version marker in memory, not to the folder."""
+    # deepspeed: ~0.6 s to import on top of torch; only a resume at another world size converts
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(output), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal(args)
+
+
+def load_checkpoint(engine, folder: str | os.PathLike, *, verified: bool = False, universal: bool = False) -> None:
     """Collective: restore module, optimizer, scheduler (and ZeRO partitions) from a step folder, whose files
-    are first checked against its digests (unless the caller just did)."""
+    are first checked against its digests (unless the caller just did). `universal`: through a universal copy
+    (`needs_universal`), deleted once every rank has loaded it; the engine was built with load_universal."""
     folder = Path(folder)
     if not verified:
         verify_digests(folder)
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
+    root = universal_copy(folder, engine.device) if universal else folder.parent
+    path, _ = engine.load_checkpoint(str(root), tag=folder.name, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+    if universal:  # (after a failed load the copy stays; the next resume replaces it, never trusting it)
+        barrier()  # every rank has read the copy
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            shutil.rmtree(root, ignore_errors=True)
     if path is None:
         raise KDError(f"{folder}: DeepSpeed found no checkpoint to load there")
 

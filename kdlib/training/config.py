@@ -4,7 +4,9 @@ A stage's config inherits `LoopConfig` (keyword-only fields, so the stage's own 
 first). `math_hash` is what a checkpoint is resumed under: everything in the config except the
 bookkeeping fields below, with the learning-rate decay resolved, and with `steps` included whenever
 an objective reads the run's length (a weight or temperature schedule, teacher annealing). A resume
-whose hash differs is refused, naming both hashes.
+whose hash differs is refused, naming both hashes. The world size is not in the config, so not in the
+hash: with `engine.global_batch` set it does not change the math (grad_accum follows it); without it,
+the global batch does change with it, which the trainer refuses separately (kdlib.training.state).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def math_hash(config) -> str:
             del engine["optim"]["layer_decay"]
         for name in ("chunked_logits", "logit_chunk_size"):  # how the output layer is computed, not what
             engine.pop(name, None)
+        if engine.get("global_batch", 0) is None:  # unset hashes as before the option existed
+            del engine["global_batch"]
     if reads_total_steps(config):
         data["steps"] = config.steps
     return config_hash(data)

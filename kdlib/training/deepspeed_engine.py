@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from kdlib.config import check_optimizer_fields
-from kdlib.errors import ConfigError
+from kdlib.errors import ConfigError, fail_field
 
 
 @dataclass
@@ -49,7 +49,8 @@ class EngineConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2  # ZeRO partitioning: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 keep fp32 master weights; fp16 adds dynamic loss scaling
     micro_batch: int = 8  # sequences per rank per forward/backward
-    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step (left at 1 when global_batch is set)
+    global_batch: Optional[int] = None  # sequences per optimizer step at any world size: grad_accum becomes global_batch / (micro_batch x world size), so a run may resume on another node count (null: micro_batch x grad_accum x world size)
     gradient_clipping: float = 1.0  # global gradient-norm clip (0: off)
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
     deepspeed_json: Optional[str] = None  # a DeepSpeed JSON to start from; fields we also set must agree with ours
@@ -64,11 +65,35 @@ class EngineConfig:
             raise ValueError(f"grad_accum: expected a positive integer, got {self.grad_accum}")
         if self.gradient_clipping < 0:
             raise ValueError(f"gradient_clipping: expected >= 0, got {self.gradient_clipping}")
+        if self.global_batch is not None:
+            if isinstance(self.global_batch, bool) or not isinstance(self.global_batch, int) \
+                    or self.global_batch < 1 or self.global_batch % self.micro_batch:
+                raise ValueError(f"global_batch: expected a positive multiple of micro_batch ({self.micro_batch}), "
+                                 f"got {self.global_batch!r}")
+            if self.grad_accum != 1:
+                raise ValueError(f"grad_accum: expected 1 (its default) when global_batch is set, which derives it "
+                                 f"as global_batch / (micro_batch x world size), got {self.grad_accum}")
         if self.chunked_logits not in ("auto", "on", "off"):
             raise ValueError(f"chunked_logits: expected auto, on or off, got {self.chunked_logits!r}")
         if isinstance(self.logit_chunk_size, bool) or not isinstance(self.logit_chunk_size, int) \
                 or self.logit_chunk_size < 1:
             raise ValueError(f"logit_chunk_size: expected a positive integer, got {self.logit_chunk_size!r}")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step at this world size (grad_accum, or derived from global_batch);
+        ValueError naming global_batch when it is not a whole number of micro-batches on every rank."""
+        if self.global_batch is None:
+            return self.grad_accum
+        per_micro_step = self.micro_batch * world_size
+        if self.global_batch % per_micro_step:
+            raise ValueError(f"global_batch: expected a multiple of micro_batch x world size = {self.micro_batch} x "
+                             f"{world_size} = {per_micro_step} (every rank takes whole micro-batches), got "
+                             f"{self.global_batch}")
+        return self.global_batch // per_micro_step
+
+    def global_batch_for(self, world_size: int) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.micro_batch * self.accumulation(world_size) * world_size
 
 
 def logit_chunk_size(engine: EngineConfig, objectives) -> int:
@@ -97,12 +122,17 @@ def logit_chunk_size(engine: EngineConfig, objectives) -> int:
 
 def deepspeed_config(cfg: EngineConfig, world_size: int, total_steps: int, *, source: str = "<config>",
                      field_prefix: str = "engine") -> dict:
-    """The DeepSpeed JSON for this run: ours, or the user's `deepspeed_json` checked against ours."""
+    """The DeepSpeed JSON for this run: ours, or the user's `deepspeed_json` checked against ours. A global_batch
+    that does not split into whole micro-batches over `world_size` ranks is a ConfigError naming the field."""
     decay = cfg.optim.decay_steps or total_steps
+    try:
+        accum = cfg.accumulation(world_size)
+    except ValueError as err:
+        fail_field(source, f"{field_prefix}.global_batch", str(err).split(": ", 1)[1])
     ours: dict = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.micro_batch * accum * world_size,
         "gradient_clipping": cfg.gradient_clipping,
         "zero_optimization": {"stage": cfg.zero_stage},
         "scheduler": {"type": "WarmupDecayLR", "params": {
@@ -130,8 +160,8 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, total_steps: int, *, so
 
 _CHECKED = (  # (DeepSpeed key path, our config field that sets it)
     (("train_micro_batch_size_per_gpu",), "micro_batch"),
-    (("gradient_accumulation_steps",), "grad_accum"),
-    (("train_batch_size",), "micro_batch * grad_accum * world_size"),
+    (("gradient_accumulation_steps",), "grad_accum (or global_batch / (micro_batch * world_size))"),
+    (("train_batch_size",), "micro_batch * grad_accum * world_size (or global_batch)"),
     (("gradient_clipping",), "gradient_clipping"),
     (("zero_optimization", "stage"), "zero_stage"),
     (("bf16", "enabled"), "precision"),

@@ -3,7 +3,8 @@ stop on a preemption signal, finish.
 
 A stage supplies a `Job`: its config (inheriting `LoopConfig`), the DeepSpeed JSON, the module to
 train (`DistillModule`), its batches (`BatchStream`), an optional online teacher, its evaluation and
-its finish (export). One optimizer step = `grad_accum` micro-batches per rank. After each step the
+its finish (export). One optimizer step = `grad_accum` micro-batches per rank (derived from
+`engine.global_batch` when that is set, so the step is the same at any world size). After each step the
 loss parts, the token count, the preemption flag of every rank and any loss-side statistics (BERT-EMD
 costs) are combined in ONE all-reduce: the step's only host sync (on GPU it also waits for the step
 to finish, which is what tokens/s should measure anyway).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -23,13 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdlib.training.checkpoints import checkpoint_steps, latest_checkpoint, load_checkpoint, save_checkpoint
-from kdlib.runtime.process_group import DistEnv, all_reduce_sum, barrier, dist_env, init_distributed, shutdown
+from kdlib.training.checkpoints import (checkpoint_steps, latest_checkpoint, load_checkpoint, needs_universal,
+                                       save_checkpoint)
+from kdlib.runtime.process_group import (DistEnv, all_reduce_sum, barrier, dist_env, init_distributed, lost_peer,
+                                         shutdown)
 from kdlib.training.deepspeed_engine import initialize
 from kdlib.runtime.digests import verify_digests
 from kdlib.runtime.io import atomic_write_text
 from kdlib.runtime.metrics import MetricsWriter, read_metrics
-from kdlib.errors import OutputError
+from kdlib.errors import KDError, OutputError
 from kdlib.runtime.outputs import check_output_folder, output_lock, save_resolved
 from kdlib.runtime.plots import loss_curve
 from kdlib.training import state as ckpt
@@ -116,6 +120,25 @@ def seed_rank(seed: int, rank: int) -> None:
     random.seed(seed + rank)
 
 
+def seed_new_rank(seed: int, rank: int, step: int) -> None:
+    """A rank that a checkpoint holds no RNG state for (the run resumed on more ranks than it saved): its
+    randomness is fixed by (seed, rank, step), distinct from every other rank's stream."""
+    mixed = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    torch.manual_seed(mixed)
+    np.random.seed(mixed)
+    random.seed(mixed)
+
+
+@dataclass
+class Found:
+    """The checkpoint a run resumes from, read before the engine is built (its world size decides how it loads)."""
+
+    folder: Path
+    state: dict  # trainer_state.json, accepted under this config's math hash and global batch
+    saved_world: int  # the world size it was saved at
+    universal: bool  # loaded through DeepSpeed's universal checkpoint (ZeRO-1/2 at another world size)
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -129,13 +152,19 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.progressive = getattr(job.module, "progressive", None)
-        self.engine = initialize(job.module, job.ds_config, self.cfg.engine.optim,
+        self.world = session.place.world_size
+        self.global_batch = int(job.ds_config["train_batch_size"])  # micro_batch x grad_accum x world size
+        self.hash = math_hash(self.cfg)
+        self.found = self.find_checkpoint()  # before the engine: a refused checkpoint costs no engine build
+        ds_config = job.ds_config
+        if self.found is not None and self.found.universal:
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        self.engine = initialize(job.module, ds_config, self.cfg.engine.optim,
                                     num_layers=job.module.student.config.num_hidden_layers,
                                     by_depth=self.progressive is not None,
                                     rates=getattr(job.module.student, "learning_rates", dict)())
         self.module = self.engine.module
         self.names = [o.name for o in self.cfg.objectives]
-        self.hash = math_hash(self.cfg)
         self.step, self.tokens_seen = 0, 0
         self.stopper = None
         if getattr(self.cfg, "early_stopping", None) is not None:
@@ -149,7 +178,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.job.batches.sampler.state_dict(),
                 "loss_state": self.module.loss_state_dict(), "config_hash": self.hash, "steps": self.cfg.steps,
-                "reads_total_steps": reads_total_steps(self.cfg),
+                "reads_total_steps": reads_total_steps(self.cfg), "world_size": self.world,
+                "global_batch": self.global_batch,
                 **({"early_stopping": self.stopper.state_dict()} if self.stopper is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
@@ -159,17 +189,32 @@ class Trainer:
         if self.stopper is not None:
             self.stopper.load_state_dict(state["early_stopping"])
 
-    def resume(self) -> Optional[Path]:
-        """Restore from `latest` (refusing a checkpoint of a config that computes differently)."""
+    def find_checkpoint(self) -> Optional[Found]:
+        """`latest`, checked: digests, math hash, global batch; and whether its world size needs a universal load."""
         latest = latest_checkpoint(self.ckpt_dir) if self.cfg.resume else None
         if latest is None:
             return None
         verify_digests(latest)  # before anything in it is read, let alone unpickled by DeepSpeed
         saved = ckpt.read_trainer_state(latest, self.hash, self.cfg.steps)
-        load_checkpoint(self.engine, latest, verified=True)
-        self.load_state_dict(saved)
-        ckpt.restore_rng_state((latest / ckpt.rng_file(self.session.place.rank)).read_text())
-        return latest
+        saved_world = ckpt.check_world(latest, saved, self.world, self.global_batch)
+        stage = self.job.ds_config["zero_optimization"]["stage"]
+        return Found(latest, saved, saved_world, needs_universal(latest, stage, saved_world, self.world))
+
+    def resume(self) -> Optional[Path]:
+        """Restore from the checkpoint `find_checkpoint` accepted (at this world size or another)."""
+        found, rank = self.found, self.session.place.rank
+        if found is None:
+            return None
+        load_checkpoint(self.engine, found.folder, verified=True, universal=found.universal)
+        self.load_state_dict(found.state)
+        own = found.folder / ckpt.rng_file(rank)
+        if own.is_file():
+            ckpt.restore_rng_state(own.read_text())
+        elif rank >= found.saved_world:  # more ranks than were saved
+            seed_new_rank(self.cfg.seed, rank, self.step)
+        else:
+            raise KDError(f"{found.folder}: no {own.name}, though rank {rank} of {found.saved_world} saved it")
+        return found.folder
 
     def save(self) -> Path:
         side = {ckpt.TRAINER_STATE: ckpt.write_trainer_state(self.state_dict(), self.cfg)}
@@ -178,11 +223,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self) -> tuple[list[float], int, bool]:
-        """grad_accum micro-batches, one all-reduce; returns (mean losses [total, parts...], global tokens, stop)."""
+        """grad_accum micro-batches (DeepSpeed's), one all-reduce; returns (mean losses [total, parts...], global tokens, stop)."""
         device, n = self.session.device, len(self.names)
         sums = torch.zeros(n + 1, dtype=torch.float64, device=device)  # total, parts...
         tokens = 0
-        for batch in self.job.batches.next_step():
+        micro = self.job.batches.next_step()
+        if len(micro) != self.engine.gradient_accumulation_steps():  # else DeepSpeed steps mid-step, or not at all
+            raise KDError(f"engine: the batch order gives {len(micro)} micro-batches per step, DeepSpeed accumulates "
+                          f"{self.engine.gradient_accumulation_steps()}; the stage must build its sampler with "
+                          f"EngineConfig.accumulation(world_size) (engine.global_batch), not grad_accum")
+        for batch in micro:
             tokens += batch.pop("num_tokens")
             batch = to_device(batch, device)
             teacher = self.job.teacher(batch) if self.job.teacher is not None else None
@@ -197,7 +247,7 @@ class Trainer:
         combined = combined.cpu()
         self.module.finish_step(combined[n + 3:])
         self.step += 1
-        world_micro = self.session.place.world_size * self.cfg.engine.grad_accum
+        world_micro = self.world * self.engine.gradient_accumulation_steps()
         return (combined[:n + 1] / world_micro).tolist(), int(combined[n + 1]), bool(combined[n + 2] > 0)
 
     # ---------------------------------------------------------------- evaluation
@@ -223,7 +273,9 @@ class Trainer:
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
             save_resolved(cfg, self.out)  # after the resume check: a refused resume leaves the record as it was
             if resumed is not None:
-                print(f"resumed from {resumed} (step {self.step})", flush=True)
+                moved = (f", saved at world size {self.found.saved_world}, now {self.world}"
+                         if self.found.saved_world != self.world else "")
+                print(f"resumed from {resumed} (step {self.step}{moved})", flush=True)
         metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank0)
         student = self.module.student
         if self.step == 0:
@@ -262,6 +314,14 @@ class Trainer:
                         print(requeue_message(self.step, last_ckpt), flush=True)
                     metrics.close()
                     return REQUEUE_EXIT_CODE
+        except RuntimeError as err:  # a collective that lost a rank: name its node and what survives
+            lost = lost_peer(err)
+            if lost is not None:
+                kept = latest_checkpoint(self.ckpt_dir)
+                print(f"error: lost {lost} during step {self.step + 1}: {str(err).splitlines()[0][:200]}; "
+                      f"the last complete checkpoint is {kept if kept else 'none yet'}; rerun (or let SLURM requeue) "
+                      "to resume from it", file=sys.stderr, flush=True)
+            raise
         finally:
             job.batches.close()
             bar.close()

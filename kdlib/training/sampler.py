@@ -6,6 +6,11 @@ rank r takes its contiguous slice of `micro_batch * grad_accum` entries and cuts
 `grad_accum` micro-batches. An epoch's tail shorter than a global batch is skipped, so every step
 sees a full batch. The state is three integers: saving and restoring it reproduces the order exactly,
 independent of how many steps ran before.
+
+The state does not depend on the world size, and neither does the order when the global batch stays fixed
+(`engine.global_batch`): step k takes the same consecutive entries at any world size, and micro-batch j of
+the step (counting rank by rank) is the same rows, so a run resumed on another node count continues with
+the rows the uninterrupted run would have taken.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Our part of a checkpoint, as JSON side files (never pickles): trainer state and per-rank RNG states.
 
-`trainer_state.json` (rank 0): step, sampler state, loss-side state, config hash and the resolved config.
+`trainer_state.json` (rank 0): step, sampler state, loss-side state, config hash, the world size and global
+batch it was trained at, and the resolved config.
 `rng-rank-<r>.json` (each rank): torch (CPU and CUDA), numpy and python RNG states, so dropout
-after a resume draws exactly the masks the uninterrupted run drew.
+after a resume draws exactly the masks the uninterrupted run drew. After a resume at another world size a
+rank restores its own file when the checkpoint has one (ranks below the old size); a rank beyond the old
+size has none and is seeded from (seed, rank, step) (kdlib.training.loop.seed_new_rank).
 """
 
 from __future__ import annotations
@@ -76,3 +79,17 @@ def read_trainer_state(folder: Path, math_hash: str, steps: int) -> dict:
             f"checkpoint_every, keep_checkpoints, log_every, eval_every, progress_bar, threads, resume, prefetch) may "
             f"change on resume (use a new output_dir to start over)")
     return state
+
+
+def check_world(folder: Path, state: dict, world_size: int, global_batch: int) -> int:
+    """The world size the checkpoint was saved at (taken to be this one in checkpoints older than the record);
+    refuses one trained with another global batch, under which every step's rows and gradient would change."""
+    saved_world = int(state.get("world_size", world_size))
+    saved_batch = state.get("global_batch")
+    if saved_batch is not None and int(saved_batch) != global_batch:
+        raise FingerprintMismatch(
+            f"{folder}: the checkpoint was trained with a global batch of {saved_batch} sequences at world size "
+            f"{saved_world}, but this run's is {global_batch} at world size {world_size}; every step's rows and "
+            f"gradient would change. Resume on {saved_world} rank(s); for a run that may change its node count, set "
+            f"engine.global_batch (grad_accum then follows the world size), in a new output_dir")
+    return saved_world

@@ -25,6 +25,7 @@ from kdlib.runtime.metrics import read_metrics
 from kdlib.training.checkpoints import latest_checkpoint
 from launch import testcluster
 from tests.finetune_fixture import base_config as finetune_config
+from tests.kdlib.training.test_elastic import ROUNDING, close
 from tests.transfer_fixture import REPO, base_config, build_transfer_set, stage_env, write_config
 
 pytestmark = pytest.mark.slow  # starts a SLURM cluster and trains
@@ -40,7 +41,8 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return build_transfer_set(tmp_path_factory.mktemp("multinode_fixture"), rows=160, teacher_steps=5)
+    # dropout 0: the elastic test compares a run resized between 2 ranks and 1, where per-rank dropout streams differ
+    return build_transfer_set(tmp_path_factory.mktemp("multinode_fixture"), rows=160, teacher_steps=5, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,8 @@ def job_config(paths, out: Path, path: Path) -> Path:
     return write_config(base_config(paths, out, steps=STEPS, checkpoint_every=10), path)
 
 
-def submit(cluster, config: Path, *extra: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "launch", "slurm", "--config", str(config), "--nodes", "2",
+def submit(cluster, config: Path, *extra: str, nodes: int = 2) -> str:
+    proc = subprocess.run([sys.executable, "-m", "launch", "slurm", "--config", str(config), "--nodes", str(nodes),
                            "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "00:20:00", *extra],
                           cwd=REPO, env=dict(stage_env(), SLURM_CONF=str(cluster.conf)), capture_output=True,
                           text=True, timeout=300)
@@ -132,6 +134,8 @@ def test_a_lost_node_is_named_the_checkpoint_survives_and_the_job_resumes_when_t
     testcluster.kill_node(cluster, "kdnode2")  # its slurmd, slurmstepd and rank 1: a power cut
     text = wait(lambda: "Node failure on kdnode2" in log_of(out, job) and log_of(out, job), 120,
                 "SLURM to name the lost node in the job's log")
+    rank0 = (out / "slurm" / f"job-{job}" / "restart-0" / "rank-0.out").read_text()
+    assert re.search(r"error: lost rank 1 on host kdnode2 \(10\.213\.\d+\.12\) during step \d+", rank0), rank0[-3000:]
     latest = latest_checkpoint(out / "checkpoints")
     assert latest is not None and int(latest.name.split("-")[1]) >= 20
     verify_digests(latest)  # complete and unchanged: every file matches the digests written when it was saved
@@ -142,6 +146,39 @@ def test_a_lost_node_is_named_the_checkpoint_survives_and_the_job_resumes_when_t
     assert f"[launch] job {job} restart 1 ended with exit code 0" in text
     assert f"resumed from {latest}" in (out / "slurm" / f"job-{job}" / "restart-1" / "rank-0.out").read_text()
     assert same_weights(load_file(str(out / "export" / "model.safetensors")), uninterrupted)
+
+
+def test_a_job_continues_on_1_node_then_on_2_with_the_same_rows_at_every_step(cluster, paths, tmp_path):
+    """Elastic resume across hosts (ZeRO-2: the resized loads go through DeepSpeed's universal checkpoint): 20 steps
+    on 2 nodes, 20 more on 1, 20 more on 2, against 60 uninterrupted steps of 2 local processes. The global batch is
+    fixed (engine.global_batch), so every step takes the same rows; the losses and weights agree to float32
+    rounding (the order in which gradients are summed differs), see tests/kdlib/training/test_elastic.py."""
+    def config(out: Path, steps: int) -> Path:
+        return write_config(base_config(paths, out, steps=steps, checkpoint_every=10, **{
+            "engine.micro_batch": 8, "engine.grad_accum": 1, "engine.global_batch": 16,
+            "engine.optim.decay_steps": STEPS}), out.parent / f"{out.name}-{steps}.yaml")
+
+    out, ref = tmp_path / "elastic", tmp_path / "reference"
+    for steps, nodes in ((20, 2), (40, 1), (60, 2)):
+        job = submit(cluster, config(out, steps), nodes=nodes)
+        text = wait_until_done(cluster, out, job)
+        assert f"[launch] job {job} restart 0 ended with exit code 0" in text
+        if steps > 20:
+            was = 2 if nodes == 1 else 1
+            rank0 = (out / "slurm" / f"job-{job}" / "restart-0" / "rank-0.out").read_text()
+            assert f"(step {steps - 20}, saved at world size {was}, now {nodes})" in rank0
+    done = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--config", str(config(ref, 60))],
+                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mine = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"}
+    theirs = {r["step"]: r for r in read_metrics(ref / "metrics.jsonl") if r.get("kind") == "train"}
+    assert sorted(mine) == list(range(1, STEPS + 1))  # the steps continue across both resizes
+    assert all(close(mine[s][p], theirs[s][p]) for s in mine for p in ("loss", "kd_topk", "mlm_ce")), \
+        [(s, mine[s]["loss"], theirs[s]["loss"]) for s in mine if not close(mine[s]["loss"], theirs[s]["loss"])]
+    assert all(mine[s]["epoch"] == theirs[s]["epoch"] for s in mine)
+    a, b = load_file(str(out / "export" / "model.safetensors")), load_file(str(ref / "export" / "model.safetensors"))
+    scale = max(t.abs().max().item() for t in b.values())
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= ROUNDING * scale
 
 
 def test_finetune_runs_every_step_on_the_cluster_and_its_kd_arm_equals_2_local_processes(cluster, tmp_path):
