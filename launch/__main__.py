@@ -1,4 +1,5 @@
-"""`python -m launch {local,slurm} ...`: start a stage's ranks on this machine, or as a SLURM job."""
+"""`python -m launch {local,slurm,testcluster} ...`: run a training stage on this machine or as a SLURM job, or start a
+multi-host SLURM cluster on this machine to try that on."""
 
 import argparse
 import sys

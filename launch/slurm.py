@@ -1,12 +1,14 @@
-"""`python -m launch slurm --config X.yaml --nodes N --gpus-per-node G [--time ...] [--partition ...] [--dry-run]`.
+"""`python -m launch slurm --config X.yaml --nodes N --gpus-per-node G [--stage S] [--step T] [--time ...] [--dry-run]
+[-- stage flags]`.
 
 Renders one sbatch script from `launch/templates/sbatch.sh`: N nodes, one task per GPU (or
 `--tasks-per-node` on CPU nodes), the rendezvous derived from SLURM itself, a warning signal before
-the time limit and a requeue on preemption, logs in `<output_dir>/slurm/job-<id>.out`. Before anything
+the time limit and a requeue on preemption, the stage's plan (launch/plans.py: training steps with srun on
+every task, the others once), logs in `<output_dir>/slurm/job-<id>.out`. Before anything
 is submitted the stage validates the config for the job's world size (`python -m <stage> --check`),
-so a config error fails here, in one line, not in the queue. `--dry-run` prints the script and writes
-nothing; otherwise it is saved beside the logs and handed to sbatch.
-"""
+so a config error fails here, in one line, not in the queue, and every value that goes into the script is
+checked and quoted. `--dry-run` prints the script and writes
+nothing; otherwise it is saved beside the logs and handed to sbatch."""
 
 from __future__ import annotations
 
