@@ -21,10 +21,10 @@ class Step:
     name: Optional[str]  # the stage's sub-step (`python -m finetune teacher`), None for a stage without steps
     on_ranks: bool  # True: every rank of the job runs it together; False: one process runs it
 
-    def log_name(self) -> str:
+    def log_name(self, stage: str) -> str:
         """Its output file under the job's log folder (`%t`: SLURM's task number)."""
         if not self.on_ranks:
-            return f"{self.name}.out"
+            return f"{self.name or stage}.out"
         return "rank-%t.out" if self.name is None else f"{self.name}-rank-%t.out"
 
 

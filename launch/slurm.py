@@ -89,9 +89,9 @@ def steps_block(job: SlurmJob) -> str:
     for i, step in enumerate(plan(job.stage, job.step)):
         argv = shell_line(command(job.python, job.stage, step, config, job.sets, job.stage_args))
         if step.on_ranks:
-            run = f'srun --output="$ranks/{step.log_name()}" {argv}'
+            run = f'srun --output="$ranks/{step.log_name(job.stage)}" {argv}'
         else:
-            run = f'RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 {argv} >"$ranks/{step.log_name()}" 2>&1'
+            run = f'RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 {argv} >"$ranks/{step.log_name(job.stage)}" 2>&1'
         lines.append(f"{run}\ncode=$?" if i == 0 else f'if [ "$code" -eq 0 ]; then\n  {run}\n  code=$?\nfi')
     return "\n".join(lines)
 

@@ -38,8 +38,9 @@ def test_commands_and_log_names():
         "py", "-m", "finetune", "distill", "--config", "/c.yaml", "--set", "steps=3", "--arm", "kd"]
     assert command("py", "pretrain", Step(None, True), "/c.yaml", [], []) == ["py", "-m", "pretrain", "--config",
                                                                                 "/c.yaml"]
-    assert (Step(None, True).log_name(), step.log_name(), Step("folds", False).log_name()) == (
-        "rank-%t.out", "distill-rank-%t.out", "folds.out")
+    assert [s.log_name("finetune") for s in (Step(None, True), step, Step("folds", False))] == [
+        "rank-%t.out", "distill-rank-%t.out", "folds.out"]
+    assert Step(None, False).log_name("teacher") == "teacher.out"
     assert shell_line(["a b", "c\nd", "e"]) == "'a b' 'c\nd' e"
 
 
@@ -95,3 +96,16 @@ def test_launch_local_refuses_an_unknown_step_and_a_bad_port_in_one_line(tmp_pat
 
 def test_every_training_stage_has_a_plan():
     assert set(PLANS) == {"pretrain", "finetune", "teacher", "teacher.decoder"}
+
+
+@pytest.mark.parametrize("stage,config", [("teacher", "configs/demo_teacher.yaml"),
+                                          ("teacher.decoder", "configs/decoder/teacher.yaml")])
+def test_a_teacher_preparation_is_a_one_process_job(stage, config, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch", "slurm", "--stage", stage, "--config", config, "--nodes",
+                           "1", "--set", f"output_dir={tmp_path / 'out'}", "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the stage's --check accepted the config
+    lines = [line for line in proc.stdout.splitlines() if f" -m {stage} " in line]
+    assert len(lines) == 1 and lines[0].startswith("RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 ") and "srun" not in lines[0]
+    assert lines[0].endswith(f' >"$ranks/{stage}.out" 2>&1')
+    assert not (tmp_path / "out").exists()
