@@ -34,7 +34,7 @@ def test_the_script_for_4_nodes_x_8_gpus_has_the_rendezvous_tasks_signal_and_req
     lines = script.splitlines()
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=04:00:00", "#SBATCH --partition=gpu", "#SBATCH --signal=USR1@120",
-                 "#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --output={out}/slurm/job-%j.out",
+                 "#SBATCH --requeue", "#SBATCH --open-mode=append", f'#SBATCH --output="{out}/slurm/job-%j.out"',
                  'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                  "export MASTER_PORT=$((29500 + SLURM_JOB_ID % 1000))", '  scontrol requeue "$SLURM_JOB_ID"'):
         assert line in lines, (line, script)
