@@ -103,8 +103,8 @@ def build_job(cfg: MultiTaskRunConfig, session: loop.Session) -> loop.Job:
     module = DistillModule(student, cfg.objectives, offer, seed=cfg.seed, teacher_width=teacher_config.hidden_size)
     rows = [r for r, _, _ in sources]
     sampler = MultiTaskSampler([len(r) for r in rows], cfg.sampling, micro_batch=cfg.engine.micro_batch,
-                               grad_accum=cfg.engine.accumulation(place.world_size), rank=place.rank, world_size=place.world_size,
-                               seed=cfg.seed)
+                               grad_accum=cfg.engine.accumulation(place.world_size), rank=place.rank,
+                               world_size=place.world_size, seed=cfg.seed)
 
     def load(pairs: list[tuple[int, int]]) -> dict:
         task = pairs[0][0]

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -323,8 +324,6 @@ def down(c: Cluster, keep_logs: Optional[Path] = None) -> None:
 @contextmanager
 def running(nodes: int = 2, root: Optional[Path] = None, keep_logs: Optional[Path] = None) -> Iterator[Cluster]:
     """A cluster for the length of a `with` block (the tests' fixture); torn down also on failure."""
-    import tempfile  # only the fixture picks a throw-away folder
-
     c = up(nodes, Path(root) if root else Path(tempfile.mkdtemp(prefix="kd-cluster-", dir="/tmp")))
     try:
         yield c

@@ -41,6 +41,11 @@ TMP_PREFIX = ".tmp-"
 UNIVERSAL_PREFIX = "universal-"  # `universal-step-N`: DeepSpeed's universal copy of step-N, only while it loads
 
 
+def _rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def step_tag(step: int) -> str:
     return f"step-{step}"
 
@@ -53,7 +58,7 @@ def save_checkpoint(engine, directory: str | os.PathLike, step: int, side_files:
     states), both into the step folder before the rename, so a complete folder holds everything.
     """
     directory = Path(directory)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank()
     tag, tmp_tag = step_tag(step), f"{TMP_PREFIX}{step_tag(step)}"
     final, tmp = directory / tag, directory / tmp_tag
     if rank == 0:
@@ -132,7 +137,7 @@ def universal_copy(folder: str | os.PathLike, device: torch.device | str = "cpu"
     tmp = folder.parent / f"{TMP_PREFIX}{UNIVERSAL_PREFIX}{folder.name}"
     failed = torch.zeros(1, device=device)
     error: Optional[BaseException] = None
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+    if _rank() == 0:
         try:
             for stale in (tmp, final):  # left by a job killed while converting or loading: never trusted
                 shutil.rmtree(stale, ignore_errors=True)
@@ -177,7 +182,7 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, verified: bool = False
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if universal:  # (after a failed load the copy stays; the next resume replaces it, never trusting it)
         barrier()  # every rank has read the copy
-        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        if _rank() == 0:
             shutil.rmtree(root, ignore_errors=True)
     if path is None:
         raise KDError(f"{folder}: DeepSpeed found no checkpoint to load there")
