@@ -1,14 +1,19 @@
-"""`python -m data_pipeline --config X.yaml [--set key=value ...] [Beam pipeline options]`: build a transfer set
-(the teacher's outputs over a corpus) with Apache Beam.
+"""`python -m data_pipeline --config X.yaml [--set key=value ...] [--runner dask ...] [Beam pipeline options]`: build
+a transfer set (the teacher's outputs over a corpus) with Apache Beam, here or on a Dask cluster.
 
 Arguments this parser does not know are Beam pipeline options (`--runner`, `--project`,
 `--direct_num_workers`, ...), passed through unchanged to the runner.
+
+`python -m data_pipeline ls|gc --cache-root DIR`: list a transfer-set store (`cache_root`), or remove its sets
+that no output_dir links to any more.
 """
 
 import logging
 import sys
 
 from data_pipeline.config import PipelineConfig
+from data_pipeline.runners import RunnerChoice, add_runner_flags
+from data_pipeline.store_cli import COMMANDS as STORE_COMMANDS, main as store_main
 from kdlib.runtime.cli import run_config, stage_parser
 
 BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--runner, --project, --direct_num_workers, ...),\n"
@@ -16,10 +21,14 @@ BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--runner, --p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in STORE_COMMANDS:  # `ls` / `gc` of a store (data_pipeline/store_cli.py): no Beam, no torch
+        return store_main(argv)
     parser = stage_parser("data_pipeline", __doc__, epilog=BEAM_OPTIONS)
+    add_runner_flags(parser)
     args, beam_args = parser.parse_known_args(argv)
     # imported after parsing: the pipeline loads Beam and torch, which `--help` must not wait for
-    from data_pipeline.pipeline import default_beam_args, run
+    from data_pipeline.pipeline import run
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
@@ -27,7 +36,10 @@ def main(argv=None) -> int:
     # one line and keeps Beam's detail in <output_dir>/logs/ instead.
     for name in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    return run_config(args, PipelineConfig, lambda cfg, source: run(cfg, default_beam_args(beam_args), source=source))
+    def build(cfg: PipelineConfig, source: str) -> None:
+        with RunnerChoice.from_args(args).beam_args(beam_args, cfg.num_shards) as runner_args:
+            run(cfg, runner_args, source=source)
+    return run_config(args, PipelineConfig, build)
 
 
 if __name__ == "__main__":

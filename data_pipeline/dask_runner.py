@@ -31,6 +31,7 @@ import dask.bag as db
 import dask.distributed as ddist
 from apache_beam import DoFn, pvalue
 from apache_beam.pipeline import PipelineVisitor
+from apache_beam.runners.runner import PipelineState
 from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
 from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner, DaskRunnerResult
 from apache_beam.runners.dask.overrides import _Create, _Flatten, _GroupByKeyOnly, _Reshuffle, dask_overrides
@@ -133,6 +134,27 @@ class _Translation:
         return bag.repartition(npartitions=self.npartitions)
 
 
+class SchedulerLost(ConnectionError):
+    """The client lost the scheduler before every task finished."""
+
+
+class _Result(DaskRunnerResult):
+    """Closes its client once the run ends, so the cluster can stop without the client retrying to reach it."""
+
+    def wait_until_finish(self, duration=None) -> str:
+        try:
+            state = super().wait_until_finish(duration)
+            # A lost scheduler cancels the futures, and Beam's loop then ends as if they had finished.
+            unfinished = sorted({f.status for f in self.futures} - {"finished"})
+            if unfinished:
+                self._state = PipelineState.FAILED
+                raise SchedulerLost(f"the run's tasks ended {', '.join(unfinished)}, not finished (was the scheduler "
+                                    "stopped?)")
+            return state
+        finally:
+            self.client.close()
+
+
 class ShardedDaskRunner(DaskRunner):
     """Beam's DaskRunner with the translations above; `--dask_npartitions` sets the parallelism of shuffles."""
 
@@ -168,4 +190,4 @@ class ShardedDaskRunner(DaskRunner):
         pipeline.visit(Visitor())
         leaves = [bag for node, bag in bags.items() if node not in consumed and node.outputs]
         futures = client.compute(dask.optimize(*leaves))
-        return DaskRunnerResult(client, futures)
+        return _Result(client, futures)

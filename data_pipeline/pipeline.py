@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.rows import shard_of, stable_hash
+from data_pipeline.runners import dask_failure
 from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
                                       build_vocabulary, pos_pairs, task_row)
 from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, read_manifest,
@@ -345,11 +346,13 @@ def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> 
     except KDError:
         raise
     except Exception as err:  # a worker's error arrives wrapped in Beam's own exception and traceback
-        raise worker_error(err, out) from None
+        raise dask_failure(err) or worker_error(err, out) from None
     finally:
         stop.set()
         watcher.join()
-    print("[data_pipeline] " + ", ".join(f"{name} {value:,}" for name, value in beam_counters(result).items()))
+    counters = beam_counters(result)
+    if counters:  # (a Dask run has none: the manifest's totals below say the same)
+        print("[data_pipeline] " + ", ".join(f"{name} {value:,}" for name, value in counters.items()))
     manifest = collect_manifest(cfg, out, info, time.time() - t0)
     write_manifest(out, manifest)
     (out / BUILD).unlink(missing_ok=True)
@@ -391,19 +394,4 @@ def worker_error(err: BaseException, out: Path) -> BaseException:
     return KDError(f"{message} (raised{where}; Beam's detail: {log})")
 
 
-def default_beam_args(beam_args: list[str]) -> list[str]:
-    """With no runner named, use DirectRunner with 2 worker processes (this machine's cores)."""
-    joined = " ".join(beam_args)
-    args = list(beam_args)
-    if "--default_sdk_harness_log_level" not in joined:
-        args += ["--default_sdk_harness_log_level", "CRITICAL"]  # workers log noise, and each error in full: the main process reports errors (details in output_dir/logs/)
-    if "--runner" in joined and "DirectRunner" not in joined:
-        return args
-    if "--direct_num_workers" not in joined:
-        args += ["--direct_num_workers", "2"]
-    if "--direct_running_mode" not in joined:
-        args += ["--direct_running_mode", "multi_processing"]
-    return args
-
-
-__all__ = ["run", "preflight", "claim_directory", "build_pipeline", "default_beam_args"]
+__all__ = ["run", "preflight", "claim_directory", "build_pipeline"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from data_pipeline.config import PipelineConfig
-from data_pipeline.pipeline import default_beam_args, run
+from data_pipeline.pipeline import run
+from data_pipeline.runners import direct_defaults
 from kdlib.text.augment import AugmentConfig
 from kdlib.cache import TransferSet
 from kdlib.errors import CacheError
@@ -134,7 +135,7 @@ def build(root: Path, name: str, teacher: Path, task: Path, *, max_length: int =
         augment=AugmentConfig(copies=1, mask_prob=0.1, ngram_prob=0.25, seed=1),
         teacher_outputs=TeacherOutputsConfig(**(outputs or {"dense_logits": True})),
         num_shards=2, batch_size=8, torch_threads=1)
-    run(cfg, default_beam_args(IN_PROCESS))
+    run(cfg, direct_defaults(IN_PROCESS))
     return root / name
 
 
