@@ -14,7 +14,7 @@ import sys
 from data_pipeline.config import PipelineConfig
 from data_pipeline.runners import RunnerChoice, add_runner_flags
 from data_pipeline.store_cli import COMMANDS as STORE_COMMANDS, main as store_main
-from kdlib.runtime.cli import run_config, stage_parser
+from kdlib.runtime.cli import check_flag, run_config, stage_parser
 
 BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--runner, --project, --direct_num_workers, ...),\n"
                 "passed through unchanged to the runner")
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in STORE_COMMANDS:  # `ls` / `gc` of a store (data_pipeline/store_cli.py): no Beam, no torch
         return store_main(argv)
-    parser = stage_parser("data_pipeline", __doc__, epilog=BEAM_OPTIONS)
+    parser = stage_parser("data_pipeline", __doc__, epilog=BEAM_OPTIONS, flags=check_flag)
     add_runner_flags(parser)
     args, beam_args = parser.parse_known_args(argv)
     # imported after parsing: the pipeline loads Beam and torch, which `--help` must not wait for
@@ -36,9 +36,15 @@ def main(argv=None) -> int:
     # one line and keeps Beam's detail in <output_dir>/logs/ instead.
     for name in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
     def build(cfg: PipelineConfig, source: str) -> None:
-        with RunnerChoice.from_args(args).beam_args(beam_args, cfg.num_shards) as runner_args:
+        choice = RunnerChoice.from_args(args)  # the runner flags are checked with the config, before any work
+        if args.check:
+            print(f"{source}: valid")
+            return
+        with choice.beam_args(beam_args, cfg.num_shards) as runner_args:
             run(cfg, runner_args, source=source)
+
     return run_config(args, PipelineConfig, build)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import re
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def check_cluster(choice: RunnerChoice, where: str, address: Optional[str]) -> i
 def _import_problem() -> Optional[str]:
     """Run on each worker: None when this project's pipeline code imports there."""
     try:
-        import data_pipeline.dask_runner  # noqa: F401  (what every task of the pipeline unpickles)
+        importlib.import_module("data_pipeline.dask_runner")  # what every task of the pipeline unpickles
     except Exception as err:  # any failure to import is the answer, not an error of this check
         return f"{type(err).__name__}: {err}"
     return None

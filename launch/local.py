@@ -2,6 +2,8 @@
 N ranks.
 
 The stage's steps run in the order launch.plans gives: a training step on all N ranks, any other step once.
+`--stage data_pipeline` runs the pipeline once, on N local Dask workers (`--runner dask --local-workers N`) when
+N > 1, as the stage does by itself (Beam's DirectRunner) when N is 1.
 
 The same environment contract as torchrun or SLURM (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT), so a stage never knows which launcher started it. What this launcher adds
@@ -32,6 +34,7 @@ from typing import Optional
 from kdlib.errors import KDError
 from kdlib.runtime.cli import add_config_flags
 from kdlib.runtime.process_group import free_port
+from launch import dask_block
 from launch.plans import STAGES, command, plan
 
 USER_ERROR, REQUEUE = 2, 75
@@ -79,6 +82,9 @@ def launch(stage: str, config: str, nproc: int, sets: list[str], port: Optional[
     port = port or free_port()
     for part in plan(stage, step):
         argv = command(sys.executable, stage, part, config, sets, stage_args or [])
+        if part.dask:
+            dask_block.check_stage_args(stage_args or [])
+            argv += dask_block.local_args(nproc)
         code = run_ranks(argv, nproc if part.on_ranks else 1, port)
         if code != 0:
             return code
@@ -145,8 +151,8 @@ def _wait(procs: list[subprocess.Popen]) -> list[int]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch local", description=__doc__.splitlines()[0])
     add_config_flags(parser)  # the stage's --config / --set, spelled and explained as every stage does
-    parser.add_argument("--nproc", type=int, required=True, help="ranks on this machine (one per GPU, or per core)")
-    parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the training stage to run")
+    parser.add_argument("--nproc", type=int, required=True, help="ranks on this machine (one per GPU, or per core); data_pipeline: Dask workers")
+    parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the stage to run")
     parser.add_argument("--step", default=None, help="only this step of the stage (e.g. finetune's distill)")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     parser.add_argument("stage_args", nargs="*", metavar="-- ARG",

@@ -1,10 +1,13 @@
-"""What a launcher runs for each training stage: its steps in order, each either on every rank of the job or once.
+"""What a launcher runs for each stage: its steps in order, each on every rank of the job, once, or once as the
+client of a Dask cluster.
 
 Both launchers read this one table, so `launch local` and the sbatch script `launch slurm` renders run the same
 commands in the same order. A step "on every rank" trains on the training core (the rank contract); a step run
 "once" reads or writes files only (fold splits, the teacher pass of a transfer set, timing, reports) or trains
-one small model on one process (the teacher preparations). A rerun of the whole plan skips what is finished, so
-after a preemption or a lost node the same command (or SLURM's requeue) resumes where the job stopped.
+one small model on one process (the teacher preparations). A "dask" step (the transfer-set pipeline) is not
+rank-parallel: it runs once, and the launcher gives it workers (launch/dask_block.py: on SLURM a scheduler on
+the first node and a worker on every node; locally `--local-workers`). A rerun of the whole plan skips what is
+finished, so after a preemption or a lost node the same command (or SLURM's requeue) resumes where the job stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from kdlib.errors import KDError
 class Step:
     name: Optional[str]  # the stage's sub-step (`python -m finetune teacher`), None for a stage without steps
     on_ranks: bool  # True: every rank of the job runs it together; False: one process runs it
+    dask: bool = False  # one process, the client of a Dask cluster the launcher starts (launch/dask_block.py)
 
     def log_name(self, stage: str) -> str:
         """Its output file under the job's log folder (`%t`: SLURM's task number)."""
@@ -34,6 +38,8 @@ PLANS: dict[str, tuple[Step, ...]] = {
                  Step("speed", False), Step("deploy", False), Step("report", False)),
     "teacher": (Step(None, False),),  # the masked-LM head over a frozen encoder: one process
     "teacher.decoder": (Step(None, False),),  # the decoder teacher from scratch: one process
+    # the transfer-set pipeline: one process, the client of the Dask cluster the job starts
+    "data_pipeline": (Step(None, False, dask=True),),
 }
 STAGES = tuple(PLANS)
 

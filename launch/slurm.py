@@ -4,10 +4,12 @@
 Renders one sbatch script from `launch/templates/sbatch.sh`: N nodes, one task per GPU (or
 `--tasks-per-node` on CPU nodes), the rendezvous derived from SLURM itself, a warning signal before
 the time limit and a requeue on preemption, the stage's plan (launch/plans.py: training steps with srun on
-every task, the others once), logs in `<output_dir>/slurm/job-<id>.out`. Before anything
-is submitted the stage validates the config for the job's world size (`python -m <stage> --check`),
-so a config error fails here, in one line, not in the queue, and every value that goes into the script is
-checked and quoted. `--dry-run` prints the script and writes
+every task, the others once), logs in `<output_dir>/slurm/job-<id>.out`. `--stage data_pipeline` instead runs
+a Dask scheduler on the first node, one worker per node and the pipeline once (launch/dask_block.py; logs in
+`<output_dir>.slurm/`, since the pipeline refuses an output_dir holding files it did not write). Before anything
+is submitted the stage validates the config for the job's world size (`python -m <stage> --check`, for every
+stage that has it), so a config error fails here, in one line, not in the queue, and every value that goes into
+the script is checked and quoted. `--dry-run` prints the script and writes
 nothing; otherwise it is saved beside the logs and handed to sbatch."""
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
+from textwrap import indent
 from typing import Optional
 
 from kdlib.runtime.cli import add_config_flags, parse_overrides
 from kdlib.config import read_config_data
 from kdlib.errors import KDError
+from launch import dask_block
 from launch.local import USER_ERROR
 from launch.plans import STAGES, command, plan, shell_line
 
@@ -42,7 +46,7 @@ class SlurmJob:
     nodes: int
     gpus_per_node: int  # 0 on CPU nodes
     tasks_per_node: int  # ranks per node (= gpus_per_node on GPU nodes)
-    output_dir: str  # the stage's output_dir: logs go to <output_dir>/slurm/
+    output_dir: str  # the stage's output_dir: logs go to <output_dir>/slurm/ (data_pipeline: <output_dir>.slurm/)
     stage: str = "pretrain"
     cpus_per_task: int = 4
     time: Optional[str] = None  # the time limit (the warning signal needs one)
@@ -57,8 +61,13 @@ class SlurmJob:
     workdir: str = field(default_factory=lambda: str(Path.cwd()))  # where the job runs (this checkout)
 
     @property
+    def dask(self) -> bool:
+        """The stage runs on a Dask cluster the script starts (data_pipeline), not as ranks."""
+        return any(step.dask for step in plan(self.stage, self.step))
+
+    @property
     def log_dir(self) -> Path:
-        return Path(self.output_dir) / "slurm"
+        return dask_block.log_dir(self.output_dir) if self.dask else Path(self.output_dir) / "slurm"
 
     @property
     def world_size(self) -> int:
@@ -75,7 +84,8 @@ def render(job: SlurmJob, script: Optional[Path] = None) -> str:
         gpus_line=f"#SBATCH --gpus-per-node={job.gpus_per_node}" if job.gpus_per_node else "# (CPU nodes: no GPUs)",
         time_line=f"#SBATCH --time={job.time}" if job.time else "# (no --time: the partition's limit applies)",
         partition_line=f"#SBATCH --partition={job.partition}" if job.partition else "# (default partition)",
-        warn_seconds=job.warn_seconds, log_dir=job.log_dir, log_dir_q=q(str(job.log_dir)), workdir=q(job.workdir),
+        signal_line="# (no warning signal: each finished shard is kept, and a restart resumes from them)" if job.dask
+        else f"#SBATCH --signal=USR1@{job.warn_seconds}", warn_seconds=job.warn_seconds, log_dir=job.log_dir, log_dir_q=q(str(job.log_dir)), workdir=q(job.workdir),
         exports="\n".join(f"export {k}={q(v)}" for k, v in job.exports.items()) or "# (no extra environment)",
         out_dir=q(job.output_dir), steps=steps_block(job))
 
@@ -83,16 +93,20 @@ def render(job: SlurmJob, script: Optional[Path] = None) -> str:
 def steps_block(job: SlurmJob) -> str:
     """The shell lines that run the stage's plan: srun for a step on every task, a plain command for a step run
     once (as a one-process job: the batch shell's SLURM_NTASKS would otherwise make it believe it is one rank of
-    many); each later step only if the earlier ones finished."""
+    many), a Dask cluster around a dask step; each later step only if the earlier ones finished."""
     config = str(Path(job.config).resolve())
     lines = []
     for i, step in enumerate(plan(job.stage, job.step)):
-        argv = shell_line(command(job.python, job.stage, step, config, job.sets, job.stage_args))
-        if step.on_ranks:
+        words = command(job.python, job.stage, step, config, job.sets, job.stage_args)
+        argv = shell_line(words)
+        if step.dask:
+            run = dask_block.block(words, job.python, job.workdir, job.nodes, step.log_name(job.stage))
+        elif step.on_ranks:
             run = f'srun --output="$ranks/{step.log_name(job.stage)}" {argv}'
         else:
             run = f'RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 {argv} >"$ranks/{step.log_name(job.stage)}" 2>&1'
-        lines.append(f"{run}\ncode=$?" if i == 0 else f'if [ "$code" -eq 0 ]; then\n  {run}\n  code=$?\nfi')
+        run = run if step.dask else f"{run}\ncode=$?"  # the Dask block sets code itself
+        lines.append(run if i == 0 else 'if [ "$code" -eq 0 ]; then\n' + indent(run, "  ") + "\nfi")
     return "\n".join(lines)
 
 
@@ -153,14 +167,22 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if args.time is not None and not TIME.match(args.time):
         raise KDError(f"--time: expected a SLURM time such as 04:00:00 or 1-12:00:00, got {args.time!r}")
     tasks = args.tasks_per_node or args.gpus_per_node or 1
-    plan(args.stage, args.step)  # an unknown --step fails here, in one line
+    tasks_are_dask = any(step.dask for step in plan(args.stage, args.step))  # an unknown --step fails here
+    if tasks_are_dask:
+        if args.tasks_per_node > 1:
+            raise KDError(f"--tasks-per-node: {args.stage} runs one Dask worker per node, got {args.tasks_per_node}; "
+                          "give it more cores with --cpus-per-task")
+        dask_block.check_stage_args(args.stage_args)
+        tasks = 1
     data = read_config_data(args.config, parse_overrides(args.set))
     output_dir = data.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir:
-        raise KDError(f"{args.config}: field 'output_dir': the SLURM logs go to <output_dir>/slurm/; set it")
+        raise KDError(f"{args.config}: field 'output_dir': the SLURM logs go beside it or in it; set it")
     check_script_values(args, output_dir)
+    # data_pipeline's output_dir may be a link into its store (cache_root): its logs go beside the link, not the store
+    output_dir = os.path.abspath(output_dir) if tasks_are_dask else str(Path(output_dir).resolve())
     return SlurmJob(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
-                    output_dir=str(Path(output_dir).resolve()), stage=args.stage, cpus_per_task=args.cpus_per_task,
+                    output_dir=output_dir, stage=args.stage, cpus_per_task=args.cpus_per_task,
                     time=args.time, partition=args.partition, warn_seconds=args.warn_seconds,
                     job_name=args.job_name or "", sets=list(args.set), step=args.step,
                     stage_args=list(args.stage_args),
@@ -178,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--partition", default=None)
     parser.add_argument("--warn-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
     parser.add_argument("--job-name", default=None)
-    parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the training stage to run")
+    parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the stage to run")
     parser.add_argument("--step", default=None, help="only this step of the stage (e.g. finetune's distill)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     parser.add_argument("stage_args", nargs="*", metavar="-- ARG",

@@ -7,12 +7,12 @@
 $gpus_line
 $time_line
 $partition_line
-#SBATCH --signal=USR1@$warn_seconds
+$signal_line
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output="$log_dir/job-%j.out"
 #
-# --signal: every task gets SIGUSR1 $warn_seconds s before the time limit (or on `scancel --signal=USR1`);
+# --signal (training stages): every task gets SIGUSR1 $warn_seconds s before the time limit (or on `scancel --signal=USR1`);
 #   the trainer checkpoints at the next step boundary and exits 75.
 # --requeue and the `scontrol requeue` below: the job then restarts under the same id and resumes from
 #   the checkpoint `latest` names. --open-mode=append: each restart appends to this job's log;

@@ -131,3 +131,5 @@ def test_runner_flags_are_checked_before_any_work(work, teacher):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr[-2000:])
         assert not out.exists()
+    proc = run_pipeline(work, corpus_config(teacher, out), ["--check", "--runner", "dask", "--local-workers", "2"])
+    assert proc.stdout.strip().endswith(": valid") and not out.exists()  # what `launch slurm` asks before it submits

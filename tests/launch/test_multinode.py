@@ -3,7 +3,9 @@
 
 Every job's final weights are compared bit for bit with the same config run uninterrupted by `launch local` with 2
 processes: a plain 2-node job, a job preempted by SIGUSR1 and requeued, a job whose second node is lost mid-run
-(its slurmd and every process on it killed) and that resumes once the node is back, and finetune's KD arm.
+(its slurmd and every process on it killed) and that resumes once the node is back, and finetune's KD arm. The
+transfer-set pipeline on Dask (a scheduler on node 1, a worker on each node) writes shards byte-identical to a plain
+DirectRunner run and leaves no Dask process behind.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from kdlib.cache import read_manifest
 from kdlib.runtime.digests import verify_digests
+from kdlib.runtime.io import sha256_file
 from kdlib.runtime.metrics import read_metrics
 from kdlib.training.checkpoints import latest_checkpoint
 from launch import testcluster
+from tests.pipeline_fixture import corpus_config, run_pipeline
 from tests.finetune_fixture import base_config as finetune_config
 from tests.kdlib.training.test_elastic import ROUNDING, close
+from tests.tiny_models import make_tiny_bert
 from tests.transfer_fixture import REPO, base_config, build_transfer_set, stage_env, write_config
 
 pytestmark = pytest.mark.slow  # starts a SLURM cluster and trains
@@ -205,6 +211,64 @@ def test_finetune_runs_every_step_on_the_cluster_and_its_kd_arm_equals_2_local_p
     assert local.returncode == 0, local.stderr[-3000:]
     assert same_weights(load_file(str(kd / "export" / "model.safetensors")),
                         load_file(str(kd.with_name("kd-slurm") / "export" / "model.safetensors")))
+
+
+def shard_digests(transfer_set: Path) -> dict[str, str]:
+    return {s.file: sha256_file(transfer_set / s.file) for s in read_manifest(transfer_set).shards}
+
+
+def job_processes(cluster) -> list[str]:
+    """Every process on any node but SLURM's own daemons (a Dask worker's spawned child names no "dask" in its
+    command line, so nothing is matched by name)."""
+    found = []
+    for node in cluster.nodes:
+        for pid in testcluster.node_pids(cluster, node):
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:  # ended meanwhile
+                continue
+            if comm not in ("slurmd", "slurmstepd"):
+                found.append(f"{node}: {pid} {argv}")
+    return found
+
+
+def test_the_pipeline_on_dask_over_2_nodes_writes_the_same_shards_as_directrunner_and_leaves_nothing(cluster,
+                                                                                                     tmp_path):
+    teacher = make_tiny_bert(tmp_path / "teacher", task="masked_lm", layers=2, hidden=32, heads=4, seed=0)
+    out = tmp_path / "dask"
+    config = tmp_path / "dask.yaml"
+    config.write_text(yaml.safe_dump(corpus_config(teacher, out)))
+    job = submit(cluster, config, "--stage", "data_pipeline")
+    wait(lambda: {line.split(":")[0] for line in job_processes(cluster) if " -m dask worker " in line} == {
+        "kdnode1", "kdnode2"}, 120, "a Dask worker on each node")  # (what the check after the job would find)
+    run_pipeline(tmp_path, corpus_config(teacher, tmp_path / "direct"))  # the reference (DirectRunner), meanwhile
+    logs = Path(f"{out}.slurm")  # beside the transfer set: the pipeline refuses a folder with files it did not write
+
+    def log() -> str:
+        path = logs / f"job-{job}.out"
+        return path.read_text() if path.is_file() else ""
+    wait(lambda: testcluster.job_state(job, cluster.env) == "" and "restart 0 ended" in log(), 300,
+         f"job {job} to finish", poll=1.0)
+    start = logs / f"job-{job}" / "restart-0"
+    assert f"[launch] job {job} restart 0 ended with exit code 0" in log(), \
+        log() + "".join(p.read_text()[-3000:] for p in start.glob("*.out"))
+    assert "[launch] Dask workers and scheduler stopped" in log() and "Killed" not in log()  # they closed themselves
+    assert sorted(p.name for p in start.iterdir()) == [  # (the scheduler deleted its file as it closed)
+        "dask-scheduler.out", "dask-worker-kdnode1.out", "dask-worker-kdnode2.out", "data_pipeline.out"]
+    assert re.search(r"runner: the Dask scheduler of \S+dask-scheduler.json, 2 worker\(s\)",
+                     (start / "data_pipeline.out").read_text())
+    scheduler = (start / "dask-scheduler.out").read_text()
+    for node in cluster.nodes:  # each node's worker ran there (its own address) and joined the scheduler on node 1
+        worker = (start / f"dask-worker-{node}.out").read_text()
+        assert re.search(rf"Start worker at: +tcp://{re.escape(cluster.address(node))}:", worker), worker
+        assert re.search(rf"Registered to: +tcp://{re.escape(cluster.address(cluster.nodes[0]))}:", worker), worker
+        assert re.search(rf"Register worker addr: tcp://{re.escape(cluster.address(node))}:\d+ name: {node}\b",
+                         scheduler), scheduler
+    direct = shard_digests(tmp_path / "direct")
+    assert len(direct) == 3 and shard_digests(out) == direct  # every shard byte for byte
+    left = job_processes(cluster)
+    assert left == [], left  # no scheduler, worker, nanny or worker child is left on any node
 
 
 def test_testcluster_up_status_down_as_a_user_runs_it(tmp_path):

@@ -94,8 +94,9 @@ def test_launch_local_refuses_an_unknown_step_and_a_bad_port_in_one_line(tmp_pat
         assert len(errors) == 1 and expected in errors[0] and "Traceback" not in proc.stderr
 
 
-def test_every_training_stage_has_a_plan():
-    assert set(PLANS) == {"pretrain", "finetune", "teacher", "teacher.decoder"}
+def test_every_stage_a_launcher_runs_has_a_plan():
+    assert set(PLANS) == {"pretrain", "finetune", "teacher", "teacher.decoder", "data_pipeline"}
+    assert plan("data_pipeline") == (Step(None, False, dask=True),)
 
 
 @pytest.mark.parametrize("stage,config", [("teacher", "configs/demo_teacher.yaml"),
