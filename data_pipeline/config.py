@@ -38,6 +38,7 @@ class PipelineConfig:
     torch_threads: int = 0  # torch threads per worker (0: torch's default)
     seed: int = 0  # masking seed (augmentation has its own in augment.seed)
     overwrite: bool = False  # replace an output_dir that was built by another teacher, tokenizer or config
+    cache_root: Optional[str] = None  # a store folder: the set is built under its content key there and output_dir becomes a link to it
 
     @property
     def swap_model(self) -> ModelConfig:
@@ -54,6 +55,8 @@ class PipelineConfig:
         for name in ("batch_size", "num_shards", "pack_groups"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.cache_root is not None and not self.cache_root.strip():
+            raise ValueError("cache_root: expected null or a folder path, got an empty string")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads: expected >= 0, got {self.torch_threads}")
         if self.augment_unit not in ("line", "document"):

@@ -11,6 +11,7 @@ same inputs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from data_pipeline.config import PipelineConfig
 from data_pipeline.rows import shard_of, stable_hash
+from data_pipeline.store import run_in_store
 from data_pipeline.runners import dask_failure
 from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
                                       build_vocabulary, pos_pairs, task_row)
@@ -49,7 +51,7 @@ from kdlib.schemas import check_against_teacher, shape_fields
 
 BUILD = "build.json"
 # Fields that change where or how fast a transfer set is built, never what it contains.
-NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads")
+NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads", "cache_root")
 
 
 def content_hash(cfg: PipelineConfig) -> str:
@@ -313,9 +315,19 @@ def sampled_fidelity_summary(parts: list[dict], o) -> dict:
 
 
 def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> Manifest:
-    """Preflight, run the Beam pipeline, then verify and write manifest.json last."""
-    info = preflight(cfg, source)
+    """Preflight, run the Beam pipeline, then verify and write manifest.json last; with cache_root, in the store
+    under the set's content key, and output_dir links there (data_pipeline/store.py)."""
+    if cfg.cache_root:
+        return run_in_store(cfg, beam_args, source, build=_run_here, info=preflight(cfg, source))
+    return _run_here(cfg, beam_args, source)
+
+
+def _run_here(cfg: PipelineConfig, beam_args: list[str], source: str) -> Manifest:
     out = Path(cfg.output_dir)
+    if out.is_symlink():  # most likely a link into a store, whose set other run folders share
+        raise ConfigError(f"{source}: field 'output_dir': {out} is a link (to {os.readlink(out)}); a set in a store "
+                          "is built or changed only through cache_root. Set cache_root, or choose another output_dir")
+    info = preflight(cfg, source)
     with output_lock(out, STAGE):
         build, complete = claim_directory(cfg, info)
         if complete is not None:
@@ -350,6 +362,9 @@ def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> 
     finally:
         stop.set()
         watcher.join()
+    removed = remove_partial_files(out)  # a worker killed mid-write (Dask ran its shard again elsewhere)
+    if removed:
+        print(f"[data_pipeline] removed {removed} partial file(s) left by a lost worker")
     counters = beam_counters(result)
     if counters:  # (a Dask run has none: the manifest's totals below say the same)
         print("[data_pipeline] " + ", ".join(f"{name} {value:,}" for name, value in counters.items()))

@@ -20,6 +20,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # (command after `python -m`, takes --config (None: not checked), parser built by kdlib.runtime.cli.stage_parser)
 ENTRY_POINTS = [
     ("data_pipeline", True, True),
+    ("data_pipeline ls", False, True),
+    ("data_pipeline gc", False, True),
     ("teacher", True, True),
     ("teacher.decoder", True, True),
     ("pretrain", True, True),

@@ -148,6 +148,13 @@ def lock_path(folder: str | os.PathLike, rank: int = 0) -> Path:
     return folder.with_name(f"{LOCK}-{folder.name}" + (f".rank-{rank}" if rank else ""))
 
 
+def lock_holder(folder: str | os.PathLike, rank: int = 0) -> Optional[dict]:
+    """Who holds `folder`'s lock now (host, pid, stage, since), or None when nobody does (no lock, or a stale one):
+    for tools that report on a folder without writing it, so they take no lock themselves."""
+    holder = _read_holder(lock_path(folder, rank))
+    return None if holder is None or _is_stale(holder) else holder
+
+
 @contextmanager
 def output_lock(folder: str | os.PathLike, stage: str, rank: int = 0) -> Iterator[Path]:
     """Hold `lock_path(folder, rank)` while the block writes `folder`; refuse when another live process holds

@@ -22,7 +22,8 @@ import yaml
 from kdlib.runtime.digests import DIGESTS, verify_digests, write_digests
 from kdlib.errors import ConfigError, KDError, OutputError
 from kdlib.runtime.io import atomic_directory, sha256_file
-from kdlib.runtime.outputs import LOCK, check_output_folder, lock_path, output_lock, process_start_time
+from kdlib.runtime.outputs import (LOCK, check_output_folder, lock_holder, lock_path, output_lock,
+                                   process_start_time)
 from tests.tiny_models import make_tiny_bert
 from tests.paths import REPO_ROOT
 
@@ -121,11 +122,13 @@ def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over(
         with pytest.raises(OutputError, match=f"in use by python -m pretrain \\(pid {holder.pid} on host"):
             with output_lock(folder, "python -m data_pipeline"):
                 pass
+        assert lock_holder(folder)["pid"] == holder.pid  # a report that takes no lock (and changes nothing)
         assert tree_digest(folder) == before
     finally:
         holder.kill()
         holder.wait()
     # the holder is gone (as after a SIGKILL): its lock is stale and the next writer takes it
+    assert lock_holder(folder) is None
     with output_lock(folder, "python -m data_pipeline") as lock:
         mine = json.loads(lock.read_text())
         assert (mine["pid"], mine["stage"]) == (os.getpid(), "python -m data_pipeline")
