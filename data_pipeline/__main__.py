@@ -1,8 +1,8 @@
 """`python -m data_pipeline --config X.yaml [--set key=value ...] [--runner dask ...] [Beam pipeline options]`: build
 a transfer set (the teacher's outputs over a corpus) with Apache Beam, here or on a Dask cluster.
 
-Arguments this parser does not know are Beam pipeline options (`--runner`, `--project`,
-`--direct_num_workers`, ...), passed through unchanged to the runner.
+Arguments this parser does not know are Beam pipeline options (`--project`, `--direct_num_workers`, ...), passed
+through unchanged to the runner; one that no Beam options class knows is an error, not dropped.
 
 `python -m data_pipeline ls|gc --cache-root DIR`: list a transfer-set store (`cache_root`), or remove its sets
 that no output_dir links to any more.
@@ -12,12 +12,12 @@ import logging
 import sys
 
 from data_pipeline.config import PipelineConfig
-from data_pipeline.runners import RunnerChoice, add_runner_flags
+from data_pipeline.runners import RunnerChoice, add_runner_flags, check_beam_options
 from data_pipeline.store_cli import COMMANDS as STORE_COMMANDS, main as store_main
 from kdlib.runtime.cli import check_flag, run_config, stage_parser
 
-BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--runner, --project, --direct_num_workers, ...),\n"
-                "passed through unchanged to the runner")
+BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--project, --direct_num_workers, ...), passed\n"
+                "to the runner; one that is not an option of Beam's is an error")
 
 
 def main(argv=None) -> int:
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
 
     def build(cfg: PipelineConfig, source: str) -> None:
         choice = RunnerChoice.from_args(args)  # the runner flags are checked with the config, before any work
+        check_beam_options(beam_args, parser, choice.runner)
         if args.check:
             print(f"{source}: valid")
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import logging
 import re
@@ -150,6 +151,25 @@ def dask_failure(err: BaseException) -> Optional[KDError]:
         return KDError(f"lost the Dask scheduler during the run: {name}: {err}; the finished shards are "
                        "kept: rerun the same command to build the rest")
     return None
+
+
+def check_beam_options(beam_args: list[str], ours: argparse.ArgumentParser, runner: Optional[str]) -> None:
+    """Every argument our parser did not claim must be one of Beam's pipeline options (of every runner Beam has
+    loaded, ours included): a mistyped `--sett` is an error here, where Beam would drop it with a warning."""
+    from apache_beam.options.pipeline_options import PipelineOptions  # Beam loads only past --help
+
+    if runner == "dask":
+        importlib.import_module("data_pipeline.dask_runner")  # registers Beam's DaskOptions
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(beam_args)
+    if unknown:
+        known = [flag for p in (parser, ours) for action in p._actions for flag in action.option_strings]
+        flag = unknown[0].split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1)
+        raise ConfigError(f"{flag}: not an option of data_pipeline nor of Beam's pipeline options"
+                          + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def direct_defaults(beam_args: list[str]) -> list[str]:
