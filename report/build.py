@@ -5,21 +5,26 @@ Nothing is trained or measured here: the report only reads what the stages wrote
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from kdlib.config import read_config_file
 from kdlib.errors import ReaderError
 from kdlib.runtime.io import atomic_target, atomic_write_text
 from kdlib.runtime.metrics import read_metrics
+from kdlib.runtime.outputs import check_output_folder, output_lock
 from kdlib.runtime.plots import pyplot
 from report.config import ReportConfig
-from report.numbers import Numbers, verify
+from report.numbers import NUMBERS_FILE, Numbers, verify
 from report.scaling import scaling_section
 from report.sections import (files_section, first_paths, general_section, loss_section, speed_section, targets_section,
                              task_section)
 
 NOT_OBJECTIVES = {"kind", "step", "loss", "lr", "tokens", "tokens_per_s", "epoch", "layer_in_training"}
+
+STAGE = "python -m report"
 
 
 def _save(fig, path: Path) -> str:
@@ -122,8 +127,29 @@ def _copy(source: str, target: Path) -> str:
     return target.name
 
 
+def _found_claim(out: Path) -> Optional[str]:
+    """"report" when `out` holds a report this stage wrote (a numbers.json of Shown entries), else None."""
+    try:
+        entries = json.loads((out / NUMBERS_FILE).read_text(encoding="utf-8"))
+        return "report" if isinstance(entries, list) and all(
+            isinstance(e, dict) and {"shown", "terms", "fmt"} <= set(e) for e in entries) else None
+    except (OSError, ValueError):
+        return None
+
+
 def build_report(cfg: ReportConfig, source: str) -> Path:
-    """Write cfg.output_dir/{report.md, numbers.json, *.png}; report.md last. Returns its path."""
+    """Write cfg.output_dir/{report.md, numbers.json, *.png}; report.md last. Returns its path.
+
+    The folder must be absent, empty or an earlier report (which is rewritten): a folder of anyone else's files
+    is refused before any input is read, and one writer at a time holds its lock."""
+    out = Path(cfg.output_dir)
+    check_output_folder(out, stage=STAGE, found_claim=_found_claim(out) if out.is_dir() else None, claim="report",
+                        overwrite=False)
+    with output_lock(out, STAGE):
+        return _build(cfg, source, out)
+
+
+def _build(cfg: ReportConfig, source: str, out: Path) -> Path:
     configs = {name: getattr(cfg.configs, name) for name in vars(cfg.configs)}
     outputs = {}
     for name, file in configs.items():
@@ -132,7 +158,6 @@ def build_report(cfg: ReportConfig, source: str) -> Path:
         except (FileNotFoundError, KeyError):
             raise ReaderError(f"{source}: configs.{name}: {file} is missing or has no output_dir") from None
     p = first_paths(cfg, outputs)
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = Numbers()
     runs = n.value(p.task_report, "runs")
