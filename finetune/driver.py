@@ -16,7 +16,7 @@ from finetune.multitask import multitask_run, task_config, train_multitask
 from finetune.report import write_report
 from finetune.run import EVAL_FILE
 from finetune.runs import arms_of, fold_run_folders, run_folders
-from finetune.steps import distill_step, folds_step, save_config, teacher_step, transfer_step
+from finetune.steps import check_root, distill_step, folds_step, save_config, teacher_step, transfer_step
 
 
 def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -> list:
@@ -41,6 +41,7 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
     def wanted(name: str) -> bool:
         return name in steps and step in ("all", name)
 
+    check_root(cfg)
     if wanted("folds") or not (lay.root / FOLDS_DIR / "labels.json").is_file():
         save_config(cfg)
         folds_step(cfg, labels)

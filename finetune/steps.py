@@ -22,9 +22,11 @@ import json
 import shutil
 from pathlib import Path
 
+import yaml
+
 from kdlib.runtime.io import atomic_write_text
 from kdlib.runtime.process_group import dist_env
-from kdlib.runtime.outputs import save_resolved
+from kdlib.runtime.outputs import check_output_folder, save_resolved
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_given_teacher
 from finetune.folds import make_folds, read_examples, write_fold
@@ -32,6 +34,8 @@ from finetune.layout import FOLDS_DIR, TEACHER, Layout
 from finetune.run import RunConfig, train_run
 from finetune.runs import completed, student_run, teacher_folder, teacher_run, teacher_seeds
 from finetune.transfer import build_transfer_set
+
+STAGE = "python -m finetune"
 
 
 def folds_step(cfg: FinetuneConfig, labels: list[str]) -> None:
@@ -85,3 +89,24 @@ def distill_step(cfg: FinetuneConfig, labels: list[str], folds: list[int], seeds
 
 def save_config(cfg: FinetuneConfig) -> None:
     save_resolved(cfg, Layout(cfg).root)
+
+
+def check_root(cfg: FinetuneConfig) -> None:
+    """output_dir must be absent, empty or this stage's own (its folds/labels.json, or only the resolved config the
+    stage writes first): a transfer set, another stage's run or a person's files are refused before any step."""
+    root = Layout(cfg).root
+    check_output_folder(root, stage=STAGE, found_claim=STAGE if root.is_dir() and _ours(root) else None, claim=STAGE,
+                        overwrite=False)
+
+
+def _ours(root: Path) -> bool:
+    if (root / FOLDS_DIR / "labels.json").is_file():
+        return True
+    names = {p.name for p in root.iterdir() if not p.name.startswith(".lock")}
+    if not names <= {"resolved_config.yaml", FOLDS_DIR}:
+        return False
+    try:  # a run killed between writing its resolved config and its folds
+        data = yaml.safe_load((root / "resolved_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and {"task", "evaluation", "distill", "baseline"} <= set(data)
