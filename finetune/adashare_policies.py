@@ -15,17 +15,18 @@ from kdlib.runtime.io import atomic_target, atomic_write_bytes, atomic_write_tex
 from kdlib.runtime.plots import pyplot
 from kdlib.students.adashare import TaskPolicies, candidate_policies
 from kdlib.training.config import math_hash
+from kdlib.runtime.jsonl import json_document
 
 POLICIES_FILE = "policies.json"
 
 
 def search_completed(run) -> bool:
     path = Path(run.output_dir) / POLICIES_FILE
-    return path.is_file() and json.loads(path.read_text()).get("config_hash") == math_hash(run)
+    return path.is_file() and json_document(path).get("config_hash") == math_hash(run)
 
 
 def read_policy(run) -> list[list[bool]]:
-    return json.loads((Path(run.output_dir) / POLICIES_FILE).read_text())["policy"]
+    return json_document(Path(run.output_dir) / POLICIES_FILE)["policy"]
 
 
 def validation_score(student, policy: list[list[bool]], evaluate) -> float:

@@ -11,6 +11,7 @@ import torch
 from kdlib.runtime.io import atomic_write_text
 from kdlib.runtime.models import load_tokenizer
 from kdlib.runtime.speed import compare_speed
+from kdlib.runtime.jsonl import json_document
 from finetune.data import EncodedExamples
 from finetune.folds import read_split
 from finetune.layout import TEACHER, Layout
@@ -35,7 +36,7 @@ def speed_step(cfg, labels: list[str], folds: list[int], run_folders_of) -> None
     e = cfg.evaluation
     for fold in folds:
         folders = [f for f in run_folders_of(fold) if (f / EVAL_FILE).is_file()]
-        if not folders or all("speed" in json.loads((f / EVAL_FILE).read_text()) for f in folders):
+        if not folders or all("speed" in json_document(f / EVAL_FILE) for f in folders):
             continue  # nothing to time, or timed already (a new run of the fold has no speed yet: all are retimed)
         exports = {str(f): (cfg.teacher.finetuned if f.name == TEACHER and cfg.teacher.finetuned else f / EXPORT)
                    for f in folders}
@@ -50,7 +51,7 @@ def speed_step(cfg, labels: list[str], folds: list[int], run_folders_of) -> None
                   for name, folder in exports.items()}
         speeds = compare_speed(models, batches, e.speed_threads, repeats=e.speed_repeats)
         for folder in folders:
-            record = json.loads((folder / EVAL_FILE).read_text())
+            record = json_document(folder / EVAL_FILE)
             record["speed"] = speeds[str(folder)]
             atomic_write_text(folder / EVAL_FILE, json.dumps(record, indent=1) + "\n")
         print(f"[finetune] fold {fold}: timed {len(models)} models on {len(examples)} held-out examples", flush=True)

@@ -20,6 +20,7 @@ from kdlib.config import config_hash
 from kdlib.deploy import deploy_model, deployment_table
 from kdlib.runtime.io import atomic_write_text
 from kdlib.tasks.metrics import task_metrics
+from kdlib.runtime.jsonl import json_document
 from finetune.config import FinetuneConfig
 from finetune.folds import read_split
 from finetune.layout import KD, Layout
@@ -37,7 +38,7 @@ def _settings_hash(cfg: FinetuneConfig, source: dict) -> str:
 
 def done(out: Path, want: str) -> bool:
     path = out / EVAL_FILE
-    return path.is_file() and json.loads(path.read_text()).get("config_hash") == want
+    return path.is_file() and json_document(path).get("config_hash") == want
 
 
 def deploy_run(cfg: FinetuneConfig, labels: list[str], fold: int, seed: int) -> Optional[Path]:
@@ -46,7 +47,7 @@ def deploy_run(cfg: FinetuneConfig, labels: list[str], fold: int, seed: int) -> 
     source_dir, out = lay.run(fold, SOURCE_ARM, seed), lay.run(fold, ARM, seed)
     if not (source_dir / EVAL_FILE).is_file():
         return None
-    source = json.loads((source_dir / EVAL_FILE).read_text())
+    source = json_document(source_dir / EVAL_FILE)
     want = _settings_hash(cfg, source)
     if done(out, want):
         return out
@@ -102,7 +103,7 @@ def deployment_section(cfg: FinetuneConfig) -> str:
     if not folders:
         return ""
     first = folders[0]
-    record = json.loads((first / EXPORT / "deploy.json").read_text())
+    record = json_document(first / EXPORT / "deploy.json")
     rel = Path("..") / first.relative_to(Path(cfg.output_dir)) / EXPORT
     return "\n".join([
         "## Deployment: int8 (ONNX Runtime dynamic quantization)", "",

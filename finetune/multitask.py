@@ -12,7 +12,6 @@ single-task student and baseline.
 from __future__ import annotations
 
 import dataclasses
-import json
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -27,6 +26,7 @@ from kdlib.training import loop
 from kdlib.training.batches import BatchStream
 from kdlib.training.config import LoopConfig, math_hash
 from kdlib.training.module import DistillModule
+from kdlib.runtime.jsonl import json_document
 from finetune.adashare_policies import search_completed, write_policies
 from finetune.config import FinetuneConfig
 from finetune.data import EncodedExamples
@@ -80,7 +80,7 @@ def completed(run: MultiTaskRunConfig) -> bool:
     if run.adashare is not None:
         return search_completed(run)
     return all((Path(p.output_dir) / EVAL_FILE).is_file()
-               and json.loads((Path(p.output_dir) / EVAL_FILE).read_text()).get("config_hash") == math_hash(run)
+               and json_document(Path(p.output_dir) / EVAL_FILE).get("config_hash") == math_hash(run)
                for p in run.parts)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from kdlib.errors import ReaderError
 from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
-from kdlib.runtime.jsonl import json_objects
+from kdlib.runtime.jsonl import json_document, json_objects
 from kdlib.runtime.metrics import read_metrics
 from kdlib.runtime.plots import finish_bar_chart, loss_curve, pyplot
 from kdlib.tasks.metrics import TASK_TYPES, percent_of, summarize, task_metrics
@@ -49,11 +49,9 @@ def _is_number(value) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_document(path)
     except FileNotFoundError:
         raise ReaderError(f"{path}: missing; every run folder given to the report needs its eval.json") from None
-    except (OSError, ValueError) as error:
-        raise ReaderError(f"{path}: not readable as JSON ({error})") from None
     if not isinstance(data, dict):
         raise ReaderError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

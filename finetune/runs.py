@@ -4,13 +4,13 @@ the multi-task runs all build their runs here, so a run's config (and so its has
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdlib.errors import OutputError
 from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.training.config import math_hash
 from kdlib.training.early_stop import EarlyStoppingConfig
+from kdlib.runtime.jsonl import json_document
 from finetune.config import FinetuneConfig
 from finetune.layout import BASELINE, KD, TEACHER, Layout
 from finetune.methods import method_named
@@ -110,7 +110,7 @@ def completed(run: RunConfig) -> bool:
     path = Path(run.output_dir) / EVAL_FILE
     if not path.is_file():
         return False
-    found = json.loads(path.read_text()).get("config_hash")
+    found = json_document(path).get("config_hash")
     if found != math_hash(run):
         raise OutputError(f"{run.output_dir}: holds a finished {run.arm} run made under config hash {found}, this "
                           f"config hashes to {math_hash(run)}; nothing was changed: use a new output_dir")

@@ -20,6 +20,7 @@ from kdlib.config import read_config_file
 from kdlib.errors import ReaderError
 from kdlib.runtime.io import atomic_write_text
 from kdlib.runtime.cli import stage_parser
+from kdlib.runtime.jsonl import json_document
 
 NUMBERS_FILE = "numbers.json"
 NUMBER = re.compile(r"(?<![\w.\-/])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
@@ -45,7 +46,7 @@ def _load(file: str) -> Any:
     try:
         if path.suffix in (".yaml", ".yml"):
             return read_config_file(path)
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json_document(path, expect=None)
     except FileNotFoundError:
         raise ReaderError(f"{file}: missing; the report reads its numbers from it") from None
 
@@ -113,7 +114,7 @@ def verify(report_dir: str | Path) -> list[str]:
     """What is wrong with report.md against its sources (empty: every number equals its source's)."""
     report_dir = Path(report_dir)
     text = (report_dir / "report.md").read_text(encoding="utf-8")
-    entries = [Shown(**e) for e in json.loads((report_dir / NUMBERS_FILE).read_text(encoding="utf-8"))]
+    entries = [Shown(**e) for e in json_document(report_dir / NUMBERS_FILE, expect=list)]
     problems, sources = [], Numbers()  # its value() reads each file once
     for e in entries:
         try:

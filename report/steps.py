@@ -18,12 +18,13 @@ from pathlib import Path
 
 from kdlib.runtime.cli import stage_parser
 from kdlib.runtime.io import atomic_write_text
+from kdlib.runtime.jsonl import json_document
 
 
 def read_steps(path: str | Path) -> dict:
     """The step records in run order ({} when the file does not exist yet)."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return json_document(path) if path.is_file() else {}
 
 
 def record_step(path: str | Path, name: str, command: list[str], seconds: float, returncode: int, started: str) -> dict:

@@ -31,6 +31,7 @@ from kdlib.runtime.models import quiet_transformers
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from kdlib.text.packing import pack_documents
 from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.runtime.jsonl import json_document
 from teacher.training import optimise, warmup_cosine
 from teacher.tokenizer_training import check_vocab, save_tokenizer, special_tokens, train_tokenizer
 
@@ -244,7 +245,7 @@ def prepare_decoder(cfg: DecoderPrepConfig, source: str = "<config>") -> dict:
                   for folder, claim, report, where in targets]
         if all(state == "same" for state in states):
             print(f"{out}: already prepared with this config (hash {teacher_hash(cfg)[:12]}); nothing to do")
-            return json.loads((out / REPORT).read_text())
+            return json_document(out / REPORT)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         quiet_transformers()
@@ -257,7 +258,7 @@ def prepare_decoder(cfg: DecoderPrepConfig, source: str = "<config>") -> dict:
                 save_student_tokenizer(spec, folder, lines, claim, cfg.corpus, replace=state == "replace")
         if states[0] == "same":
             print(f"{out}: already prepared with this config (hash {teacher_hash(cfg)[:12]})")
-            return json.loads((out / REPORT).read_text())
+            return json_document(out / REPORT)
         return _prepare(cfg, documents, lines, replace=states[0] == "replace")
 
 

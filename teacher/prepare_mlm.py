@@ -31,6 +31,7 @@ from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, 
 from kdlib.text.packing import pack_documents
 from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
 from kdlib.schemas import check_against_teacher
+from kdlib.runtime.jsonl import json_document
 from teacher.training import optimise, warmup_cosine
 
 
@@ -164,7 +165,7 @@ def prepare_teacher(cfg: TeacherPrepConfig, source: str = "<config>") -> dict:
                                     claim=teacher_hash(cfg), overwrite=cfg.overwrite)
         if state == "same":
             print(f"{out}: already prepared with this config (hash {teacher_hash(cfg)[:12]}); nothing to do")
-            return json.loads((out / REPORT).read_text())
+            return json_document(out / REPORT)
         return _prepare(cfg, replace=state == "replace")
 
 

@@ -12,7 +12,8 @@ import string
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizerFast
+from transformers import (BertConfig, BertForMaskedLM, BertForMultipleChoice, BertForSequenceClassification, BertModel,
+                          BertTokenizerFast)
 
 from kdlib.text.readers import gensim_test_data
 
@@ -40,7 +41,8 @@ def make_tiny_bert(folder: str | Path, *, task: str = "masked_lm", layers: int =
                         num_attention_heads=heads, intermediate_size=intermediate,
                         max_position_embeddings=max_positions, num_labels=num_labels)
     torch.manual_seed(seed)
-    cls = {"masked_lm": BertForMaskedLM, "base": BertModel, "sequence_classification": BertForSequenceClassification}[task]
+    cls = {"masked_lm": BertForMaskedLM, "base": BertModel, "sequence_classification": BertForSequenceClassification,
+           "multiple_choice": BertForMultipleChoice}[task]  # multiple_choice: a head deploy refuses
     model = cls(config)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -21,11 +21,11 @@ import onnxruntime
 import torch
 
 from kdlib.deploy.measure import OnnxRunner, compare_deployed, row_max_abs, torch_call
-from kdlib.deploy.onnx_export import export_onnx, output_name
+from kdlib.deploy.onnx_export import ExportError, export_onnx, output_name
 from kdlib.deploy.quantize import quantize_int8, torch_dynamic_int8
 from kdlib.runtime.io import atomic_write_bytes, atomic_write_text, json_safe
-from kdlib.runtime.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
-                                  task_of)
+from kdlib.runtime.models import (HEADS, ModelConfig, architectures_of, check_model_folder, copy_tokenizer_files,
+                                  head_of, load_model, load_tokenizer, task_of)
 from kdlib.runtime.speed import torch_threads
 
 CANDIDATES = ("transformers fp32", "torch dynamic int8", "onnxruntime fp32", "onnxruntime int8")
@@ -43,6 +43,11 @@ TORCH_INT8_SIZE = ("bytes of its state_dict serialised with torch.save into memo
 def load_folder(folder: Path):
     """(model in eval mode, tokenizer, task) of a model folder, offline, safetensors only (kdlib.runtime.models)."""
     config = check_model_folder(Path(folder))
+    unknown = [name for name in architectures_of(config) if head_of(name) is None]
+    if unknown:  # loaded as "base", its head would be silently dropped from the export
+        raise ExportError(f"{Path(folder) / 'config.json'}: architectures {', '.join(map(str, unknown))}: cannot "
+                          f"export this head; expected a bare model or a head ending in "
+                          f"{', '.join(suffix for suffix, _ in HEADS)}")
     task = task_of(config)
     model = load_model(ModelConfig(path=str(folder), task=task))
     return model, load_tokenizer(str(folder), config), task

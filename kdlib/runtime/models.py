@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from kdlib.errors import ModelLoadError  # noqa: E402
 from kdlib.runtime.fingerprints import TOKENIZER_FILES  # noqa: E402
 
 ModelTask = Literal["base", "masked_lm", "causal_lm", "sequence_classification"]
+HEADS = (("ForMaskedLM", "masked_lm"), ("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"),
+         ("ForSequenceClassification", "sequence_classification"))  # class-name suffix -> ModelTask
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "tf_model.h5")
 
 
@@ -85,13 +88,33 @@ def check_model_folder(folder: Path) -> dict:
         raise ModelLoadError(f"{config_file}: not valid JSON ({err})") from None
 
 
+def head_of(architecture: str) -> Optional[ModelTask]:
+    """The task of one config.json `architectures` name: a head we load (HEADS), "base" for a bare model
+    (`BertModel`, `LlamaModel`), None for any other head (multiple choice, token classification, question
+    answering, pre-training, double heads ...), which loading as "base" would silently drop."""
+    if not isinstance(architecture, str):
+        return None
+    for suffix, task in HEADS:
+        if architecture.endswith(suffix):
+            return task
+    if architecture.endswith("Model") and not re.search(r"For[A-Z]|Head", architecture):
+        return "base"
+    return None
+
+
+def architectures_of(model_config: dict) -> list:
+    """config.json's `architectures` as a list (one name written as a string counts as a list of one)."""
+    names = model_config.get("architectures") or []
+    return [names] if isinstance(names, str) else list(names) if isinstance(names, list) else [names]
+
+
 def task_of(model_config: dict) -> ModelTask:
-    """The head a model folder was saved with, from config.json's `architectures` (base when it names none)."""
-    for name in model_config.get("architectures") or []:
-        for suffix, task in (("ForMaskedLM", "masked_lm"), ("ForCausalLM", "causal_lm"),
-                             ("LMHeadModel", "causal_lm"), ("ForSequenceClassification", "sequence_classification")):
-            if name.endswith(suffix):
-                return task
+    """The head a model folder was saved with, from config.json's `architectures` (base when it names none of
+    HEADS; `head_of` tells a bare model from a head we do not know)."""
+    for name in architectures_of(model_config):
+        task = head_of(name)
+        if task not in (None, "base"):
+            return task
     return "base"
 
 

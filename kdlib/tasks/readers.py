@@ -126,7 +126,11 @@ def read_analogy(path: Path, encoding: str = "utf-8") -> Iterator[Example]:
 
 
 def _column_examples(rows: Iterator[records.Row], path: Path, cfg: TaskConfig) -> Iterator[Example]:
+    """Examples of CSV/TSV/JSONL rows. Ids under `id_column` are compared as the text they become (7 and "7" are
+    one id): a repeated one is refused naming both lines, since later stages key predictions and folds by id.
+    Memory: one entry per id read (the id and where it was first seen)."""
     count = 0
+    seen: dict[str, str] = {}
     for rid, where, values in rows:
         text = records.as_text(values[cfg.text_column], path, where, cfg.text_column)
         label = records.as_text(values[cfg.label_column], path, where, cfg.label_column, numbers_ok=True)
@@ -137,6 +141,10 @@ def _column_examples(rows: Iterator[records.Row], path: Path, cfg: TaskConfig) -
             text_b = records.as_text(values[cfg.text_b_column], path, where, cfg.text_b_column)
         if cfg.id_column is not None:
             rid = records.as_text(values[cfg.id_column], path, where, cfg.id_column, numbers_ok=True)
+            if rid in seen:
+                raise ReaderError(f"{path}: {where}: id_column {cfg.id_column!r}: id {rid!r} already used on "
+                                  f"{seen[rid]}")
+            seen[rid] = where
         count += 1
         yield Example(id=rid, text=text, label=label, text_b=text_b)
     if count == 0:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,10 @@ from kdlib.deploy.table import row_cells
 from kdlib.errors import ConfigError, KDError
 from deploy.__main__ import main
 from deploy.config import DeployConfig
+from deploy.run import check_inputs
 from tests.finetune_fixture import FILLER, NEGATIVE, POSITIVE
 from tests.tiny_models import make_tiny_bert, make_tiny_decoder
+from tests.transfer_fixture import REPO, stage_env
 
 AUTO = {"sequence_classification": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM,
         "base": AutoModel}
@@ -341,3 +345,43 @@ def test_deploy_model_quality_of_language_models_and_encoders(task, tmp_path):
     assert record["candidates"]["onnxruntime int8"]["agreement"] == pytest.approx(hits / total)
     assert record["candidates"]["onnxruntime fp32"]["agreement"] == pytest.approx(1.0)
     assert record["output"] == ("last_hidden_state" if task == "base" else "logits")
+
+
+# ------------------------------------------------------------------ 6. heads deploy cannot export
+
+
+def test_cli_refuses_a_multiple_choice_model_before_any_work(tmp_path):
+    # loaded as "base", its choice head would be dropped and the bare encoder deployed with exit 0 (issue 33)
+    folder = make_tiny_bert(tmp_path / "mc", task="multiple_choice")
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["BertForMultipleChoice"]
+    config = write_stage(tmp_path, folder)
+    proc = subprocess.run([sys.executable, "-m", "deploy", "--config", str(config)], cwd=REPO, env=stage_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {config}: field 'model': {folder.resolve() / 'config.json'}: architectures "
+                      "BertForMultipleChoice cannot be deployed (the head would be dropped); deploy exports a bare "
+                      "model (<name>Model) or a head ending in ForMaskedLM, ForCausalLM, LMHeadModel, "
+                      "ForSequenceClassification"], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("architecture,refused", [
+    ("BertForTokenClassification", True), ("BertForQuestionAnswering", True), ("BertForPreTraining", True),
+    ("GPT2DoubleHeadsModel", True), ("BertModel", False), ("BertForMaskedLM", False), ("BertLMHeadModel", False),
+    ("GPT2LMHeadModel", False), ("LlamaForCausalLM", False),
+])
+def test_check_inputs_knows_which_heads_it_exports(tmp_path, architecture, refused):
+    folder = make_tiny_bert(tmp_path / "m", task="base")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}))
+    cfg = load_config(write_stage(tmp_path, folder), DeployConfig)
+    if refused:
+        with pytest.raises(ConfigError, match=rf"field 'model': .*config\.json: architectures {architecture} cannot"):
+            check_inputs(cfg, "deploy.yaml")
+        with pytest.raises(ExportError, match=rf"architectures {architecture}: cannot export this head"):
+            deploy_model(folder, tmp_path / "lib-out", texts=["a film"])  # the library refuses it too
+        assert not (tmp_path / "lib-out").exists()
+    else:
+        assert check_inputs(cfg, "deploy.yaml").texts == [t for t, _ in sentences(24, seed=4)]

@@ -45,3 +45,17 @@ def test_a_transfer_set_a_file_and_a_persons_folder_are_refused_and_its_own_fold
     again = run_folds(tmp_path, own)  # its own folder: accepted, and the split files come out the same
     assert again.returncode == 0, again.stderr[-2000:]
     assert tree(own) == written
+
+
+def test_a_cut_short_state_file_is_one_line_naming_it(tmp_path):
+    own = tmp_path / "run"
+    assert run_folds(tmp_path, own).returncode == 0
+    record = own / "fold-0" / "seed-0" / "kd" / "eval.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"arm": "kd", "config_hash": "ab')  # e.g. copied while it was written
+    config = tmp_path / "run.yaml"  # written by run_folds
+    proc = subprocess.run([sys.executable, "-m", "finetune", "distill", "--config", str(config), "--arm", "kd"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{record}: line 1: malformed JSON" in errors[0] and "cut short" in errors[0]

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -170,13 +171,15 @@ def test_a_scheduler_that_never_starts_fails_the_job_without_running_the_pipelin
     assert len(sruns) == 1 and pythons == []  # no workers, no pipeline
 
 
-def data_pipeline_slurm(tmp: Path, *args: str, output_dir: str = "") -> subprocess.CompletedProcess:
+def data_pipeline_slurm(tmp: Path, *args: str, output_dir: str = "",
+                        env: Optional[dict] = None) -> subprocess.CompletedProcess:
     config = tmp / "dp.yaml"
     config.write_text(json.dumps({"output_dir": output_dir or str(tmp / "out"),  # YAML reads JSON
                                   "teacher": {"path": str(tmp / "teacher"), "task": "masked_lm"},
                                   "corpus": {"kind": "text", "path": "gensim:lee_background.cor"}}))
     return subprocess.run([sys.executable, "-m", "launch", "slurm", "--stage", "data_pipeline", "--config",
-                           str(config), "--dry-run", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+                           str(config), "--dry-run", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=env)
 
 
 @pytest.mark.parametrize("args,output_dir,expected", [

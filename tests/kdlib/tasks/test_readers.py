@@ -140,3 +140,41 @@ def test_analogy_sections_are_labels_and_a_short_read_is_balanced(tmp_path):
     path.write_text("Athens Greece Rome Italy\n: capital\n")
     with pytest.raises(ReaderError, match=r"analogies.txt: line 1: expected a `: section` header"):
         list(read_task(TaskConfig(kind="analogy", path=str(path))))
+
+
+@pytest.mark.parametrize("kind,name,content,line,first", [
+    ("jsonl", "d.jsonl", '{"id": "7", "text": "a", "label": "x"}\n{"id": "8", "text": "b", "label": "y"}\n\n'
+                         '{"id": "7", "text": "c", "label": "x"}\n', 4, 1),
+    ("csv", "d.csv", 'id,text,label\n3,a,x\n"7","two\nlines",y\n7,c,x\n', 5, 3),
+    ("tsv", "d.tsv", "id\ttext\tlabel\n7\ta\tx\n8\tb\ty\n7\tc\tx\n", 4, 2),
+])
+def test_a_repeated_id_is_refused_naming_both_lines(tmp_path, kind, name, content, line, first):
+    f = tmp_path / name
+    f.write_text(content, encoding="utf-8")
+    cfg = TaskConfig(kind=kind, path=str(f), id_column="id")
+    with pytest.raises(ReaderError) as err:
+        list(read_task(cfg))
+    assert str(err.value) == f"{f}: line {line}: id_column 'id': id '7' already used on line {first}"
+    # without id_column the ids are <file>:<line>, unique by construction: the same file reads
+    assert [e.id for e in read_task(TaskConfig(kind=kind, path=str(f)))][-1] == f"{name}:{line}"
+
+
+def test_ids_are_compared_as_text_so_7_and_quoted_7_are_one_id(tmp_path):
+    f = tmp_path / "n.jsonl"
+    f.write_text('{"id": 7, "text": "a", "label": "x"}\n{"id": 7.0, "text": "b", "label": "y"}\n', encoding="utf-8")
+    with pytest.raises(ReaderError, match=r"n\.jsonl: line 2: id_column 'id': id '7' already used on line 1$"):
+        list(read_task(TaskConfig(kind="jsonl", path=str(f), id_column="id")))
+    f.write_text('{"id": 7, "text": "a", "label": "x"}\n{"id": "7", "text": "b", "label": "y"}\n', encoding="utf-8")
+    with pytest.raises(ReaderError, match=r"n\.jsonl: line 2: id_column 'id': id '7' already used on line 1$"):
+        list(read_task(TaskConfig(kind="jsonl", path=str(f), id_column="id")))
+
+
+def test_unique_ids_still_read_as_written(tmp_path):
+    f = tmp_path / "u.jsonl"
+    f.write_text('{"id": 7, "text": "a", "label": "x"}\n{"id": "07", "text": "b", "label": "y"}\n'
+                 '{"id": "7b", "text": "c", "label": "x"}\n', encoding="utf-8")
+    assert list(read_task(TaskConfig(kind="jsonl", path=str(f), id_column="id"))) == [
+        Example("7", "a", "x"), Example("07", "b", "y"), Example("7b", "c", "x")]
+    g = tmp_path / "u.csv"
+    g.write_text("id,text,label\n1,a,x\n2,b,y\n", encoding="utf-8")
+    assert [e.id for e in read_task(TaskConfig(kind="csv", path=str(g), id_column="id"))] == ["1", "2"]
