@@ -44,6 +44,7 @@ from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import atomic_write_text, replace_directory, staging_path
 from kdlib.runtime.models import check_model_folder, load_tokenizer, resolve_model_path
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
+from kdlib.runtime.redirect import stderr_into
 from kdlib.text.packing import packing_for, packing_ids
 from kdlib.text.readers import read_corpus
 from kdlib.tasks.readers import label_number, read_task
@@ -219,12 +220,13 @@ def build_pipeline(p: beam.Pipeline, cfg: PipelineConfig, out: Path, info: dict)
          | "TeacherAndWrite" >> beam.ParDo(TeacherShard(cfg, str(out), schema_kwargs(cfg, info))))
 
 
-def watch_progress(out: Path, total_shards: int, stop: threading.Event) -> None:
+def watch_progress(out: Path, total_shards: int, stop: threading.Event, terminal=None) -> None:
     """Runner-agnostic progress: completed shard sidecars, tokens, tokens/s and ETA."""
     shard_dir, t0 = out / SHARD_DIR, time.time()
     already = len(list(shard_dir.glob("*.json"))) if shard_dir.is_dir() else 0
     seen = already
-    with tqdm(total=total_shards, desc="teacher shards", unit="shard", initial=already, disable=None) as bar:
+    with tqdm(total=total_shards, desc="teacher shards", unit="shard", initial=already, disable=None,
+              file=terminal) as bar:
         while not stop.wait(2.0):
             done = list(shard_dir.glob("*.json")) if shard_dir.is_dir() else []
             if len(done) == seen:
@@ -347,21 +349,23 @@ def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> 
           f"config {info['config_hash'][:12]}  -> {out}")
     options = PipelineOptions(beam_args)
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_progress, args=(out, cfg.num_shards, stop), daemon=True)
     t0 = time.time()
-    watcher.start()
-    try:
-        p = beam.Pipeline(options=options)
-        build_pipeline(p, cfg, out, info)
-        result = p.run()
-        result.wait_until_finish()
-    except KDError:
-        raise
-    except Exception as err:  # a worker's error arrives wrapped in Beam's own exception and traceback
-        raise dask_failure(err) or worker_error(err, out) from None
-    finally:
-        stop.set()
-        watcher.join()
+    # the workers' own tracebacks go to this log; the user reads one error line (worker_error) that names it
+    with stderr_into(out / "logs" / f"workers-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.log") as terminal:
+        watcher = threading.Thread(target=watch_progress, args=(out, cfg.num_shards, stop, terminal), daemon=True)
+        watcher.start()
+        try:
+            p = beam.Pipeline(options=options)
+            build_pipeline(p, cfg, out, info)
+            result = p.run()
+            result.wait_until_finish()
+        except KDError:
+            raise
+        except Exception as err:  # a worker's error arrives wrapped in Beam's own exception and traceback
+            raise dask_failure(err) or worker_error(err, out) from None
+        finally:
+            stop.set()
+            watcher.join()
     removed = remove_partial_files(out)  # a worker killed mid-write (Dask ran its shard again elsewhere)
     if removed:
         print(f"[data_pipeline] removed {removed} partial file(s) left by a lost worker")

@@ -277,6 +277,7 @@ def test_an_error_in_the_middle_of_a_corpus_is_one_line_naming_file_and_line(wor
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in proc.stderr  # the workers' own tracebacks went to output_dir/logs/workers-*.log
     assert f"{corpus}: line 151: invalid utf-8 byte 0xff" in errors[0] and "Beam step 'Read'" in errors[0]
     logs = list((out / "logs").glob("worker-error-*.log"))
     assert len(logs) == 1 and "Traceback" in logs[0].read_text() and str(logs[0]) in errors[0]
