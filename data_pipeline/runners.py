@@ -177,7 +177,8 @@ def direct_defaults(beam_args: list[str]) -> list[str]:
     joined = " ".join(beam_args)
     args = list(beam_args)
     if "--default_sdk_harness_log_level" not in joined:
-        args += ["--default_sdk_harness_log_level", "CRITICAL"]  # workers log noise, and each error in full: the main process reports errors (details in output_dir/logs/)
+        # workers log noise, and each error in full: the main process reports errors (details in output_dir/logs/)
+        args += ["--default_sdk_harness_log_level", "CRITICAL"]
     if "--runner" in joined and "DirectRunner" not in joined:
         return args
     if "--direct_num_workers" not in joined:

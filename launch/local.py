@@ -151,7 +151,8 @@ def _wait(procs: list[subprocess.Popen]) -> list[int]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch local", description=__doc__.splitlines()[0])
     add_config_flags(parser)  # the stage's --config / --set, spelled and explained as every stage does
-    parser.add_argument("--nproc", type=int, required=True, help="ranks on this machine (one per GPU, or per core); data_pipeline: Dask workers")
+    parser.add_argument("--nproc", type=int, required=True,
+                        help="ranks on this machine (one per GPU, or per core); data_pipeline: Dask workers")
     parser.add_argument("--stage", default="pretrain", choices=STAGES, help="the stage to run")
     parser.add_argument("--step", default=None, help="only this step of the stage (e.g. finetune's distill)")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")

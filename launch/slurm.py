@@ -9,7 +9,7 @@ a Dask scheduler on the first node, one worker per node and the pipeline once (l
 `<output_dir>.slurm/`, since the pipeline refuses an output_dir holding files it did not write). Before anything
 is submitted the stage validates the config for the job's world size (`python -m <stage> --check`, for every
 stage that has it), so a config error fails here, in one line, not in the queue, and every value that goes into
-the script is checked and quoted. `--dry-run` prints the script and writes
+the script is checked and quoted (a --partition also against the partitions `sinfo` lists, where sinfo runs). `--dry-run` prints the script and writes
 nothing; otherwise it is saved beside the logs and handed to sbatch."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -85,7 +86,8 @@ def render(job: SlurmJob, script: Optional[Path] = None) -> str:
         time_line=f"#SBATCH --time={job.time}" if job.time else "# (no --time: the partition's limit applies)",
         partition_line=f"#SBATCH --partition={job.partition}" if job.partition else "# (default partition)",
         signal_line="# (no warning signal: each finished shard is kept, and a restart resumes from them)" if job.dask
-        else f"#SBATCH --signal=USR1@{job.warn_seconds}", warn_seconds=job.warn_seconds, log_dir=job.log_dir, log_dir_q=q(str(job.log_dir)), workdir=q(job.workdir),
+        else f"#SBATCH --signal=USR1@{job.warn_seconds}", warn_seconds=job.warn_seconds, log_dir=job.log_dir,
+        log_dir_q=q(str(job.log_dir)), workdir=q(job.workdir),
         exports="\n".join(f"export {k}={q(v)}" for k, v in job.exports.items()) or "# (no extra environment)",
         out_dir=q(job.output_dir), steps=steps_block(job))
 
@@ -159,6 +161,32 @@ def check_script_values(args: argparse.Namespace, output_dir: str) -> None:
         raise KDError(f"output_dir: {output_dir!r} holds a double quote, which an #SBATCH --output line cannot hold")
 
 
+def check_partition(partition: Optional[str]) -> None:
+    """A --partition this cluster's `sinfo` does not list is refused here (a dry run would print it without a word,
+    and sbatch refuse it only later). Each name of a comma list is checked; sinfo's `*` marks the default partition.
+    Where sinfo is missing or fails, the name cannot be checked: one line says so and the launch goes on."""
+    if partition is None:
+        return
+    sinfo = shutil.which("sinfo")
+    if sinfo is None:
+        print(f"[launch] --partition {partition!r} not checked: sinfo is not on this machine", file=sys.stderr)
+        return
+    try:  # --all: hidden partitions too, which a user may be allowed to submit to
+        proc = subprocess.run([sinfo, "--all", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60)
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
+        failure = None if proc.returncode == 0 else f"exit {proc.returncode}" + (f": {last}" if last else "")
+    except (OSError, subprocess.TimeoutExpired) as err:
+        failure = f"{type(err).__name__}: {err}"
+    if failure is not None:
+        print(f"[launch] --partition {partition!r} not checked: sinfo failed ({failure})", file=sys.stderr)
+        return
+    known = list(dict.fromkeys(line.strip().rstrip("*") for line in proc.stdout.splitlines() if line.strip()))
+    for name in partition.split(","):
+        if name not in known:
+            raise KDError(f"--partition: {name!r} is not a partition of this cluster (sinfo lists: "
+                          f"{', '.join(known) or 'none'})")
+
+
 def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if args.nodes < 1:
         raise KDError(f"--nodes: expected at least 1, got {args.nodes}")
@@ -179,6 +207,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if not isinstance(output_dir, str) or not output_dir:
         raise KDError(f"{args.config}: field 'output_dir': the SLURM logs go beside it or in it; set it")
     check_script_values(args, output_dir)
+    check_partition(args.partition)
     # data_pipeline's output_dir may be a link into its store (cache_root): its logs go beside the link, not the store
     output_dir = os.path.abspath(output_dir) if tasks_are_dask else str(Path(output_dir).resolve())
     return SlurmJob(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
