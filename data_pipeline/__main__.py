@@ -43,8 +43,7 @@ def main(argv=None) -> int:
         if args.check:
             print(f"{source}: valid")
             return
-        with choice.beam_args(beam_args, cfg.num_shards) as runner_args:
-            run(cfg, runner_args, source=source)
+        run(cfg, beam_args, source=source, runner=choice)  # a Dask cluster starts only if there is work for it
 
     return run_config(args, PipelineConfig, build)
 

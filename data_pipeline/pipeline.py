@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from data_pipeline.config import PipelineConfig
 from data_pipeline.rows import shard_of, stable_hash
 from data_pipeline.store import run_in_store
-from data_pipeline.runners import dask_failure
+from data_pipeline.runners import RunnerChoice, dask_failure
 from data_pipeline.transforms import (NS, AugmentUnits, PackAndMask, ReadSource, TeacherShard, TokenizeUnits,
                                       build_vocabulary, pos_pairs, task_row)
 from kdlib.cache import (FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, id_dtype, read_manifest,
@@ -316,15 +317,18 @@ def sampled_fidelity_summary(parts: list[dict], o) -> dict:
             "reference_student": f"{REFERENCE_STUDENT_SCALE} * teacher logits"}
 
 
-def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>") -> Manifest:
+def run(cfg: PipelineConfig, beam_args: list[str], source: str = "<config>",
+        runner: RunnerChoice = RunnerChoice(None)) -> Manifest:
     """Preflight, run the Beam pipeline, then verify and write manifest.json last; with cache_root, in the store
-    under the set's content key, and output_dir links there (data_pipeline/store.py)."""
+    under the set's content key, and output_dir links there (data_pipeline/store.py). `runner` (the --runner
+    flags) starts its cluster only when there is something to build."""
     if cfg.cache_root:
-        return run_in_store(cfg, beam_args, source, build=_run_here, info=preflight(cfg, source))
-    return _run_here(cfg, beam_args, source)
+        return run_in_store(cfg, beam_args, source, build=partial(_run_here, runner=runner),
+                            info=preflight(cfg, source))
+    return _run_here(cfg, beam_args, source, runner)
 
 
-def _run_here(cfg: PipelineConfig, beam_args: list[str], source: str) -> Manifest:
+def _run_here(cfg: PipelineConfig, beam_args: list[str], source: str, runner: RunnerChoice) -> Manifest:
     out = Path(cfg.output_dir)
     if out.is_symlink():  # most likely a link into a store, whose set other run folders share
         raise ConfigError(f"{source}: field 'output_dir': {out} is a link (to {os.readlink(out)}); a set in a store "
@@ -336,26 +340,26 @@ def _run_here(cfg: PipelineConfig, beam_args: list[str], source: str) -> Manifes
             print(f"[data_pipeline] {out}: already complete with this config (hash {info['config_hash'][:12]}, "
                   f"{len(complete.shards)} shards verified); nothing to do")
             return complete
-        manifest = _build(cfg, beam_args, build, info)
+        manifest = _build(cfg, beam_args, build, info, runner)
         if build != out:
             replace_directory(build, out)
             print(f"[data_pipeline] replaced {out} with the new transfer set")
         return manifest
 
 
-def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict) -> Manifest:
+def _build(cfg: PipelineConfig, beam_args: list[str], out: Path, info: dict, runner: RunnerChoice) -> Manifest:
     save_resolved(cfg, out)
     print(f"[data_pipeline] teacher {info['fingerprint'][:12]}  tokenizer {info['tokenizer_fingerprint'][:12]}  "
           f"config {info['config_hash'][:12]}  -> {out}")
-    options = PipelineOptions(beam_args)
     stop = threading.Event()
     t0 = time.time()
     # the workers' own tracebacks go to this log; the user reads one error line (worker_error) that names it
-    with stderr_into(out / "logs" / f"workers-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.log") as terminal:
+    log = out / "logs" / f"workers-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.log"
+    with stderr_into(log) as terminal, runner.beam_args(beam_args, cfg.num_shards) as runner_args:
         watcher = threading.Thread(target=watch_progress, args=(out, cfg.num_shards, stop, terminal), daemon=True)
         watcher.start()
         try:
-            p = beam.Pipeline(options=options)
+            p = beam.Pipeline(options=PipelineOptions(runner_args))
             build_pipeline(p, cfg, out, info)
             result = p.run()
             result.wait_until_finish()

@@ -3,8 +3,8 @@
 Beam's DirectRunner workers inherit this process's stderr and print each failure in full before the main process
 has turned it into one line. Inside `stderr_into(path)` file descriptor 2 is the log file, so every process
 started in the block writes there; the block gets a stream to the real stderr for what a person should still see
-(a progress bar). After a block that ended without an error the log is removed unless it holds a traceback: the
-start-up chatter of a run that worked is not worth a file.
+(a progress bar). An empty log is removed, and so is one without a traceback after a block that ended without an
+error: the start-up chatter of a run that worked is not worth a file.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def stderr_into(path: Path) -> Iterator[TextIO]:
         os.dup2(saved, 2)
         os.close(saved)
         terminal.close()
-        if not failed and path.is_file() and b"Traceback" not in path.read_bytes():
+        if path.is_file() and (not path.stat().st_size or not failed and b"Traceback" not in path.read_bytes()):
             path.unlink()
             if made and not any(path.parent.iterdir()):
                 path.parent.rmdir()

@@ -250,7 +250,7 @@ def built(tmp_path_factory):
     shards = sorted((work / "a" / "shards").glob("*.parquet"))
     stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in shards]
     second = run_pipeline(work, corpus_config(teacher, work / "b", cache_root=str(store), torch_threads=2, **SMALL),
-                          beam_args=ONE_WORKER)
+                          beam_args=["--runner", "dask", "--local-workers", "1"])  # a reuse starts no cluster
     return {"work": work, "teacher": teacher, "store": store, "first": first, "second": second, "shards": shards,
             "stamps": stamps}
 
@@ -262,6 +262,7 @@ def test_the_same_config_at_a_second_output_dir_reuses_the_set_without_the_teach
     assert f"[data_pipeline] built {key[:12]} in the store" in built["first"].stdout
     assert f"[data_pipeline] reused {key[:12]} from the store, teacher not run" in built["second"].stdout
     assert " rows, " in built["first"].stdout and " rows, " not in built["second"].stdout  # a Beam build's summary
+    assert "runner: a local Dask cluster" not in built["second"].stdout
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in built["shards"]] == built["stamps"]
     assert os.path.realpath(work / "a") == os.path.realpath(work / "b") == str(store / "sets" / key)
     plain, stored = read_manifest(work / "plain"), read_manifest(work / "b")
