@@ -20,7 +20,8 @@ from kdlib.config import config_hash, content_hash, to_dict
 from kdlib.errors import ConfigError, KDError, ReaderError
 from kdlib.runtime.fingerprints import file_digest, model_fingerprint
 from kdlib.runtime.jsonl import json_objects
-from kdlib.runtime.models import check_model_folder, resolve_model_path, task_of
+from kdlib.runtime.models import (HEADS, architectures_of, check_model_folder, head_of, resolve_model_path,
+                                  task_of)
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from deploy.config import DeployConfig
 
@@ -73,6 +74,17 @@ def read_eval_data(path: Path, label2id: Optional[dict], source: str) -> tuple[l
     return texts, (labels if all(x is not None for x in labels) else None)
 
 
+def check_architectures(folder: Path, model_config: dict, source: str) -> None:
+    """A head the export does not know (multiple choice, token classification, question answering, ...) would
+    be loaded as its bare encoder and exported without its head: refused, naming what deploy exports."""
+    unknown = [name for name in architectures_of(model_config) if head_of(name) is None]
+    if unknown:
+        heads = ", ".join(suffix for suffix, _ in HEADS)
+        raise ConfigError(f"{source}: field 'model': {folder / 'config.json'}: architectures "
+                          f"{', '.join(map(str, unknown))} cannot be deployed (the head would be dropped); deploy "
+                          f"exports a bare model (<name>Model) or a head ending in {heads}")
+
+
 def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
     """The model folder loadable and safe, the eval file readable with the model's labels, the lengths within
     the model's positions: checked before any work. Errors are ConfigErrors naming the field and file."""
@@ -81,6 +93,7 @@ def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
         model_config = check_model_folder(folder)
     except KDError as err:
         raise ConfigError(f"{source}: field 'model': {err}") from None
+    check_architectures(folder, model_config, source)
     eval_path = Path(cfg.eval_data).expanduser()
     if not eval_path.is_file():
         raise ConfigError(f"{source}: field 'eval_data': {eval_path}: file not found (expected a jsonl file with "
@@ -116,11 +129,11 @@ def _found(output_dir: Path) -> Optional[dict]:
 
 def run(cfg: DeployConfig, source: str = "<config>") -> Path:
     """The CLI: check inputs and output_dir, deploy and measure, write the report; returns deploy.md's path."""
+    inputs = check_inputs(cfg, source)
     # torch and onnxruntime (~1.5 s to import): --help and input checks run without them (module docstring)
     from kdlib.deploy import deploy_model
     from deploy.report import write_report
 
-    inputs = check_inputs(cfg, source)
     output_dir = Path(cfg.output_dir)
     claim = claim_of(cfg, inputs)
     found = _found(output_dir)
