@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,11 @@ from kdlib.errors import ConfigError
 T = TypeVar("T")
 
 _MISSING = dataclasses.MISSING
+
+# Free text that may span lines (a report's notes): every other string field is one line, because its value can
+# end up in a path, a log line or a generated script, where a newline or a NUL starts something of its own.
+Prose = typing.NewType("Prose", str)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _FieldError(Exception):
@@ -135,9 +141,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _FieldError(path, f"expected a number, got {value!r}")
         return float(value)
-    if tp is str:
+    if tp is str or tp is Prose:
         if not isinstance(value, str):
             raise _FieldError(path, f"expected a string, got {value!r}")
+        control = _CONTROL.search(value) if tp is str else None
+        if control:
+            raise _FieldError(path, f"expected one line of text, got {value!r} (control character "
+                                    f"{control.group()!r} at position {control.start()})")
         return value
     raise _FieldError(path, f"unsupported annotation {tp!r} (a bug in the config class)")
 

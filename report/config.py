@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kdlib.config import Prose
 from report.numbers import numbers_in
 
 
@@ -51,7 +52,7 @@ class ReportConfig:
     untrained_model: str = "untrained"
     task_metric: str = "accuracy"  # the finetune metric the task targets use
     targets: Targets = field(default_factory=Targets)
-    notes: dict[str, str] = field(default_factory=dict)  # target name -> why it is missed (shown only when missed)
+    notes: dict[str, Prose] = field(default_factory=dict)  # target name -> why it is missed (shown only when missed)
 
     def __post_init__(self) -> None:
         for name in ("output_dir", "steps"):
