@@ -64,7 +64,7 @@ def check_inputs(cfg: EvaluateConfig, source: str = "<config>") -> dict[str, Mod
             if enabled and isinstance(limit, int) and length > limit:
                 raise ConfigError(f"{source}: field '{field}': expected at most {limit} (model {name!r} has "
                                   f"max_position_embeddings {limit}), got {length}")
-    if cfg.heldout.enabled:
+    if cfg.heldout.enabled or cfg.transfer_set is not None:  # one that is given and unused is still a mistake
         try:
             corpus_of(cfg.transfer_set)
         except KDError as err:
