@@ -11,6 +11,7 @@ from kdlib.runtime.outputs import save_resolved
 from kdlib.errors import ConfigError
 from kdlib.losses.objectives import ObjectiveConfig
 from kdlib.schemas import StudentConfig, TeacherOutputsConfig, check_against_teacher
+from kdlib.tasks.readers import TaskConfig
 from data_pipeline.config import PipelineConfig
 from pretrain.config import PretrainConfig
 from report.config import ReportConfig
@@ -138,6 +139,7 @@ from deploy.config import DeployConfig  # noqa: E402
 
 # Each shipped config and the class that reads it; a new file in configs/ must be added here.
 SHIPPED = {
+    "tasks/tweets_sentiment.yaml": TaskConfig,
     "demo_teacher.yaml": TeacherPrepConfig,
     "finetune_adashare.yaml": FinetuneConfig,
     "finetune_demo.yaml": FinetuneConfig,
