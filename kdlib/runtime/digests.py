@@ -1,10 +1,10 @@
 """Digests of a folder's files, written when the folder is complete and checked before anything opens it.
 
-DeepSpeed loads its checkpoint files (and the fp32 consolidation reads them) with
-`torch.load(weights_only=False)`: unpickling, which can run code. So a checkpoint folder is a
-code-execution boundary. At save time every file in the step folder is hashed into `digests.json`;
-before DeepSpeed opens any of them the folder is checked against it, and a file that changed, is
-missing, or was never written by the run (a planted pickle) is refused by name.
+DeepSpeed's own loaders use `torch.load(weights_only=False)`: unpickling, which can run code. Our runs
+load through kdlib/training/safe_load.py instead (weights_only=True with four DeepSpeed classes allowed), and
+this check comes first, as a second wall: at save time every file in the step folder is hashed into
+`digests.json`; before anything opens one of them the folder is checked against it, and a file that changed,
+is missing, or was never written by the run (a planted pickle) is refused by name.
 
 What this protects against: files replaced, corrupted or added after the run wrote them (a copy
 from elsewhere, a truncated transfer, a file dropped in). What it does not: someone who can write

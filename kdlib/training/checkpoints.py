@@ -35,6 +35,7 @@ from kdlib.runtime.digests import verify_digests, write_digests
 from kdlib.errors import KDError
 from kdlib.runtime.io import atomic_write_text, replace_directory
 from kdlib.runtime.process_group import all_reduce_sum, barrier
+from kdlib.training.safe_load import weights_only_loads
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -130,7 +131,8 @@ def universal_copy(folder: str | os.PathLike, device: torch.device | str = "cpu"
     """Collective: DeepSpeed's universal checkpoint of ZeRO-1/2 step folder `folder`, which loads at any
     data-parallel size. Rank 0 converts into `<dir>/.tmp-universal-step-N/step-N` (the step folder is only read)
     and renames that to `<dir>/universal-step-N`; the others wait. Returns the copy's root (the tag is still
-    step-N). Call it only on a folder whose digests were just verified: the conversion unpickles its files.
+    step-N). Call it only on a folder whose digests were just verified: the conversion reads its files (with
+    torch.load(weights_only=True): kdlib/training/safe_load.py).
     `device`: where the process group's backend reduces (the engine's device; nccl needs CUDA tensors)."""
     folder = Path(folder)
     final = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}"
@@ -149,6 +151,8 @@ def universal_copy(folder: str | os.PathLike, device: torch.device | str = "cpu"
             failed += 1
             error = err
     all_reduce_sum(failed)
+    if isinstance(error, KDError):  # e.g. a file that needs a global outside kdlib/training/safe_load.py's list
+        raise error
     if error is not None:
         raise KDError(f"{folder}: converting it to a universal checkpoint (to load it at another world size) failed: "
                       f"{type(error).__name__}: {error}") from error
@@ -166,7 +170,7 @@ def _convert_to_universal(folder: Path, output: Path) -> None:
 
     args = argparse.Namespace(input_folder=str(folder), output_folder=str(output), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), weights_only_loads():
         ds_to_universal(args)
 
 
@@ -178,8 +182,10 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, verified: bool = False
     if not verified:
         verify_digests(folder)
     root = universal_copy(folder, engine.device) if universal else folder.parent
-    path, _ = engine.load_checkpoint(str(root), tag=folder.name, load_module_strict=True,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    # the engine's own loads are weights_only (kdlib/training/safe_load.py); a universal load also calls torch.load
+    with weights_only_loads() if universal else contextlib.nullcontext():
+        path, _ = engine.load_checkpoint(str(root), tag=folder.name, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
     if universal:  # (after a failed load the copy stays; the next resume replaces it, never trusting it)
         barrier()  # every rank has read the copy
         if _rank() == 0:
@@ -189,10 +195,12 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, verified: bool = False
 
 
 def consolidated_fp32_state_dict(folder: str | os.PathLike) -> dict:
-    """Full fp32 weights from a ZeRO 1-3 checkpoint folder, via DeepSpeed's own zero_to_fp32 (one process)."""
+    """Full fp32 weights from a ZeRO 1-3 checkpoint folder, via DeepSpeed's own zero_to_fp32 (one process), its
+    files checked against the digests and read with torch.load(weights_only=True)."""
     # deepspeed: ~0.6 s to import on top of torch; only consolidating a ZeRO checkpoint needs it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = Path(folder)
     verify_digests(folder)
-    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    with weights_only_loads():  # zero_to_fp32 calls torch.load(weights_only=False) itself
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

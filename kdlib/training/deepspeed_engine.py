@@ -219,6 +219,7 @@ def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0,
     import deepspeed
     import torch
 
+    from kdlib.training import safe_load  # imports torch
     from kdlib.training.lr_groups import param_groups, scheduler_with_group_lrs
 
     groups = param_groups(module.named_parameters(), learning_rate=optim.learning_rate,
@@ -232,4 +233,5 @@ def initialize(module, ds_config: dict, optim: OptimConfig, num_layers: int = 0,
         optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=tuple(optim.betas), eps=optim.eps)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            model_parameters=groups if optimizer is None else None, config=ds_config)
+    safe_load.install(engine)  # its checkpoint files load with torch.load(weights_only=True)
     return engine
