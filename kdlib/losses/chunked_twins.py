@@ -1,13 +1,15 @@
 """Chunked twins of the output losses that read the student's full-vocabulary logits.
 
-(`kd_sparse` included: the sampled cache's loss.) Each twin has its loss's exact signature, gets the student logits as `FactoredLogits`, and returns
-the `ChunkTerm` that `fused_loss` evaluates: the same positions, the same per-position function and
-the same mean as the dense loss (kdlib/losses/topk.py, output.py), without (N, V) tensors. Teacher
-rows are indexed chunk by chunk, so dense teacher logits (an online teacher's) are not copied either.
+(`kd_sparse` included: the sampled cache's loss; and `reverse_kl`, `jsd`, `tvd` of divergences.py.) Each
+twin has its loss's exact signature, gets the student logits as `FactoredLogits`, and returns the
+`ChunkTerm` that `fused_loss` evaluates: the same positions, the same per-position function and the same
+mean as the dense loss (kdlib/losses/topk.py, output.py, divergences.py), without (N, V) tensors.
+Teacher rows are indexed chunk by chunk, so dense teacher logits (an online teacher's) are not copied
+either.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from kdlib.losses._masking import valid_mask
 from kdlib.losses.chunked import ChunkTerm, FactoredLogits, float_temperature, fused_loss
+from kdlib.losses.divergences import check_beta, jsd_per_position, reverse_kl_per_position, tvd_per_position
 from kdlib.losses.output import soft_kd_per_position
 from kdlib.losses.registry import register_chunked
 from kdlib.losses.sparse import sparse_kd_per_position
@@ -55,16 +58,21 @@ def kd_topk_chunked(student_logits: FactoredLogits, topk_ids: Tensor, topk_logit
     return ChunkTerm(rows, chunk_loss, rows.numel(), value_and_grad)
 
 
+def _teacher_rows(student_logits: FactoredLogits, teacher_logits: Tensor,
+                  mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(the real rows, the detached teacher logits as (N, V)) after checking the teacher's shape."""
+    if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+        raise ValueError(f"teacher_logits: expected shape {tuple(student_logits.shape)}, "
+                         f"got {tuple(teacher_logits.shape)}")
+    return _real_rows(student_logits, mask), teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+
+
 def _soft_term(student_logits: FactoredLogits, teacher_logits: Tensor, mask: Optional[Tensor], temperature,
                form: str) -> Optional[ChunkTerm]:
     tau = float_temperature(temperature)
     if tau is None:
         return None
-    if tuple(teacher_logits.shape) != tuple(student_logits.shape):
-        raise ValueError(f"teacher_logits: expected shape {tuple(student_logits.shape)}, "
-                         f"got {tuple(teacher_logits.shape)}")
-    rows = _real_rows(student_logits, mask)
-    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    rows, t = _teacher_rows(student_logits, teacher_logits, mask)
 
     def chunk_loss(s: Tensor, sl: slice) -> Tensor:
         return soft_kd_per_position(s, t[rows[sl]].to(s.dtype), tau, form).sum()
@@ -91,6 +99,41 @@ def kd_kl_chunked(student_logits: FactoredLogits, teacher_logits: Tensor, mask: 
 def kd_ce_chunked(student_logits: FactoredLogits, teacher_logits: Tensor, mask: Optional[Tensor], *,
                   temperature: float = 1.0) -> Optional[ChunkTerm]:
     return _soft_term(student_logits, teacher_logits, mask, temperature, "ce")
+
+
+def _divergence_term(student_logits: FactoredLogits, teacher_logits: Tensor, mask: Optional[Tensor], temperature,
+                     per_position: Callable[[Tensor, Tensor, float], Tensor]) -> Optional[ChunkTerm]:
+    """A teacher-vs-student divergence of kdlib/losses/divergences.py as a ChunkTerm: ``per_position(s, t, T)``
+    summed over the chunk's rows; the gradient w.r.t. the chunk's logits comes from autograd through it."""
+    tau = float_temperature(temperature)
+    if tau is None:
+        return None
+    rows, t = _teacher_rows(student_logits, teacher_logits, mask)
+
+    def chunk_loss(s: Tensor, sl: slice) -> Tensor:
+        return per_position(s, t[rows[sl]].to(s.dtype), tau).sum()
+
+    return ChunkTerm(rows, chunk_loss, rows.numel())
+
+
+@register_chunked("reverse_kl")
+def reverse_kl_chunked(student_logits: FactoredLogits, teacher_logits: Tensor, mask: Optional[Tensor], *,
+                       temperature: float = 1.0) -> Optional[ChunkTerm]:
+    return _divergence_term(student_logits, teacher_logits, mask, temperature, reverse_kl_per_position)
+
+
+@register_chunked("jsd")
+def jsd_chunked(student_logits: FactoredLogits, teacher_logits: Tensor, mask: Optional[Tensor], *,
+                temperature: float = 1.0, beta: float = 0.5) -> Optional[ChunkTerm]:
+    b = check_beta(beta)
+    return _divergence_term(student_logits, teacher_logits, mask, temperature,
+                            lambda s, t, tau: jsd_per_position(s, t, tau, b))
+
+
+@register_chunked("tvd")
+def tvd_chunked(student_logits: FactoredLogits, teacher_logits: Tensor, mask: Optional[Tensor], *,
+                temperature: float = 1.0) -> Optional[ChunkTerm]:
+    return _divergence_term(student_logits, teacher_logits, mask, temperature, tvd_per_position)
 
 
 def _label_term(student_logits: FactoredLogits, labels: Tensor, mask: Optional[Tensor], ignore_index: int) -> ChunkTerm:

@@ -15,7 +15,7 @@ EXPECTED = {
     "minilmv2_relations", "mlm_ce", "nst_mmd", "pkd_patient", "rkd_angle", "rkd_distance",
     "teacher_annealing_ce", "value_relation_kl",
     "pooled_contrastive", "pooled_cosine", "pooled_mse", "pooled_relation_kl", "kd_sparse", "uld",
-    "next_token_ce", "adashare_sparsity", "adashare_sharing",
+    "next_token_ce", "adashare_sparsity", "adashare_sharing", "reverse_kl", "jsd", "tvd",
 }
 
 
@@ -107,4 +107,4 @@ def test_the_registry_marks_the_losses_that_read_class_distributions():
     """A regression head has one output: finetune refuses exactly these losses there (finetune.validate)."""
     marked = {name for name in known_losses() if get_spec(name).reads_class_distribution}
     assert marked == {"kd_kl", "kd_ce", "hard_ce", "kd_prob_shift", "kd_dynamic_temperature", "teacher_annealing_ce",
-                      "dml"}
+                      "dml", "reverse_kl", "jsd", "tvd"}
