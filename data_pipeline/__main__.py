@@ -8,6 +8,7 @@ through unchanged to the runner; one that no Beam options class knows is an erro
 that no output_dir links to any more.
 """
 
+import argparse
 import logging
 import sys
 
@@ -20,13 +21,19 @@ BEAM_OPTIONS = ("other arguments are Apache Beam pipeline options (--project, --
                 "to the runner; one that is not an option of Beam's is an error")
 
 
+def parser() -> argparse.ArgumentParser:
+    """The stage's own flags (--config, --set, --check and the runner's); the rest of argv is Beam's."""
+    ours = stage_parser("data_pipeline", __doc__, epilog=BEAM_OPTIONS, flags=check_flag)
+    add_runner_flags(ours)
+    return ours
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in STORE_COMMANDS:  # `ls` / `gc` of a store (data_pipeline/store_cli.py): no Beam, no torch
         return store_main(argv)
-    parser = stage_parser("data_pipeline", __doc__, epilog=BEAM_OPTIONS, flags=check_flag)
-    add_runner_flags(parser)
-    args, beam_args = parser.parse_known_args(argv)
+    ours = parser()
+    args, beam_args = ours.parse_known_args(argv)
     # imported after parsing: the pipeline loads Beam and torch, which `--help` must not wait for
     from data_pipeline.pipeline import run
 
@@ -39,7 +46,7 @@ def main(argv=None) -> int:
 
     def build(cfg: PipelineConfig, source: str) -> None:
         choice = RunnerChoice.from_args(args)  # the runner flags are checked with the config, before any work
-        check_beam_options(beam_args, parser, choice.runner)
+        check_beam_options(beam_args, ours, choice.runner)
         if args.check:
             print(f"{source}: valid")
             return

@@ -17,10 +17,11 @@ import shutil
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -40,7 +41,7 @@ from kdlib.cache.sampling import REFERENCE_STUDENT_SCALE
 from kdlib.cache.shards import SHARD_DIR, column_bytes_per_position
 from kdlib.cache.vectors import merge_fidelity
 from kdlib.config import config_hash, to_dict
-from kdlib.errors import CacheError, ConfigError, KDError
+from kdlib.errors import CacheError, ConfigError, KDError, ModelLoadError, ReaderError
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import atomic_write_text, replace_directory, staging_path
 from kdlib.runtime.models import check_model_folder, load_tokenizer, resolve_model_path
@@ -48,7 +49,7 @@ from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, 
 from kdlib.runtime.redirect import stderr_into
 from kdlib.text.packing import packing_for, packing_ids
 from kdlib.text.readers import read_corpus
-from kdlib.tasks.readers import label_number, read_task
+from kdlib.tasks.readers import drop_unset_additions, label_number, read_task
 from kdlib.schemas import check_against_teacher, shape_fields
 
 BUILD = "build.json"
@@ -76,40 +77,59 @@ def content_hash(cfg: PipelineConfig) -> str:
         del outputs["topk_encoding"]
     if values["masking"]["rows"] == 1.0:
         del values["masking"]["rows"]
+    if values.get("task") is not None:  # task sets built before the dedupe / split fields keep their hash
+        values["task"] = drop_unset_additions(values["task"])
     return config_hash(values)
 
 
 def preflight(cfg: PipelineConfig, source: str) -> dict:
     """Everything that can fail cheaply fails here, before a worker starts."""
-    folder = resolve_model_path(cfg.teacher.path)
-    teacher_config = check_model_folder(folder)
+    with field_of(source, "teacher.path"):
+        folder = resolve_model_path(cfg.teacher.path)
+        teacher_config = check_model_folder(folder)
+    if cfg.augment_model is not None:  # its workers load it; a wrong folder fails here, not in the middle of a run
+        with field_of(source, "augment_model.path"):
+            check_model_folder(resolve_model_path(cfg.augment_model.path))
     check_against_teacher(source, teacher_config, outputs=cfg.teacher_outputs, max_length=cfg.max_length)
     tokenizer = check_tokenizer(cfg, source, folder, teacher_config)
-    records = read_task(cfg.task) if cfg.task is not None else read_corpus(cfg.corpus)
     labels = list(cfg.labels)
-    if cfg.task is not None and cfg.task_type == "regression":
-        for ex in records:
-            if label_number(ex.label) is None:
-                raise KDError(f"{source}: field 'task_type': regression needs a finite number as the label of every "
-                              f"example; example {ex.id} has {ex.label!r}")
-    elif cfg.task is not None:
-        found = sorted({ex.label for ex in records})  # also proves the input is not empty
-        unknown = sorted(set(found) - set(labels)) if labels else []
-        if unknown:
-            raise KDError(f"{source}: field 'labels': the task has labels {unknown} that are not listed in {labels}")
-        labels = labels or found
-    else:
-        next(iter(records))  # an empty corpus raises a ReaderError naming the file
+    with field_of(source, "task.path" if cfg.task is not None else "corpus.path"):
+        records = read_task(cfg.task) if cfg.task is not None else read_corpus(cfg.corpus)
+        if cfg.task is not None and cfg.task_type == "regression":
+            for ex in records:
+                if label_number(ex.label) is None:
+                    raise KDError(f"{source}: field 'task_type': regression needs a finite number as the label of "
+                                  f"every example; example {ex.id} has {ex.label!r}")
+        elif cfg.task is not None:
+            found = sorted({ex.label for ex in records})  # also proves the input is not empty
+            unknown = sorted(set(found) - set(labels)) if labels else []
+            if unknown:
+                raise KDError(f"{source}: field 'labels': the task has labels {unknown} that are not listed in "
+                              f"{labels}")
+            labels = labels or found
+        else:
+            next(iter(records))  # an empty corpus raises a ReaderError naming the file
     return {"folder": folder, "config": teacher_config, "labels": labels,
             "fingerprint": model_fingerprint(folder), "tokenizer_fingerprint": tokenizer_fingerprint(folder),
             "tokenizer": tokenizer, "config_hash": content_hash(cfg)}
+
+
+@contextmanager
+def field_of(source: str, name: str) -> Iterator[None]:
+    """A loader's or reader's error (naming the folder, or the file and line) as one naming the config field that
+    pointed there too: the user edits the config, so the error starts from it."""
+    try:
+        yield
+    except (ModelLoadError, ReaderError) as err:
+        raise ConfigError(f"{source}: field '{name}': {err}") from None
 
 
 def check_tokenizer(cfg: PipelineConfig, source: str, folder: Path, teacher_config: dict) -> dict:
     """The teacher tokenizer has what the rows need (a causal teacher's eos ends each packed document; a masked
     LM's [CLS] / [SEP] frame corpus rows; char_offsets needs a fast tokenizer's offsets); returns what the
     manifest records of it."""
-    tok = load_tokenizer(str(folder), teacher_config)
+    with field_of(source, "teacher.path"):
+        tok = load_tokenizer(str(folder), teacher_config)
     if cfg.corpus is not None:
         packing = packing_for(cfg.teacher.task)
         prefix, separator = packing_ids(tok, packing)

@@ -13,9 +13,11 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import json
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 from kdlib.errors import ConfigError, KDError
@@ -62,9 +64,11 @@ class RunnerChoice:
         if len(chosen) > 1:
             raise ConfigError(f"{chosen[1]}: give one of --scheduler, --scheduler-file or --local-workers, "
                               f"not {' and '.join(chosen)}")
-        if args.scheduler is not None and not ADDRESS.match(args.scheduler) or (
-                args.scheduler is not None and not 1 <= int(ADDRESS.match(args.scheduler).group(2)) <= 65535):
+        if args.scheduler is not None and not ADDRESS.fullmatch(args.scheduler) or (
+                args.scheduler is not None and not 1 <= int(ADDRESS.fullmatch(args.scheduler).group(2)) <= 65535):
             raise ConfigError(f"--scheduler: expected tcp://HOST:PORT with a port in 1-65535, got {args.scheduler!r}")
+        if args.scheduler_file is not None:
+            check_scheduler_file(args.scheduler_file)
         if args.local_workers is not None and not 1 <= args.local_workers <= 256:
             raise ConfigError(f"--local-workers: expected 1..256, got {args.local_workers}")
         if not 1 <= args.min_workers <= 100000:
@@ -104,6 +108,30 @@ class RunnerChoice:
             workers = check_cluster(self, where, cluster.scheduler_address if self.local_workers else None)
             print(f"[data_pipeline] runner: {where}, {workers} worker(s)")
             yield args
+
+
+def check_scheduler_file(path: str) -> None:
+    """The file `dask scheduler --scheduler-file` wrote, read before any work: Dask itself would wait for a missing
+    one, and fail on a folder or a file of something else only once output_dir was claimed."""
+    file = Path(path)
+    what = "the file `dask scheduler --scheduler-file PATH` writes (start the scheduler first)"
+    if not file.is_file():
+        raise ConfigError(f"--scheduler-file: {path!r} {'is a folder' if file.is_dir() else 'does not exist'}; "
+                          f"expected {what}")
+    try:
+        data = file.read_bytes()
+        info = json.loads(data.decode("utf-8"))
+    except OSError as err:
+        raise ConfigError(f"--scheduler-file: {path!r}: {err.strerror}; expected {what}") from None
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"--scheduler-file: {path!r}: line {line}: not UTF-8 text; expected {what}") from None
+    except ValueError:
+        info = None
+    address = info.get("address") if isinstance(info, dict) else None
+    if not isinstance(address, str) or "://" not in address or not address.isprintable():
+        raise ConfigError(f"--scheduler-file: {path!r}: no scheduler address in it (a JSON object with \"address\": "
+                          f"\"tcp://HOST:PORT\"); expected {what}")
 
 
 def check_cluster(choice: RunnerChoice, where: str, address: Optional[str]) -> int:
@@ -160,16 +188,40 @@ def check_beam_options(beam_args: list[str], ours: argparse.ArgumentParser, runn
 
     if runner == "dask":
         importlib.import_module("data_pipeline.dask_runner")  # registers Beam's DaskOptions
-    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    elif runner is not None:
+        check_runner_name(runner)
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False, exit_on_error=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)
-    _, unknown = parser.parse_known_args(beam_args)
+    try:  # a value Beam's own parser refuses is our one error line, not Beam's usage of every option it has
+        _, unknown = parser.parse_known_args(beam_args)
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"{err.argument_name}: {err.message} (a Beam pipeline option)") from None
     if unknown:
         known = [flag for p in (parser, ours) for action in p._actions for flag in action.option_strings]
         flag = unknown[0].split("=", 1)[0]
         close = difflib.get_close_matches(flag, known, n=1)
         raise ConfigError(f"{flag}: not an option of data_pipeline nor of Beam's pipeline options"
                           + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def check_runner_name(runner: str) -> None:
+    """--runner: a runner Beam knows by name (as Beam matches it: any case, "Runner" optional) or a runner class's
+    dotted path whose module imports; anything else would fail only after output_dir was claimed."""
+    from apache_beam.options.pipeline_options import StandardOptions  # Beam loads only past --help
+
+    names = {n.lower() for n in StandardOptions.KNOWN_RUNNER_NAMES}
+    if runner.lower() in names or runner.lower() + "runner" in names:
+        return
+    module, _, name = runner.rpartition(".")
+    if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", runner):
+        try:
+            if isinstance(getattr(importlib.import_module(module), name, None), type):
+                return
+        except ImportError:
+            pass
+    raise ConfigError(f"--runner: expected dask, a Beam runner ({', '.join(StandardOptions.KNOWN_RUNNER_NAMES)}) "
+                      f"or the dotted path of a runner class that imports here, got {runner!r}")
 
 
 def direct_defaults(beam_args: list[str]) -> list[str]:

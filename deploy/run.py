@@ -20,8 +20,8 @@ from kdlib.config import config_hash, content_hash, to_dict
 from kdlib.errors import ConfigError, KDError, ReaderError
 from kdlib.runtime.fingerprints import file_digest, model_fingerprint
 from kdlib.runtime.jsonl import json_objects
-from kdlib.runtime.models import (HEADS, architectures_of, check_model_folder, head_of, resolve_model_path,
-                                  task_of)
+from kdlib.runtime.models import (HEADS, architectures_of, check_model_folder, head_of, load_tokenizer,
+                                  resolve_model_path, task_of)
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from deploy.config import DeployConfig
 
@@ -86,7 +86,7 @@ def check_architectures(folder: Path, model_config: dict, source: str) -> None:
 
 
 def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
-    """The model folder loadable and safe, the eval file readable with the model's labels, the lengths within
+    """The model folder and its tokenizer loadable and safe, the eval file readable with the model's labels, the lengths within
     the model's positions: checked before any work. Errors are ConfigErrors naming the field and file."""
     try:
         folder = resolve_model_path(cfg.model)
@@ -94,6 +94,10 @@ def check_inputs(cfg: DeployConfig, source: str = "<config>") -> Inputs:
     except KDError as err:
         raise ConfigError(f"{source}: field 'model': {err}") from None
     check_architectures(folder, model_config, source)
+    try:  # transformers (~1 s): an unreadable tokenizer is the model field's error, not one after the lock
+        load_tokenizer(str(folder), model_config)
+    except KDError as err:
+        raise ConfigError(f"{source}: field 'model': {err}") from None
     eval_path = Path(cfg.eval_data).expanduser()
     if not eval_path.is_file():
         raise ConfigError(f"{source}: field 'eval_data': {eval_path}: file not found (expected a jsonl file with "

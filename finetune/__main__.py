@@ -40,17 +40,34 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, action="append", metavar="S",
                         help="only this student seed (repeatable; distill)")
     parser.add_argument("--arm", choices=(KD, BASELINE), action="append", help="only this arm (distill)")
-    parser.add_argument("--check", action="store_true", help="validate the config and the data, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, the data, the flags and output_dir, then exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's parser (its steps' parsers are built from the same flags), also for the tests of its flags."""
+    return stage_parser("finetune", __doc__, flags=add_flags, steps=STEP_HELP, default_step="all")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line. argparse takes the word after a mistyped flag (`--sett x=1`) for the step and names the
+    step; a `--word` that is no flag (nor the start of one) is named first instead."""
+    parser = build_parser()
+    for word in sys.argv[1:] if argv is None else argv:
+        name = word.split("=", 1)[0]
+        if name.startswith("--") and not any(flag.startswith(name) for flag in parser._option_string_actions):
+            parser.error(f"unrecognized arguments: {word}")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("finetune", __doc__, flags=add_flags, steps=STEP_HELP, default_step="all")
-    args = parser.parse_args(argv)
+    args = parse(argv)
     try:
         # imported after parsing: these load torch and transformers (~4 s), which `--help` must not wait for
         from finetune.config import FinetuneConfig
-        from finetune.driver import run_multitask_steps, run_steps
+        from finetune.driver import run_multitask_steps, run_steps, select
         from finetune.multitask import task_config
+        from finetune.steps import check_root
         from finetune.validate import validate
 
         cfg = load_config(args.config, FinetuneConfig, parse_overrides(args.set))
@@ -62,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             setup = validate(cfg, args.config)
             summary = f"{setup.examples} examples, labels {setup.labels}"
+        chosen = select(cfg, args.config, args.fold, args.seed, args.arm)
+        check_root(cfg)
         world = dist_env().world_size
         if world > 1 and not args.check and args.step not in RANK_STEPS:
             raise KDError(f"{args.step}: runs once, not on {world} ranks; only the steps {', '.join(RANK_STEPS)} train "
@@ -71,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid ({summary}; {cfg.evaluation.folds} folds x {len(cfg.evaluation.seeds)} seed(s))")
             return 0
         if cfg.tasks:
-            return run_multitask_steps(cfg, setups, args.config, step=args.step, folds=args.fold, seeds=args.seed,
-                                       arms=args.arm)
-        return run_steps(cfg, setup, args.config, step=args.step, folds=args.fold, seeds=args.seed, arms=args.arm)
+            return run_multitask_steps(cfg, setups, args.config, chosen, step=args.step)
+        return run_steps(cfg, setup, args.config, chosen, step=args.step)
     except KDError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -4,6 +4,7 @@ then each task's speed and report include it (finetune.multitask)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from kdlib.errors import ConfigError
@@ -16,7 +17,7 @@ from finetune.multitask import multitask_run, task_config, train_multitask
 from finetune.report import write_report
 from finetune.run import EVAL_FILE
 from finetune.runs import arms_of, fold_run_folders, run_folders
-from finetune.steps import check_root, distill_step, folds_step, save_config, teacher_step, transfer_step
+from finetune.steps import distill_step, folds_step, save_config, teacher_step, transfer_step
 
 
 def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -> list:
@@ -28,20 +29,34 @@ def _subset(name: str, asked: Optional[list[int]], allowed: list, source: str) -
     return list(asked)
 
 
-def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", folds=None, seeds=None, arms=None,
-              steps: tuple = STEPS, extra_runs: Callable[[int], list] = lambda fold: []) -> int:
-    """Run `step` (or all of `steps`); returns 0 (a preempted run raises SystemExit(75) through). `extra_runs(fold)`:
-    run folders trained elsewhere (the multi-task student's) that speed and report include."""
-    fold_list = _subset("fold", folds, list(range(cfg.evaluation.folds)), source)
-    seed_list = _subset("seed", seeds, list(cfg.evaluation.seeds), source)
-    arm_list = _subset("arm", arms, arms_of(cfg), source)
+@dataclass(frozen=True)
+class Selection:
+    """The folds, seeds and arms a command runs (--fold / --seed / --arm; all of the config's when not given)."""
+
+    folds: list[int]
+    seeds: list[int]
+    arms: list[str]
+
+
+def select(cfg: FinetuneConfig, source: str, folds=None, seeds=None, arms=None) -> Selection:
+    """The flags checked against the config, before any step and under --check too."""
+    return Selection(_subset("fold", folds, list(range(cfg.evaluation.folds)), source),
+                     _subset("seed", seeds, list(cfg.evaluation.seeds), source),
+                     _subset("arm", arms, arms_of(cfg), source))
+
+
+def run_steps(cfg: FinetuneConfig, setup, source: str, chosen: Selection, *, step: str = "all", steps: tuple = STEPS,
+              extra_runs: Callable[[int], list] = lambda fold: []) -> int:
+    """Run `step` (or all of `steps`) on the `chosen` folds, seeds and arms; returns 0 (a preempted run raises
+    SystemExit(75) through). `extra_runs(fold)`: run folders trained elsewhere (the multi-task student's) that speed
+    and report include."""
+    fold_list, seed_list, arm_list = chosen.folds, chosen.seeds, chosen.arms
     labels = setup.labels
     lay = Layout(cfg)
 
     def wanted(name: str) -> bool:
         return name in steps and step in ("all", name)
 
-    check_root(cfg)
     if wanted("folds") or not (lay.root / FOLDS_DIR / "labels.json").is_file():
         save_config(cfg)
         folds_step(cfg, labels)
@@ -65,17 +80,13 @@ def run_steps(cfg: FinetuneConfig, setup, source: str, *, step: str = "all", fol
     return 0
 
 
-def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, *, step: str = "all", folds=None, seeds=None,
-                        arms=None) -> int:
+def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, chosen: Selection, *, step: str = "all") -> int:
     """Each task's single-task steps, the multi-task students, then each task's speed and report."""
     tasks = [task_config(cfg, i) for i in range(len(cfg.tasks))]
     single = ("folds", "teacher", "transfer") + (("distill",) if cfg.multitask.single_task else ())
     for derived in tasks:
-        run_steps(derived, setups[derived.output_dir], source, step=step, folds=folds, seeds=seeds, arms=arms,
-                  steps=single)
-    fold_list = _subset("fold", folds, list(range(cfg.evaluation.folds)), source)
-    seed_list = _subset("seed", seeds, list(cfg.evaluation.seeds), source)
-    arm_list = _subset("arm", arms, arms_of(cfg), source)
+        run_steps(derived, setups[derived.output_dir], source, chosen, step=step, steps=single)
+    fold_list, seed_list, arm_list = chosen.folds, chosen.seeds, chosen.arms
     labels = {t.name: setups[d.output_dir].labels for t, d in zip(cfg.tasks, tasks)}
     if step in ("all", "distill"):
         for fold in fold_list:
@@ -89,8 +100,7 @@ def run_multitask_steps(cfg: FinetuneConfig, setups: dict, source: str, *, step:
     multi_arms = arms_of(cfg) + ([ADASHARE] if cfg.multitask.adashare.enabled else [])
     for derived in tasks:
         lay = Layout(derived)
-        run_steps(derived, setups[derived.output_dir], source, step=step, folds=folds, seeds=seeds, arms=arms,
-                  steps=("speed", "deploy", "report"),
+        run_steps(derived, setups[derived.output_dir], source, chosen, step=step, steps=("speed", "deploy", "report"),
                   extra_runs=lambda fold, lay=lay: [lay.run(fold, f"multitask-{a}", s) for s in cfg.evaluation.seeds
                                                     for a in multi_arms])
     return 0

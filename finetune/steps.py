@@ -30,12 +30,13 @@ from kdlib.runtime.outputs import check_output_folder, save_resolved
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_given_teacher
 from finetune.folds import make_folds, read_examples, write_fold
-from finetune.layout import FOLDS_DIR, TEACHER, Layout
+from finetune.layout import FOLDS_DIR, MULTITASK_DIR, TEACHER, Layout
 from finetune.run import RunConfig, train_run
 from finetune.runs import completed, student_run, teacher_folder, teacher_run, teacher_seeds
 from finetune.transfer import build_transfer_set
 
 STAGE = "python -m finetune"
+LAUNCH_LOGS = "slurm"  # `python -m launch slurm` makes output_dir/slurm/ for its logs before the job's first step
 
 
 def folds_step(cfg: FinetuneConfig, labels: list[str]) -> None:
@@ -93,17 +94,32 @@ def save_config(cfg: FinetuneConfig) -> None:
 
 def check_root(cfg: FinetuneConfig) -> None:
     """output_dir must be absent, empty or this stage's own (its folds/labels.json, or only the resolved config the
-    stage writes first): a transfer set, another stage's run or a person's files are refused before any step."""
+    stage writes first, or the launcher's logs; with several tasks, only its task folders and multitask/): a
+    transfer set, another stage's run or a person's files are refused before any step."""
     root = Layout(cfg).root
-    check_output_folder(root, stage=STAGE, found_claim=STAGE if root.is_dir() and _ours(root) else None, claim=STAGE,
-                        overwrite=False)
+    ours = root.is_dir() and (_ours_multitask(root, cfg) if cfg.tasks else _ours(root))
+    check_output_folder(root, stage=STAGE, found_claim=STAGE if ours else None, claim=STAGE, overwrite=False)
+
+
+def _ours_multitask(root: Path, cfg: FinetuneConfig) -> bool:
+    """A multi-task output_dir holds nothing but each task's own output_dir (finetune.multitask.task_config) and the
+    multi-task runs' folder; a task folder is checked as a single-task output_dir."""
+    names = {t.name for t in cfg.tasks}
+    for entry in root.iterdir():
+        if entry.name.startswith(".lock") or (entry.name in (MULTITASK_DIR, LAUNCH_LOGS) and entry.is_dir()):
+            continue
+        if not (entry.name in names and entry.is_dir() and (not any(entry.iterdir()) or _ours(entry))):
+            return False
+    return True
 
 
 def _ours(root: Path) -> bool:
     if (root / FOLDS_DIR / "labels.json").is_file():
         return True
     names = {p.name for p in root.iterdir() if not p.name.startswith(".lock")}
-    if not names <= {"resolved_config.yaml", FOLDS_DIR}:
+    if names == {LAUNCH_LOGS} and (root / LAUNCH_LOGS).is_dir():
+        return True
+    if not names <= {"resolved_config.yaml", FOLDS_DIR, LAUNCH_LOGS}:
         return False
     try:  # a run killed between writing its resolved config and its folds
         data = yaml.safe_load((root / "resolved_config.yaml").read_text(encoding="utf-8"))

@@ -7,15 +7,15 @@ teacher hidden states and pooled embeddings the objectives read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kdlib.losses import get_spec
 from kdlib.runtime.fingerprints import tokenizer_fingerprint
 from kdlib.runtime.models import check_model_folder, resolve_model_path
 from kdlib.tasks.readers import label_number
 from kdlib.schemas import check_against_teacher, shape_fields
-from kdlib.errors import fail_field
+from kdlib.errors import ModelLoadError, ReaderError, fail_field
 from kdlib.training.objective_plan import fail_objective, layer_offer
 from kdlib.training.providers import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
@@ -52,7 +52,7 @@ def check_labels(cfg: FinetuneConfig, source: str, found: list[str], teacher_dic
     return labels
 
 
-def check_regression(cfg: FinetuneConfig, source: str, examples, prefix: str = "") -> list[str]:
+def check_regression(cfg: FinetuneConfig, source: str, examples, teacher_dict: dict, prefix: str = "") -> list[str]:
     """Numeric targets, enough examples for the folds, objectives that fit one output; the label list is one name."""
     bad = next((ex for ex in examples if label_number(ex.label) is None), None)
     if bad is not None:
@@ -66,7 +66,7 @@ def check_regression(cfg: FinetuneConfig, source: str, examples, prefix: str = "
             fail_field(source, f"distill.objectives[{i}].name", f"{obj.name} compares class distributions; a regression "
                        "head has one output: use logit_mse (the teacher's output) and hard_mse (the targets)")
     if cfg.teacher.finetuned is not None:
-        head = json.loads((resolve_model_path(cfg.teacher.finetuned) / "config.json").read_text()).get("id2label") or {}
+        head = teacher_dict.get("id2label") or {}
         heads = len(head) or 2  # transformers writes the head as id2label (2 labels when it says nothing)
         if heads != 1:
             fail_field(source, "teacher.finetuned", f"a regression teacher has one output, this one has {heads}")
@@ -94,8 +94,8 @@ def check_student(cfg: FinetuneConfig, source: str, teacher_folder, teacher_dict
         if width % heads:
             fail_field(source, "student.shape.num_attention_heads", f"expected a divisor of the width {width}, got {heads}")
         return shape.num_layers, width, heads
-    folder = resolve_model_path(cfg.student.path)
-    student_dict = shape_fields(check_model_folder(folder))  # GPT-2 names its shape n_layer, n_embd, ...
+    folder, student_dict = model_folder(source, "student.path", cfg.student.path)
+    student_dict = shape_fields(student_dict)  # GPT-2 names its shape n_layer, n_embd, ...
     mine, theirs = tokenizer_fingerprint(folder), tokenizer_fingerprint(teacher_folder)
     if mine != theirs and not cfg.transfer.tokenize_per_model:
         fail_field(source, "student.path", f"{folder} has tokenizer {mine}, the teacher {teacher_folder} has {theirs}; "
@@ -147,17 +147,37 @@ def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tu
     return {"hidden_layers": sorted(hidden), "pooled": pooled}
 
 
+def model_folder(source: str, field_name: str, ref: str) -> tuple[Path, dict]:
+    """The model folder `ref` of field `field_name` and its config.json; a missing folder, a file or a folder that
+    is no model is named by its field, so the user knows which of the config's paths to fix."""
+    try:
+        folder = resolve_model_path(ref)
+        return folder, check_model_folder(folder)
+    except ModelLoadError as err:
+        fail_field(source, field_name, str(err))
+
+
+def task_examples(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> list:
+    """The task's examples; a file that is missing, a folder, not UTF-8 or malformed is named by its field and,
+    from the reader, its file and line."""
+    try:
+        return read_examples(cfg.task)
+    except ReaderError as err:
+        fail_field(source, f"{field_prefix}task.path", str(err))
+
+
 def validate(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> Setup:
     """All pre-flight checks (reads the task once and the model folders' config.json); `field_prefix` names the
     task's entry of a multi-task config in messages about its own fields (tasks[1].labels)."""
-    examples = read_examples(cfg.task)
+    examples = task_examples(cfg, source, field_prefix)
     counts = class_counts(examples)
-    teacher_ref = cfg.teacher.init or cfg.teacher.finetuned
-    teacher_folder = resolve_model_path(teacher_ref)
-    teacher_dict = check_model_folder(teacher_folder)
+    teacher_field = "teacher.init" if cfg.teacher.init is not None else "teacher.finetuned"
+    teacher_folder, teacher_dict = model_folder(source, teacher_field, cfg.teacher.init or cfg.teacher.finetuned)
+    if cfg.transfer.augment_model is not None:  # read only by the transfer step, after the teachers have trained
+        model_folder(source, "transfer.augment_model", cfg.transfer.augment_model)
     check_against_teacher(source, teacher_dict, max_length=cfg.max_length)
     if cfg.task_type == "regression":
-        labels = check_regression(cfg, source, examples, field_prefix)
+        labels = check_regression(cfg, source, examples, teacher_dict, field_prefix)
     else:
         labels = check_labels(cfg, source, sorted(counts), teacher_dict, field_prefix)
         check_folds(cfg, source, counts)

@@ -140,6 +140,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _FieldError(path, f"expected a number, got {value!r}")
+        if value != value:  # nan passes every `x < 0` check a config class makes, so no field takes it
+            raise _FieldError(path, "expected a number, got nan")
         return float(value)
     if tp is str or tp is Prose:
         if not isinstance(value, str):
@@ -199,6 +201,21 @@ def from_dict(cls: type[T], data: Any, source: str = "<dict>") -> T:
         raise ConfigError(f"{source}: field '{err.path}': {err.message}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-8` (no dot) as the string '1e-8', so `eps: 1e-8` would be refused as "expected a
+    number": this loader also reads exponent-only numbers as floats, as YAML 1.2 and JSON do."""
+
+
+_Loader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def yaml_value(text: str) -> Any:
+    """`text` parsed as YAML the way config files are (`_Loader`); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
     """Parse a YAML or JSON file into a mapping, with the file named in any error."""
     path = Path(path)
@@ -214,7 +231,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
                           f"{err.start}); save the config as UTF-8") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml_value(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
     if data is None:

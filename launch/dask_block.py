@@ -19,10 +19,10 @@ it did not write (kdlib/runtime/outputs.py check_output_folder), and `overwrite:
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from kdlib.errors import KDError
+from launch.script_values import quote as q, shell_line
 
 # The flags the launcher sets itself; a stage argument naming one would contradict the script.
 LAUNCHER_FLAGS = ("--runner", "--scheduler", "--scheduler-file", "--min-workers", "--local-workers")
@@ -53,9 +53,8 @@ def local_args(nproc: int) -> list[str]:
 def block(pipeline: list[str], python: str, workdir: str, nodes: int, log_name: str) -> str:
     """The script's lines: scheduler, workers, the pipeline (`pipeline` is its argv without the Dask flags), stop.
     `$ranks` (this start's log folder) and `$MASTER_ADDR` (the first host) are set by the template above."""
-    q = shlex.quote
     dask = f"{q(python)} -m dask"
-    argv = " ".join(q(word) for word in pipeline)
+    argv = shell_line(pipeline)
     name_it = q('exec "$@" --name "$SLURMD_NODENAME"')  # each worker is named after its node
     return f"""# Dask (launch/dask_block.py): a scheduler on the first node, one worker on every node, the pipeline once
 # here as their client; an EXIT trap stops workers and scheduler (also on a failure). Logs: dask-*.out beside it.

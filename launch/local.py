@@ -9,8 +9,10 @@ The same environment contract as torchrun or SLURM (RANK, WORLD_SIZE, LOCAL_RANK
 MASTER_ADDR, MASTER_PORT), so a stage never knows which launcher started it. What this launcher adds
 over torchrun is the exit status a user and a scheduler can act on:
 
-* 2 when the stage refused the config (every rank validates before any process group and prints one
-  `error:` line; rank 0's is shown, the other ranks' copies are not repeated), no traceback of ours;
+* 2 when a flag or the config file is refused here, before any rank starts (launch/script_values.py: counts,
+  the port, --set and stage arguments, the config read once as the stage will read it), or when the stage refused
+  the config (every rank validates before any process group and prints one `error:` line; rank 0's is shown, the
+  other ranks' copies are not repeated), no traceback of ours;
 * 75 when the job was preempted (SIGTERM / SIGUSR1 / SIGINT to the launcher are forwarded to every
   rank; each checkpoints at the step boundary and exits 75): rerun the same command to resume;
 * otherwise rank 0's status, or the first failing rank's. When a rank fails, the others are stopped
@@ -34,7 +36,7 @@ from typing import Optional
 from kdlib.errors import KDError
 from kdlib.runtime.cli import add_config_flags
 from kdlib.runtime.process_group import free_port
-from launch import dask_block
+from launch import dask_block, script_values as values
 from launch.plans import STAGES, command, plan
 
 USER_ERROR, REQUEUE = 2, 75
@@ -148,7 +150,8 @@ def _wait(procs: list[subprocess.Popen]) -> list[int]:
         time.sleep(0.05)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The flags of `python -m launch local` (tests/launch/test_fuzz.py tries each)."""
     parser = argparse.ArgumentParser(prog="python -m launch local", description=__doc__.splitlines()[0])
     add_config_flags(parser)  # the stage's --config / --set, spelled and explained as every stage does
     parser.add_argument("--nproc", type=int, required=True,
@@ -158,12 +161,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     parser.add_argument("stage_args", nargs="*", metavar="-- ARG",
                         help="after --: flags for the stage itself (e.g. -- --arm kd --fold 0)")
-    args = parser.parse_args(argv)
-    if args.nproc < 1:
-        parser.error(f"--nproc: expected a positive number of ranks, got {args.nproc}")
-    if args.master_port is not None and not 1 <= args.master_port <= 65535:
-        parser.error(f"--master-port: expected a TCP port in 1-65535, got {args.master_port}")
-    try:
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:  # every value is checked (launch/script_values.py) before the first rank starts
+        values.count("--nproc", args.nproc, 1)
+        values.port("--master-port", args.master_port)
+        plan(args.stage, args.step)  # an unknown --step fails before the config is read
+        values.stage_command(args.config, args.set, args.stage_args)
         return launch(args.stage, args.config, args.nproc, args.set, args.master_port, args.step, args.stage_args)
     except KDError as err:
         print(f"error: {err}", file=sys.stderr)

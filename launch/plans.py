@@ -12,7 +12,6 @@ finished, so after a preemption or a lost node the same command (or SLURM's requ
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,8 +62,3 @@ def command(python: str, stage: str, step: Step, config: str, sets: list[str], s
     for item in sets:
         argv += ["--set", item]
     return argv + list(stage_args)
-
-
-def shell_line(argv: list[str]) -> str:
-    """argv as one line of a shell script, every word quoted where it needs it."""
-    return " ".join(shlex.quote(word) for word in argv)

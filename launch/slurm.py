@@ -9,15 +9,14 @@ a Dask scheduler on the first node, one worker per node and the pipeline once (l
 `<output_dir>.slurm/`, since the pipeline refuses an output_dir holding files it did not write). Before anything
 is submitted the stage validates the config for the job's world size (`python -m <stage> --check`, for every
 stage that has it), so a config error fails here, in one line, not in the queue, and every value that goes into
-the script is checked and quoted (a --partition also against the partitions `sinfo` lists, where sinfo runs). `--dry-run` prints the script and writes
-nothing; otherwise it is saved beside the logs and handed to sbatch."""
+the script is checked and quoted by launch/script_values.py (a --partition also against the partitions `sinfo`
+lists, where sinfo runs). `--dry-run` prints the script and writes nothing; otherwise it is saved beside the logs
+and handed to sbatch."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -28,15 +27,13 @@ from string import Template
 from textwrap import indent
 from typing import Optional
 
-from kdlib.runtime.cli import add_config_flags, parse_overrides
-from kdlib.config import read_config_data
+from kdlib.runtime.cli import add_config_flags
 from kdlib.errors import KDError
-from launch import dask_block
+from launch import dask_block, script_values as values
 from launch.local import USER_ERROR
-from launch.plans import STAGES, command, plan, shell_line
+from launch.plans import STAGES, command, plan
 
 TEMPLATE = Path(__file__).with_name("templates") / "sbatch.sh"
-TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")  # SLURM's forms: M, H:M:S, D-H, D-H:M:S, ...
 
 
 @dataclass
@@ -77,7 +74,7 @@ class SlurmJob:
 
 def render(job: SlurmJob, script: Optional[Path] = None) -> str:
     """The sbatch script, as text a user can read and edit."""
-    q = shlex.quote
+    q = values.quote
     return Template(TEMPLATE.read_text()).substitute(
         rendered=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), script=script or "<this file>",
         job_name=job.job_name or f"kd-{job.stage}", nodes=job.nodes, tasks_per_node=job.tasks_per_node,
@@ -87,7 +84,7 @@ def render(job: SlurmJob, script: Optional[Path] = None) -> str:
         partition_line=f"#SBATCH --partition={job.partition}" if job.partition else "# (default partition)",
         signal_line="# (no warning signal: each finished shard is kept, and a restart resumes from them)" if job.dask
         else f"#SBATCH --signal=USR1@{job.warn_seconds}", warn_seconds=job.warn_seconds, log_dir=job.log_dir,
-        log_dir_q=q(str(job.log_dir)), workdir=q(job.workdir),
+        log_pattern=values.sbatch_output("output_dir", job.log_dir), log_dir_q=q(str(job.log_dir)), workdir=q(job.workdir),
         exports="\n".join(f"export {k}={q(v)}" for k, v in job.exports.items()) or "# (no extra environment)",
         out_dir=q(job.output_dir), steps=steps_block(job))
 
@@ -100,7 +97,7 @@ def steps_block(job: SlurmJob) -> str:
     lines = []
     for i, step in enumerate(plan(job.stage, job.step)):
         words = command(job.python, job.stage, step, config, job.sets, job.stage_args)
-        argv = shell_line(words)
+        argv = values.shell_line(words)
         if step.dask:
             run = dask_block.block(words, job.python, job.workdir, job.nodes, step.log_name(job.stage))
         elif step.on_ranks:
@@ -139,28 +136,6 @@ def submit(job: SlurmJob) -> str:
     return job_id
 
 
-NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")  # what SLURM accepts in partition (a comma list) and job names
-
-
-def check_script_values(args: argparse.Namespace, output_dir: str) -> None:
-    """Every value that goes into the script: names in SLURM's own syntax, counts in range, and no control
-    character anywhere (a newline in a value would start a line of its own); the rest is quoted by render."""
-    for flag, value in (("--partition", args.partition), ("--job-name", args.job_name)):
-        if value is not None and not NAME.match(value):
-            raise KDError(f"{flag}: expected letters, digits and _ . , + - only, got {value!r}")
-    for flag, value, least in (("--tasks-per-node", args.tasks_per_node, 0), ("--cpus-per-task", args.cpus_per_task, 1),
-                               ("--warn-seconds", args.warn_seconds, 0)):
-        if value < least:
-            raise KDError(f"{flag}: expected {least} or more, got {value}")
-    words = [("--config", args.config), ("output_dir", output_dir)] + [("--set", v) for v in args.set] + \
-        [("-- (a stage argument)", v) for v in args.stage_args]
-    for flag, value in words:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            raise KDError(f"{flag}: {value!r} holds a control character (a newline?); it would break the script")
-    if '"' in output_dir:
-        raise KDError(f"output_dir: {output_dir!r} holds a double quote, which an #SBATCH --output line cannot hold")
-
-
 def check_partition(partition: Optional[str]) -> None:
     """A --partition this cluster's `sinfo` does not list is refused here (a dry run would print it without a word,
     and sbatch refuse it only later). Each name of a comma list is checked; sinfo's `*` marks the default partition.
@@ -188,12 +163,15 @@ def check_partition(partition: Optional[str]) -> None:
 
 
 def job_from_args(args: argparse.Namespace) -> SlurmJob:
-    if args.nodes < 1:
-        raise KDError(f"--nodes: expected at least 1, got {args.nodes}")
-    if args.gpus_per_node < 0:
-        raise KDError(f"--gpus-per-node: expected 0 or more, got {args.gpus_per_node}")
-    if args.time is not None and not TIME.match(args.time):
-        raise KDError(f"--time: expected a SLURM time such as 04:00:00 or 1-12:00:00, got {args.time!r}")
+    """The job the flags and the config describe, every value checked (launch/script_values.py) before any is used."""
+    values.count("--nodes", args.nodes, 1, expected="at least 1")
+    values.count("--gpus-per-node", args.gpus_per_node, 0)
+    values.count("--tasks-per-node", args.tasks_per_node, 0)
+    values.count("--cpus-per-task", args.cpus_per_task, 1)
+    values.count("--warn-seconds", args.warn_seconds, 0, values.SIGNAL_SECONDS)
+    values.slurm_time("--time", args.time)
+    values.partition("--partition", args.partition)
+    values.job_name("--job-name", args.job_name)
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     tasks_are_dask = any(step.dask for step in plan(args.stage, args.step))  # an unknown --step fails here
     if tasks_are_dask:
@@ -202,14 +180,15 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
                           "give it more cores with --cpus-per-task")
         dask_block.check_stage_args(args.stage_args)
         tasks = 1
-    data = read_config_data(args.config, parse_overrides(args.set))
+    data = values.stage_command(args.config, args.set, args.stage_args)
     output_dir = data.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir:
         raise KDError(f"{args.config}: field 'output_dir': the SLURM logs go beside it or in it; set it")
-    check_script_values(args, output_dir)
+    values.one_line("output_dir", output_dir)
     check_partition(args.partition)
     # data_pipeline's output_dir may be a link into its store (cache_root): its logs go beside the link, not the store
     output_dir = os.path.abspath(output_dir) if tasks_are_dask else str(Path(output_dir).resolve())
+    values.log_folder("output_dir", dask_block.log_dir(output_dir) if tasks_are_dask else Path(output_dir) / "slurm")
     return SlurmJob(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
                     output_dir=output_dir, stage=args.stage, cpus_per_task=args.cpus_per_task,
                     time=args.time, partition=args.partition, warn_seconds=args.warn_seconds,
@@ -218,7 +197,8 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
                     exports={"DS_ACCELERATOR": "cpu"} if args.gpus_per_node == 0 else {})
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The flags of `python -m launch slurm` (tests/launch/test_fuzz.py tries each)."""
     parser = argparse.ArgumentParser(prog="python -m launch slurm", description=__doc__.splitlines()[0])
     add_config_flags(parser)  # the stage's --config / --set, spelled and explained as every stage does
     parser.add_argument("--nodes", type=int, default=1)
@@ -234,7 +214,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     parser.add_argument("stage_args", nargs="*", metavar="-- ARG",
                         help="after --: flags for the stage itself (e.g. -- --arm kd --fold 0)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
     try:
         job = job_from_args(args)
         check_config(job)

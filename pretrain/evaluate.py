@@ -13,6 +13,12 @@ import math
 import torch
 
 
+def metric_names(causal: bool) -> tuple[str, ...]:
+    """What each held-out evaluation reports (the train job's `evaluate`), so early_stopping.metric is checked
+    against it before training rather than at the first evaluation."""
+    return ("top1_agreement", "perplexity") if causal else ("top1_agreement",)
+
+
 def batches(load, indices: list[int], size: int, device):
     for start in range(0, len(indices), size):
         batch = load(indices[start:start + size])

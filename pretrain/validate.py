@@ -8,8 +8,10 @@ ConfigError line (exit status 2) instead of a hung rendezvous or a traceback per
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from transformers import AutoConfig
 
@@ -29,6 +31,7 @@ from kdlib.training.loop import check_run_folder
 from kdlib.training.module import plan_objectives
 from pretrain.config import PretrainConfig
 from pretrain.cross_tokenizer import aligned_offer, check_cross_tokenizer
+from pretrain.evaluate import metric_names
 from pretrain.student import student_class
 
 
@@ -48,6 +51,16 @@ class Setup:
     offer: Offer  # what the objectives can read (checked: every objective gets its inputs)
     ds_config: dict
     place: DistEnv
+
+
+@contextmanager
+def named_field(source: str, field: str) -> Iterator[None]:
+    """A KDError about a file a field points at (a model folder, a transfer set) says which field of which config
+    pointed there; it keeps its class (FingerprintMismatch stays one)."""
+    try:
+        yield
+    except KDError as err:
+        raise type(err)(f"{source}: field '{field}': {err}") from None
 
 
 def _check_student_architecture(cfg: PretrainConfig, source: str, teacher_config) -> None:
@@ -72,8 +85,9 @@ def _check_student_architecture(cfg: PretrainConfig, source: str, teacher_config
 def validate(cfg: PretrainConfig, source: str) -> Setup:
     """All pre-flight checks; errors are ConfigError / FingerprintMismatch / CacheError naming what is wrong."""
     check_run_folder(cfg.output_dir, "python -m pretrain", resume=cfg.resume)
-    folder = resolve_model_path(cfg.teacher.path)
-    teacher_dict = check_model_folder(folder)
+    with named_field(source, "teacher.path"):
+        folder = resolve_model_path(cfg.teacher.path)
+        teacher_dict = check_model_folder(folder)
     check_against_teacher(source, teacher_dict, student=cfg.student)
     teacher_config = AutoConfig.from_pretrained(str(folder), local_files_only=True,
                                                 trust_remote_code=cfg.teacher.trust_remote_code)
@@ -82,6 +96,9 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
         fail_field(source, "teacher.task", f"general distillation trains a masked_lm or causal_lm student from a teacher "
                    f"of the same kind, got {cfg.teacher.task!r}")
     _check_student_architecture(cfg, source, teacher_config)
+    if cfg.early_stopping is not None and cfg.early_stopping.metric not in metric_names(causal):
+        fail_field(source, "early_stopping.metric", f"expected one of the held-out metrics "
+                   f"{', '.join(metric_names(causal))}, got {cfg.early_stopping.metric!r}")
     teacher_heads = teacher_config.num_attention_heads
     student_heads = cfg.student.num_attention_heads or teacher_heads
     student_width = cfg.student.hidden_size or teacher_config.hidden_size
@@ -96,8 +113,9 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
 
     teacher_fp, tokenizer_fp = model_fingerprint(folder), tokenizer_fingerprint(folder)
     # shard hashes are checked lazily, each the first time a process reads it: start-up reads no shard
-    transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tokenizer_fp,
-                           verify="lazy")
+    with named_field(source, "transfer_set"):
+        transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tokenizer_fp,
+                               verify="lazy")
     manifest = transfer.manifest
     positions = getattr(teacher_config, "max_position_embeddings", None)
     if positions is not None and manifest.max_length > positions:

@@ -36,7 +36,7 @@ class Targets:
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # nan too
                 raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
 
 

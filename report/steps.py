@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kdlib.errors import ReaderError
 from kdlib.runtime.cli import stage_parser
 from kdlib.runtime.io import atomic_write_text
 from kdlib.runtime.jsonl import json_document
@@ -42,13 +43,34 @@ def record_step(path: str | Path, name: str, command: list[str], seconds: float,
     return steps[name]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _seconds(text: str) -> float:
+    value = float(text)  # a ValueError is argparse's "invalid _seconds value"
+    if not value >= 0:  # nan too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser("report.steps", __doc__, config=False)
     parser.add_argument("--file", required=True, help="the steps file (JSON), created when missing")
     parser.add_argument("--name", required=True, help="the step's name in the report")
-    parser.add_argument("--seconds", type=float, help="record this time for a step run elsewhere (no command)")
+    parser.add_argument("--seconds", type=_seconds, help="record this time for a step run elsewhere (no command)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("file", "name"):  # a name is a row of report.md's tables, the file a path: one line each
+        if not getattr(args, flag).isprintable():
+            parser.error(f"argument --{flag}: expected one line of text, got {getattr(args, flag)!r}")
+    try:  # before the command runs: a steps file it could not update must not cost the step's run
+        if Path(args.file).exists() and not Path(args.file).is_file():
+            raise ReaderError(f"{args.file}: not a file")
+        read_steps(args.file)
+    except ReaderError as err:
+        parser.error(f"argument --file: {err}")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     if args.seconds is not None:  # a step timed by the caller (setup runs before this interpreter exists)

@@ -1,12 +1,18 @@
 """`python -m teacher --config configs/demo_teacher.yaml`: train a masked-LM head over a frozen encoder."""
 
+import argparse
 import sys
 
 from kdlib.runtime.cli import check_flag, run_config, stage_parser
 
 
+def parser() -> argparse.ArgumentParser:
+    """The stage's parser, apart so that tests walk the same flags a user gives."""
+    return stage_parser("teacher", __doc__, flags=check_flag)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = stage_parser("teacher", __doc__, flags=check_flag).parse_args(argv)
+    args = parser().parse_args(argv)
     # imported after parsing: preparing a teacher loads torch, which `--help` must not wait for
     from teacher.prepare_mlm import TeacherPrepConfig, prepare_teacher
 

@@ -30,8 +30,9 @@ from kdlib.runtime.io import atomic_directory, atomic_write_text
 from kdlib.runtime.models import quiet_transformers
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from kdlib.text.packing import pack_documents
-from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.text.readers import CorpusConfig, normalize_text
 from kdlib.runtime.jsonl import json_document
+from teacher.corpus import corpus_documents
 from teacher.training import optimise, warmup_cosine
 from teacher.tokenizer_training import check_vocab, save_tokenizer, special_tokens, train_tokenizer
 
@@ -151,11 +152,12 @@ def initial_model(cfg: DecoderPrepConfig, tokenizer):
 # ---------------------------------------------------------------- corpus
 
 
-def read_texts(corpus: CorpusConfig) -> tuple[list[str], list[str]]:
+def read_texts(corpus: CorpusConfig, source: str = "<config>") -> tuple[list[str], list[str]]:
     """(documents, lines): each document normalised whole (what is packed, as the data pipeline reads it),
-    and its non-empty lines normalised (what tokenizers are trained on)."""
+    and its non-empty lines normalised (what tokenizers are trained on). Read whole before anything is written,
+    so a bad line anywhere is refused (naming corpus.path, the file and the line) with nothing changed."""
     documents, lines = [], []
-    for doc in read_corpus(corpus):
+    for doc in corpus_documents(corpus, source):
         documents.append(normalize_text(doc.text))
         lines.extend(normalize_text(line) for line in doc.text.split("\n") if line.strip())
     return documents, lines
@@ -250,7 +252,7 @@ def prepare_decoder(cfg: DecoderPrepConfig, source: str = "<config>") -> dict:
             torch.set_num_threads(cfg.threads)
         quiet_transformers()
         t0 = time.time()
-        documents, lines = read_texts(cfg.corpus)
+        documents, lines = read_texts(cfg.corpus, source)
         print(f"corpus: {len(documents)} documents, {len(lines)} lines, {sum(map(len, documents)):,} characters "
               f"in {time.time() - t0:.1f}s")
         for spec, (folder, claim, _, _), state in zip(cfg.student_tokenizers, targets[1:], states[1:]):

@@ -22,16 +22,17 @@ from tqdm import tqdm
 
 from kdlib.config import check_optimizer_fields, content_hash, to_dict
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
-from kdlib.errors import KDError
+from kdlib.errors import ConfigError, KDError
 from kdlib.runtime.io import atomic_directory, atomic_write_text
 from kdlib.text.masking import MaskingConfig, MaskTokens, mask_tokens, word_starts
 from kdlib.runtime.models import (ModelConfig, check_model_folder, copy_tokenizer_files, load_model, load_tokenizer,
                           resolve_model_path)
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp, save_resolved
 from kdlib.text.packing import pack_documents
-from kdlib.text.readers import CorpusConfig, normalize_text, read_corpus
+from kdlib.text.readers import CorpusConfig, normalize_text
 from kdlib.schemas import check_against_teacher
 from kdlib.runtime.jsonl import json_document
+from teacher.corpus import check_corpus, corpus_documents
 from teacher.training import optimise, warmup_cosine
 
 
@@ -64,18 +65,21 @@ class TeacherPrepConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob: expected a probability in (0, 1), got {self.mask_prob}")
-        check_optimizer_fields(self, "learning_rate")
+        check_optimizer_fields(self, "learning_rate", "warmup_steps")
+        for name in ("seed", "threads"):  # numpy's seeds and torch's thread counts are >= 0
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.max_length < 8:
             raise ValueError(f"max_length: expected at least 8, got {self.max_length}")
         if self.eval_sequences >= self.max_sequences:
             raise ValueError(f"eval_sequences: expected fewer than max_sequences ({self.max_sequences}), got {self.eval_sequences}")
 
 
-def pack_corpus(cfg: TeacherPrepConfig, tokenizer) -> torch.Tensor:
+def pack_corpus(cfg: TeacherPrepConfig, tokenizer, source: str = "<config>") -> torch.Tensor:
     """Tokenize documents and pack them into full [CLS] ... [SEP] ... [SEP] rows of max_length."""
 
     def documents():
-        for doc in read_corpus(cfg.corpus):
+        for doc in corpus_documents(cfg.corpus, source):
             enc = tokenizer(normalize_text(doc.text), add_special_tokens=False)
             yield enc["input_ids"], word_starts(enc.word_ids())
 
@@ -156,9 +160,22 @@ def _found_claim(out: Path, cfg: TeacherPrepConfig) -> Optional[str]:
     return teacher_hash(cfg) if found == content_hash(cfg, ("overwrite",)) else found
 
 
+def check_inputs(cfg: TeacherPrepConfig, source: str = "<config>") -> None:
+    """The encoder folder and its tokenizer loadable, max_length within its positions, the corpus readable:
+    checked before any work, each error naming its field."""
+    try:
+        folder = resolve_model_path(cfg.encoder)
+        encoder_config = check_model_folder(folder)
+        load_tokenizer(str(folder), encoder_config)
+    except KDError as err:
+        raise ConfigError(f"{source}: field 'encoder': {err}") from None
+    check_against_teacher(source, encoder_config, max_length=cfg.max_length)
+    check_corpus(cfg.corpus, source)
+
+
 def prepare_teacher(cfg: TeacherPrepConfig, source: str = "<config>") -> dict:
     """Train the head, report before/after quality, save a complete masked-LM folder."""
-    check_against_teacher(source, check_model_folder(resolve_model_path(cfg.encoder)), max_length=cfg.max_length)
+    check_inputs(cfg, source)
     out = Path(cfg.output_dir)
     with output_lock(out, STAGE):
         state = check_output_folder(out, stage=STAGE, found_claim=_found_claim(out, cfg) if out.is_dir() else None,
@@ -166,19 +183,19 @@ def prepare_teacher(cfg: TeacherPrepConfig, source: str = "<config>") -> dict:
         if state == "same":
             print(f"{out}: already prepared with this config (hash {teacher_hash(cfg)[:12]}); nothing to do")
             return json_document(out / REPORT)
-        return _prepare(cfg, replace=state == "replace")
+        return _prepare(cfg, source, replace=state == "replace")
 
 
-def _prepare(cfg: TeacherPrepConfig, replace: bool) -> dict:
+def _prepare(cfg: TeacherPrepConfig, source: str, replace: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    source = resolve_model_path(cfg.encoder)
+    encoder = resolve_model_path(cfg.encoder)
     tokenizer = load_tokenizer(cfg.encoder)
     model, head_params = build_masked_lm(cfg)
 
     t0 = time.time()
-    rows = pack_corpus(cfg, tokenizer)
+    rows = pack_corpus(cfg, tokenizer, source)
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
     eval_ids, train_ids = rows[perm[: cfg.eval_sequences]], rows[perm[cfg.eval_sequences:]]
     print(f"corpus: {len(rows)} sequences of {cfg.max_length} tokens ({len(train_ids)} train, "
@@ -208,9 +225,9 @@ def _prepare(cfg: TeacherPrepConfig, replace: bool) -> dict:
     print(f"after:  held-out masked accuracy {after['masked_accuracy']:.2%}, perplexity {after['perplexity']:.1f}")
     report = {"before": before, "after": after, "steps": cfg.steps, "train_loss_last20": float(np.mean(losses[-20:])),
               "train_loss": [round(x, 5) for x in losses],  # per step: the report's loss curve
-              "encoder": cfg.encoder, "encoder_fingerprint": model_fingerprint(source),
+              "encoder": cfg.encoder, "encoder_fingerprint": model_fingerprint(encoder),
               "config_hash": teacher_hash(cfg), "seconds": round(time.time() - t0, 1)}
-    save_teacher(model, source, Path(cfg.output_dir), cfg, report, replace)
+    save_teacher(model, encoder, Path(cfg.output_dir), cfg, report, replace)
     return report
 
 

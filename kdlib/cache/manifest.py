@@ -15,8 +15,9 @@ from typing import Optional
 
 from kdlib import __version__
 from kdlib.cache.shards import ShardInfo
-from kdlib.errors import CacheError, FingerprintMismatch
+from kdlib.errors import CacheError, FingerprintMismatch, ReaderError
 from kdlib.runtime.io import atomic_write_text, sha256_file
+from kdlib.runtime.jsonl import text_of
 
 MANIFEST = "manifest.json"
 
@@ -83,7 +84,11 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise CacheError(f"{directory}: no {MANIFEST}, so this is not a complete transfer set "
                          "(a build may have been interrupted: rerun the pipeline with the same config)")
-    manifest = Manifest.from_json(path.read_text(), str(path))
+    try:
+        text = text_of(path)
+    except ReaderError as err:
+        raise CacheError(str(err)) from None
+    manifest = Manifest.from_json(text, str(path))
     if manifest.format_version != 1:
         raise CacheError(f"{path}: format_version {manifest.format_version} is not supported (expected 1)")
     return manifest

@@ -15,7 +15,7 @@ from typing import Callable, Optional, TypeVar
 
 import yaml
 
-from kdlib.config import load_config
+from kdlib.config import load_config, yaml_value
 from kdlib.errors import KDError
 
 T = TypeVar("T")
@@ -31,7 +31,12 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise KDError(f"--set {pair!r}: expected key=value, e.g. --set steps=100")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml_value(value)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise KDError(f"--set {pair!r}: the value is not valid YAML ({mark}); quote it, e.g. "
+                          f"--set '{key.strip()}=\"{value}\"'") from None
     return out
 
 

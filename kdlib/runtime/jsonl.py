@@ -26,7 +26,7 @@ def json_objects(path: str | os.PathLike, *, skip_bad: bool = False, encoding: s
     if lines is None:
         # "\n" only (read_text already turned \r\n and \r into it): splitlines would also cut at U+2028 and U+0085,
         # which JSON allows inside a string
-        lines = enumerate(_text(path, encoding).split("\n"), start=1)
+        lines = enumerate(text_of(path, encoding).split("\n"), start=1)
     for number, line in lines:
         if not line.strip():
             continue
@@ -43,18 +43,21 @@ def json_objects(path: str | os.PathLike, *, skip_bad: bool = False, encoding: s
         yield number, obj
 
 
-def json_document(path: str | os.PathLike, expect: type = dict, encoding: str = "utf-8"):
+REWRITE_HINT = "move the file away to have it written again"  # for a stage's own state files
+
+
+def json_document(path: str | os.PathLike, expect: type = dict, encoding: str = "utf-8", hint: str = REWRITE_HINT):
     """The JSON value of a whole file, of type `expect` (None: any). A file that is not UTF-8, is cut short or is
-    not JSON raises ReaderError naming file, line and column; a missing file raises FileNotFoundError as before
-    (callers that treat absence as "not done yet" test for it)."""
+    not JSON raises ReaderError naming file, line and column (and `hint`, what to do about it); a missing file
+    raises FileNotFoundError as before (callers that treat absence as "not done yet" test for it)."""
     path = Path(path)
-    text = _text(path, encoding)
+    text = text_of(path, encoding)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         cut = " (the file is cut short)" if text.rstrip()[-1:] not in ("}", "]") else ""
-        raise ReaderError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno}){cut}; "
-                          "move the file away to have it written again") from None
+        raise ReaderError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno}){cut}"
+                          + (f"; {hint}" if hint else "")) from None
     if expect is not None and not isinstance(value, expect):
         raise ReaderError(f"{path}: expected a JSON {_KINDS.get(expect, expect.__name__)}, got {type(value).__name__}")
     return value
@@ -63,7 +66,7 @@ def json_document(path: str | os.PathLike, expect: type = dict, encoding: str = 
 _KINDS = {dict: "object", list: "array"}
 
 
-def _text(path: Path, encoding: str) -> str:
+def text_of(path: Path, encoding: str = "utf-8") -> str:
     """The file's text; bytes that are not `encoding` raise ReaderError naming the line and byte."""
     try:
         return path.read_text(encoding=encoding)

@@ -21,8 +21,9 @@ from typing import Literal, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: we pass local_files_only too
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from kdlib.errors import ModelLoadError  # noqa: E402
+from kdlib.errors import ModelLoadError, ReaderError  # noqa: E402
 from kdlib.runtime.fingerprints import TOKENIZER_FILES  # noqa: E402
+from kdlib.runtime.jsonl import json_document, text_of  # noqa: E402
 
 ModelTask = Literal["base", "masked_lm", "causal_lm", "sequence_classification"]
 HEADS = (("ForMaskedLM", "masked_lm"), ("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"),
@@ -83,9 +84,9 @@ def check_model_folder(folder: Path) -> dict:
             )
         raise ModelLoadError(f"{folder}: no *.safetensors weight file")
     try:
-        return json.loads(config_file.read_text())
-    except ValueError as err:
-        raise ModelLoadError(f"{config_file}: not valid JSON ({err})") from None
+        return json_document(config_file, hint="")
+    except ReaderError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def head_of(architecture: str) -> Optional[ModelTask]:
@@ -178,6 +179,12 @@ def load_tokenizer(ref: str, model_config: dict | None = None):
     from transformers import AutoTokenizer  # ~1 s to import (module docstring)
 
     folder = resolve_model_path(ref)
+    for name in TOKENIZER_FILES:  # a bad byte named by file and line, not by the tokenizers library's traceback
+        if not name.endswith(".model") and (folder / name).is_file():
+            try:
+                text_of(folder / name)
+            except ReaderError as err:
+                raise ModelLoadError(f"cannot load a tokenizer: {err}") from None
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)

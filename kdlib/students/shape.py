@@ -18,6 +18,8 @@ import re
 import torch
 from torch import nn
 
+from kdlib.errors import ModelLoadError, ReaderError
+from kdlib.runtime.jsonl import json_document
 from kdlib.runtime.models import load_tokenizer, resolve_model_path
 from kdlib.schemas import StudentConfig, init_layer_map
 from kdlib.students.bottleneck import bottleneck_config, copy_teacher_embeddings
@@ -97,7 +99,14 @@ def architecture_config(folder: str):
     than the teacher's), read offline; never runs code shipped with it."""
     from transformers import AutoConfig  # ~1 s to import: only a student.config needs it
 
-    return AutoConfig.from_pretrained(str(resolve_model_path(folder)), local_files_only=True)
+    path = resolve_model_path(folder)
+    try:
+        json_document(path / "config.json", hint="")  # a bad byte or a cut-short file named by line, not by transformers
+    except FileNotFoundError:
+        pass  # transformers names what is missing
+    except ReaderError as err:
+        raise ModelLoadError(str(err)) from None
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def _same_shape(student: nn.Module, teacher: nn.Module) -> bool:

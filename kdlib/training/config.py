@@ -45,7 +45,7 @@ class LoopConfig:
         for name in ("steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("eval_every", "keep_checkpoints", "threads", "prefetch"):
+        for name in ("seed", "eval_every", "keep_checkpoints", "threads", "prefetch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.early_stopping is not None and not self.eval_every:

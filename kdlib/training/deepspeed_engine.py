@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from kdlib.config import check_optimizer_fields
-from kdlib.errors import ConfigError, fail_field
+from kdlib.errors import ConfigError, ReaderError, fail_field
+from kdlib.runtime.jsonl import json_document
 
 
 @dataclass
@@ -183,11 +184,9 @@ def merge_user_json(ours: dict, json_path: str, source: str, field_name: str) ->
     if not path.is_file():
         raise ConfigError(f"{source}: field '{field_name}': file {path} not found")
     try:
-        user = json.loads(path.read_text())
-    except ValueError as err:
-        raise ConfigError(f"{source}: field '{field_name}': {path} is not valid JSON ({err})") from None
-    if not isinstance(user, dict):
-        raise ConfigError(f"{source}: field '{field_name}': {path} must hold a JSON object")
+        user = json_document(path, expect=dict, hint="")
+    except ReaderError as err:
+        raise ConfigError(f"{source}: field '{field_name}': {err}") from None
     for key_path, our_field in _CHECKED:
         theirs, mine = _get(user, key_path), _get(ours, key_path)
         if theirs is None or theirs == "auto":

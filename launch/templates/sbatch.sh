@@ -10,7 +10,7 @@ $partition_line
 $signal_line
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output="$log_dir/job-%j.out"
+#SBATCH --output="$log_pattern/job-%j.out"
 #
 # --signal (training stages): every task gets SIGUSR1 $warn_seconds s before the time limit (or on `scancel --signal=USR1`);
 #   the trainer checkpoints at the next step boundary and exits 75.

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from kdlib.errors import KDError
-from launch.plans import PLANS, Step, command, plan, shell_line
+from launch.plans import PLANS, Step, command, plan
+from launch.script_values import shell_line
 from launch.slurm import SlurmJob, render, steps_block
 from tests.transfer_fixture import REPO
 
