@@ -115,8 +115,9 @@ def test_dynamic_temperature_values(method):
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize("name", ["kd_kl", "kd_ce"])
+@pytest.mark.parametrize("name", ["kd_kl", "kd_ce", "reverse_kl", "jsd", "tvd"])
 def test_t_squared_scaling_keeps_gradient_magnitude(name):
+    """With T^2 (T for tvd, whose gradient shrinks as 1/T) the gradient norm is the same at T = 2 and 4."""
     rng = np.random.default_rng(3)
     t = 0.5 * rng.normal(size=(4, 6, 20))  # logits small relative to T (Hinton's high-T regime)
     s0 = t + 0.1 * rng.normal(size=t.shape)
