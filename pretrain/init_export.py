@@ -4,7 +4,9 @@
 would (same shape, same initialisation from teacher layers, same seed) and saves it with the teacher's
 tokenizer, so `python -m evaluate` can show what distillation added over copying layers. DIR is checked
 before anything loads (`check_init_folder`): a folder of someone else's (a person's files, a teacher, a run)
-is never replaced; an earlier export, known by its init_export.json, is.
+is never replaced; an earlier export, known by its init_export.json, is. Like the trained export it loads
+everywhere (kdlib.students.portable: the pooler AutoModel expects, the sentence-transformers files of a
+sentence-transformers teacher), so the baseline row is loaded the same way as the student it is compared with.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from kdlib.errors import KDError
 from kdlib.runtime.io import atomic_directory, atomic_write_text
 from kdlib.runtime.models import copy_tokenizer_files
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp
+from kdlib.students.portable import add_portable
+from pretrain.export import command_line
 from pretrain.student import build_student
 
 STAGE = "python -m pretrain --export-init"
@@ -49,9 +53,16 @@ def export_init(cfg, setup, folder: str | Path) -> Path:
         with atomic_directory(folder, replace=state != "new") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             copy_tokenizer_files(setup.student_tokenizer_folder, tmp)
+            portable = add_portable(tmp, model, setup.teacher_folder, setup.teacher_config, init=cfg.student.init,
+                                    seed=cfg.seed)
+            added = (f"\n`AutoModel` misses no weight: {', '.join(portable.added)} {portable.source}.\n"
+                     if portable.added else "")
+            sentence = ("\n`SentenceTransformer(folder)` loads it (mean pooling, as the evaluation pools).\n"
+                        if portable.sentence_transformers else "")
             (tmp / "README.md").write_text(f"# Untrained student of `{cfg.teacher.path}`\n\nBuilt by `python -m "
                                            f"pretrain --export-init` from {setup.source} (student {cfg.student}, "
-                                           f"seed {cfg.seed}); no distillation step has run.\n")
+                                           f"seed {cfg.seed}); no distillation step has run.\n{added}{sentence}"
+                                           f"\n```\n{command_line()}\n```\n")
             atomic_write_text(tmp / STAMP, json.dumps({"stage": STAGE, "config_hash": cfg.math_hash()}))
     return folder
 
