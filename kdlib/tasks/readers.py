@@ -1,5 +1,6 @@
-"""Labelled task sets (CSV, TSV, JSONL, fastText `__label__` lines, word-analogy files) for task-specific
-distillation; CSV sets with copies (tweets) read whole, de-duplicated and split by a hash (dedupe_split, table)."""
+"""Labelled task sets (CSV, TSV, JSONL, fastText `__label__` lines, word-analogy files, and any table `datasets`
+reads: kdlib.text.readers.datasets_table) for task-specific distillation; sets with copies (tweets) read whole,
+de-duplicated and split by a hash (dedupe_split, table)."""
 
 import itertools
 import math
@@ -14,32 +15,35 @@ from kdlib.tasks.dedupe_split import DEFAULT_SPLIT_FRACTIONS, NORMALISERS, SPLIT
 from kdlib.tasks.package_files import PACKAGE_PREFIX, package_file, split_package_ref
 from kdlib.tasks.table import read_rows
 from kdlib.text.readers import records
+from kdlib.text.readers.datasets_table import check_table_config, table_rows
 from kdlib.text.readers.documents import Example
 from kdlib.text.readers.lines import check_encoding, iter_lines
 from kdlib.text.readers.paths import resolve_path
 
-TASK_KINDS = ("csv", "tsv", "jsonl", "fasttext", "analogy")
+TASK_KINDS = ("csv", "tsv", "jsonl", "fasttext", "analogy", "datasets")
 FASTTEXT_PREFIX = "__label__"
 # TaskConfig fields added after stages first recorded task hashes, with their defaults: a stage's hash leaves them
 # out while they are unset, so what was built before them keeps its hash (see `drop_unset_additions`).
 TASK_ADDITIONS = {"normalise": None, "dedupe": False, "split": None, "split_fractions": DEFAULT_SPLIT_FRACTIONS,
-                  "confidence_column": None, "min_confidence": None}
+                  "confidence_column": None, "min_confidence": None, "dataset_split": None}
 
 
 @dataclass
 class TaskConfig:
     """Which labelled file to read and which columns hold text and label; see `read_task`.
 
-    The whole-table options (normalise, dedupe, split, confidence_column, min_confidence; kind csv only) read the
-    file as one table through datasets' CSV loader, since de-duplication and the hashed split need every row.
+    The whole-table options (normalise, dedupe, split, confidence_column, min_confidence; kind csv or datasets)
+    read the file as one table through `datasets` (kdlib.tasks.table), since de-duplication and the hashed split
+    need every row.
     """
 
-    kind: Literal["csv", "tsv", "jsonl", "fasttext", "analogy"]  # input format (analogy: `: section` headers, then
-    #                                                               `a b c d` lines; the label is the section)
+    kind: Literal["csv", "tsv", "jsonl", "fasttext", "analogy", "datasets"]  # input format (analogy: `: section`
+    #   headers, then `a b c d` lines, the label is the section; datasets: a .csv/.json/.jsonl/.parquet file or a
+    #   save_to_disk folder, read by kdlib.text.readers.datasets_table, the path says which)
     path: str  # file path, `gensim:<name>` for gensim test data (e.g. gensim:pang_lee_polarity.cor), or
     #            `package:<module>/<path>` for a file inside an installed package (kdlib.tasks.package_files)
-    text_column: str = "text"  # column/key with the (first) text segment (csv, tsv, jsonl)
-    label_column: str = "label"  # column/key with the label, kept as written (csv, tsv, jsonl)
+    text_column: str = "text"  # column/key with the (first) text segment (csv, tsv, jsonl, datasets)
+    label_column: str = "label"  # column/key with the label, kept as written (csv, tsv, jsonl, datasets)
     text_b_column: Optional[str] = None  # column/key with the second segment of pair tasks, or None
     id_column: Optional[str] = None  # column/key holding each example's id (None: `<file name>:<line>`)
     max_examples: Optional[int] = None  # stop after this many examples (None = all)
@@ -53,6 +57,7 @@ class TaskConfig:
     confidence_column: Optional[str] = None  # column with each row's confidence in [0, 1] (empty: none), kept on
     #                                          the examples (ScoredExample.confidence)
     min_confidence: Optional[float] = None  # drop examples whose (kept row's) confidence is below this or missing
+    dataset_split: Optional[str] = None  # kind datasets: the part of a saved DatasetDict to read (null: its only one)
 
     @property
     def whole_table(self) -> bool:
@@ -75,7 +80,7 @@ class TaskConfig:
             raise ValueError(f"text_b_column: expected null or a non-empty string, got {self.text_b_column!r}")
         if self.id_column is not None and (self.kind == "fasttext" or not isinstance(self.id_column, str)
                                            or not self.id_column):
-            raise ValueError(f"id_column: expected null, or a column name for kind csv, tsv or jsonl, got "
+            raise ValueError(f"id_column: expected null, or a column name for kind csv, tsv, jsonl or datasets, got "
                              f"{self.id_column!r} for kind {self.kind!r}")
         if self.kind in ("fasttext", "analogy") and self.text_b_column is not None:
             raise ValueError(f"text_b_column: expected null for kind 'fasttext' (one text per line), "
@@ -90,6 +95,11 @@ class TaskConfig:
             isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1
         ):
             raise ValueError(f"max_examples: expected null or an integer >= 1, got {self.max_examples!r}")
+        if self.kind == "datasets":
+            check_table_config(self.path, self.dataset_split, self.encoding, "dataset_split")
+        elif self.dataset_split is not None:
+            raise ValueError(f"dataset_split: expected null for kind {self.kind!r} (only kind datasets reads a saved "
+                             f"DatasetDict), got {self.dataset_split!r}")
         self._check_whole_table()
 
     def _check_whole_table(self) -> None:
@@ -117,9 +127,9 @@ class TaskConfig:
             if self.confidence_column is None:
                 raise ValueError("min_confidence: expected confidence_column to name the column it filters on, "
                                  "got confidence_column null")
-        if self.whole_table and self.kind != "csv":
-            raise ValueError(f"kind: expected 'csv' with normalise, dedupe, split, confidence_column or "
-                             f"min_confidence (read whole through datasets' CSV loader), got {self.kind!r}")
+        if self.whole_table and self.kind not in ("csv", "datasets"):
+            raise ValueError(f"kind: expected 'csv' or 'datasets' with normalise, dedupe, split, confidence_column "
+                             f"or min_confidence (read whole through datasets), got {self.kind!r}")
         if self.whole_table and self.text_b_column is not None:
             raise ValueError(f"text_b_column: expected null with normalise, dedupe, split, confidence_column or "
                              f"min_confidence (the copy key is one text), got {self.text_b_column!r}")
@@ -202,9 +212,9 @@ def read_analogy(path: Path, encoding: str = "utf-8") -> Iterator[Example]:
 
 
 def _column_examples(rows: Iterator[records.Row], path: Path, cfg: TaskConfig) -> Iterator[Example]:
-    """Examples of CSV/TSV/JSONL rows. Ids under `id_column` are compared as the text they become (7 and "7" are
-    one id): a repeated one is refused naming both lines, since later stages key predictions and folds by id.
-    Memory: one entry per id read (the id and where it was first seen)."""
+    """Examples of CSV/TSV/JSONL/datasets rows. Ids under `id_column` are compared as the text they become (7 and
+    "7" are one id): a repeated one is refused naming both lines, since later stages key predictions and folds by
+    id. Memory: one entry per id read (the id and where it was first seen)."""
     count = 0
     seen: dict[str, str] = {}
     for rid, where, values in rows:
@@ -229,7 +239,7 @@ def _column_examples(rows: Iterator[records.Row], path: Path, cfg: TaskConfig) -
 
 def _task_path(cfg: TaskConfig) -> Path:
     path = package_file(cfg.path) if cfg.path.startswith(PACKAGE_PREFIX) else resolve_path(cfg.path)
-    if path.is_dir():
+    if path.is_dir() and cfg.kind != "datasets":  # a datasets folder: one saved with save_to_disk
         raise ReaderError(f"{path}: expected a {cfg.kind} file, got a directory")
     return path
 
@@ -239,7 +249,9 @@ def read_table_task(cfg: TaskConfig) -> tuple[list[ScoredExample], DedupeStats]:
     min_confidence on the kept row -> the asked split; and what de-duplication did. Examples keep the text, id
     and confidence of their kept row, in file order. max_examples is not applied here (read_task applies it)."""
     path = _task_path(cfg)
-    rows = read_rows(path, cfg.text_column, cfg.label_column, cfg.confidence_column, cfg.id_column, cfg.encoding)
+    csv_kind = cfg.kind == "csv"  # kind csv: whatever the file's name, with the ids it always had
+    rows = read_rows(path, cfg.text_column, cfg.label_column, cfg.confidence_column, cfg.id_column, cfg.encoding,
+                     fmt="csv" if csv_kind else None, split=cfg.dataset_split, row_ids=csv_kind)
     groups, stats = dedupe(rows, cfg.normalise, keep_all=not cfg.dedupe)
     out = []
     for group in groups:
@@ -272,7 +284,9 @@ def read_task(cfg: TaskConfig) -> Iterator[Example]:
     else:
         columns = [cfg.text_column, cfg.label_column] + ([cfg.text_b_column] if cfg.text_b_column else []) \
             + ([cfg.id_column] if cfg.id_column else [])
-        if cfg.kind == "jsonl":
+        if cfg.kind == "datasets":
+            rows = table_rows(path, columns, None, cfg.dataset_split, cfg.encoding)
+        elif cfg.kind == "jsonl":
             rows = records.jsonl_rows(path, columns, cfg.encoding)
         else:
             rows = records.delimited_rows(path, columns, "," if cfg.kind == "csv" else "\t", cfg.encoding)

@@ -1,4 +1,5 @@
-"""Row-oriented inputs (JSONL, CSV/TSV, Parquet, saved HF datasets) as (id, where, columns) triples.
+"""Row-oriented inputs (JSONL, CSV/TSV here; Parquet and `datasets` tables in datasets_table) as (id, where,
+columns) triples.
 
 Corpus and task readers share this so that every format reports a missing column, a bad line or a
 null value the same way: file name, line/row, the column, and the columns that do exist.
@@ -15,7 +16,6 @@ from kdlib.text.readers.lines import iter_lines
 from kdlib.runtime.jsonl import json_objects
 
 Row = tuple[str, str, dict[str, Any]]  # (record id, "line 7" / "row 3", {column: value})
-_BATCH_ROWS = 1024  # rows per Arrow batch: bounded memory for arbitrarily large files
 
 
 def missing_column(path: Path, where: Optional[str], column: str, existing: Sequence[str]) -> ReaderError:
@@ -80,57 +80,3 @@ def delimited_rows(path: Path, columns: Sequence[str], delimiter: str, encoding:
     except csv.Error as exc:
         raise ReaderError(f"{path}: line {current[0]}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: "
                           f"{exc}") from None
-
-
-def parquet_rows(path: Path, columns: Sequence[str]) -> Iterator[Row]:
-    """Parquet read in Arrow record batches (never the whole table); id `<name>:<row>`, row from 0."""
-    # pyarrow: ~0.3 s to import; data_pipeline's --help imports this module without it
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ReaderError(f"{path}: not a readable Parquet file: {exc}") from None
-    names = pf.schema_arrow.names
-    for col in columns:
-        if col not in names:
-            raise missing_column(path, None, col, names)
-    row = 0
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=list(columns)):
-        data = batch.to_pydict()
-        for i in range(batch.num_rows):
-            yield f"{path.name}:{row}", f"row {row}", {c: data[c][i] for c in columns}
-            row += 1
-
-
-def hf_disk_rows(path: Path, columns: Sequence[str], split: Optional[str]) -> Iterator[Row]:
-    """A `datasets` Dataset/DatasetDict saved with `save_to_disk`; id `<folder>[:<split>]:<row>`."""
-    import datasets  # ~1.5 s to import, only for a corpus saved with `save_to_disk`
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise ReaderError(f"{path}: not a dataset saved with save_to_disk: {exc}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if split is None and len(splits) == 1:
-            split = splits[0]
-        if split is None or split not in ds:
-            wanted = "split: expected one of" if split is None else f"split {split!r} not found; the splits are"
-            raise ReaderError(f"{path}: {wanted} {splits}")
-        ds = ds[split]
-        prefix = f"{path.name}:{split}"
-    else:
-        if split is not None:
-            raise ReaderError(f"{path}: split {split!r} given, but this is a single Dataset, not a DatasetDict")
-        prefix = path.name
-    for col in columns:
-        if col not in ds.column_names:
-            raise missing_column(path, None, col, ds.column_names)
-    row = 0
-    for batch in ds.select_columns(list(columns)).iter(batch_size=_BATCH_ROWS):
-        n = len(batch[columns[0]])
-        for i in range(n):
-            yield f"{prefix}:{row}", f"row {row}", {c: batch[c][i] for c in columns}
-            row += 1
