@@ -87,6 +87,39 @@ def plan_objectives(objectives: list[ObjectiveConfig], offer: Offer) -> list[Obj
     return plans
 
 
+def objective_terms(objectives: list, plans: list, x: StepInputs, factored, step: int, total_steps: int, *,
+                    sites_of: Optional[Callable] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(total, {objective: weighted value}) of one step: each objective's inputs gathered at its sites (`sites_of`:
+    the sites a progressive stage keeps; none -> a zero term), output losses on `factored` logits evaluated in one
+    chunked pass. The training core and the Python API (kdlib.api.Distillation) both compute a step's loss here."""
+    parts: dict[str, Tensor] = {}
+    fused = []  # (name, weight, ChunkTerm): losses on the factored logits, evaluated in one pass below
+    for obj, plan in zip(objectives, plans):
+        sites = sites_of(plan) if sites_of is not None else plan.sites
+        if not sites:  # off in this progressive stage
+            parts[obj.name] = torch.zeros((), device=x.batch["input_ids"].device)
+            continue
+        inputs = [gather(plan, site, x) for site in sites]  # once: some providers record (BERT-EMD's cost)
+        if factored is not None and len(sites) == 1:
+            deferred = chunk_term(obj, inputs[0], step, total_steps)
+            if deferred is not None:
+                fused.append((obj.name,) + deferred[:2])
+                continue
+        values = []
+        for site_inputs in inputs:
+            value = evaluate_objective(obj, site_inputs, step, total_steps)
+            values.append(sum(value) if isinstance(value, tuple) else value)  # dml: both students' losses
+        parts[obj.name] = values[0] if len(values) == 1 else torch.stack(values).mean()
+    others = [parts[name] for name in parts]
+    if fused:  # one projection for kd_topk + mlm_ce; the parts are logged, the total carries the gradient
+        chunked, values = fused_loss(factored, [t for _, _, t in fused], [w for _, w, _ in fused])
+        for (name, weight, _), value in zip(fused, values):
+            parts[name] = (weight * value).to(chunked.dtype)
+        others.append(chunked)
+    total = torch.stack(others).sum()
+    return total, {obj.name: parts[obj.name] for obj in objectives}
+
+
 class DistillModule(nn.Module):
     """student (+ projections, + peer); forward(batch, teacher view) -> (total loss, {objective: weighted loss})."""
 
@@ -132,32 +165,8 @@ class DistillModule(nn.Module):
         x = StepInputs(batch, self.offer, student=mine, teacher=teacher, peer=peer, projections=self.projections,
                        emd=self.emd, step=step, total_steps=total_steps, model=self.student)
         layer = self.progressive.begin(step) if self.progressive is not None else None
-        parts: dict[str, Tensor] = {}
-        fused = []  # (name, weight, ChunkTerm): losses on the factored logits, evaluated in one pass below
-        for obj, plan in zip(self.objectives, self.plans):
-            sites = self.progressive.sites(plan, layer) if self.progressive is not None else plan.sites
-            if not sites:  # off in this progressive stage
-                parts[obj.name] = torch.zeros((), device=ids.device)
-                continue
-            inputs = [gather(plan, site, x) for site in sites]  # once: some providers record (BERT-EMD's cost)
-            if mine.factored is not None and len(sites) == 1:
-                deferred = chunk_term(obj, inputs[0], step, total_steps)
-                if deferred is not None:
-                    fused.append((obj.name,) + deferred[:2])
-                    continue
-            values = []
-            for site_inputs in inputs:
-                value = evaluate_objective(obj, site_inputs, step, total_steps)
-                values.append(sum(value) if isinstance(value, tuple) else value)  # dml: both students' losses
-            parts[obj.name] = values[0] if len(values) == 1 else torch.stack(values).mean()
-        others = [parts[name] for name in parts]
-        if fused:  # one projection for kd_topk + mlm_ce; the parts are logged, the total carries the gradient
-            chunked, values = fused_loss(mine.factored, [t for _, _, t in fused], [w for _, w, _ in fused])
-            for (name, weight, _), value in zip(fused, values):
-                parts[name] = (weight * value).to(chunked.dtype)
-            others.append(chunked)
-        total = torch.stack(others).sum()
-        return total, {obj.name: parts[obj.name] for obj in self.objectives}
+        sites_of = (lambda plan: self.progressive.sites(plan, layer)) if self.progressive is not None else None
+        return objective_terms(self.objectives, self.plans, x, mine.factored, step, total_steps, sites_of=sites_of)
 
     # loss-side state: not weights, but part of what a step computes
     def statistics(self) -> Tensor:

@@ -12,7 +12,6 @@ teacher_report.json of `python -m teacher` (the demo's path: all-MiniLM-L6-v2 pl
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
