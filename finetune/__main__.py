@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                           "on several ranks (`python -m launch local|slurm --stage finetune` runs each step where it "
                           "belongs)")
         if args.check:
-            print(f"{args.config}: valid ({summary}; {cfg.evaluation.folds} folds x {len(cfg.evaluation.seeds)} seed(s))")
+            folds = ("the task's train/dev/test split (1 fold)" if cfg.evaluation.mode == "split"
+                     else f"{cfg.evaluation.folds} folds")
+            print(f"{args.config}: valid ({summary}; {folds} x {len(cfg.evaluation.seeds)} seed(s))")
             return 0
         if cfg.tasks:
             return run_multitask_steps(cfg, setups, args.config, chosen, step=args.step)

@@ -72,9 +72,13 @@ class TransferConfig:
     batch_size: int = 32  # sequences per teacher forward
     torch_threads: int = 1  # torch threads per pipeline worker
     tokenize_per_model: bool = False  # keep each row's text so a student with another tokenizer encodes it itself
+    unlabeled: int = 0  # evaluation.mode split: this many further train-split texts outside the labelled budget,
+    #                     in the transfer set without labels (the teacher's outputs only; the baseline never sees them)
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "num_shards", "batch_size")
+        if isinstance(self.unlabeled, bool) or not isinstance(self.unlabeled, int) or self.unlabeled < 0:
+            raise ValueError(f"unlabeled: expected an integer >= 0, got {self.unlabeled!r}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads: expected >= 0, got {self.torch_threads}")
         if self.augment.mlm_replace_prob > 0 and self.augment_model is None:
@@ -172,18 +176,39 @@ class BaselineConfig:
 
 @dataclass
 class EvaluationConfig:
-    """k-fold cross-validation: every arm is scored on the same held-out fold, over several student seeds."""
+    """k-fold cross-validation (mode folds), or one fold from the task's hashed train/dev/test split (mode split):
+    every arm is scored on the same held-out examples, over several student seeds."""
 
-    folds: int = 5  # stratified folds; each is held out once
+    mode: Literal["folds", "split"] = "folds"  # split: one fold (0): test = the task's test split, valid = its dev
+    #                                            split, train = a labelled budget of its train split
+    folds: int = 5  # stratified folds; each is held out once (mode split: one; 5, the default, is read as 1)
     seeds: list[int] = field(default_factory=lambda: [0])  # student seeds per fold (teacher: the first seed)
     split_seed: int = 0  # seed of the fold assignment
     validation_fraction: float = 0.1  # of each fold's training examples: the teacher's early-stopping set
     speed_batch: int = 32  # sequences per batch when timing teacher and students side by side
     speed_threads: int = 1  # torch threads when timing
     speed_repeats: int = 3  # timed passes (best taken)
+    labelled: Optional[int] = None  # mode split: a stratified, seeded sample of this many train-split examples is
+    #                                 the labelled part (teacher, baseline, hard labels); null: the whole train split
+    max_valid: Optional[int] = None  # mode split: a stratified, seeded sample of at most this many dev-split
+    #                                  examples is the validation set (null: the whole dev split)
 
     def __post_init__(self) -> None:
-        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+        if self.mode not in ("folds", "split"):
+            raise ValueError(f"mode: expected 'folds' or 'split', got {self.mode!r}")
+        for name in ("labelled", "max_valid"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected null or an integer >= 1, got {value!r}")
+            if value is not None and self.mode != "split":
+                raise ValueError(f"{name}: applies to mode split (the task's train/dev/test split), got mode "
+                                 f"{self.mode!r}")
+        if self.mode == "split":
+            if self.folds not in (1, 5):
+                raise ValueError(f"folds: mode split makes one fold from the task's split; expected 1 (or unset), "
+                                 f"got {self.folds!r}")
+            self.folds = 1
+        elif isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
             raise ValueError(f"folds: expected an integer >= 2, got {self.folds!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected a non-empty list of distinct seeds, got {self.seeds}")
@@ -281,4 +306,28 @@ class FinetuneConfig:
             raise ValueError(f"labels: expected distinct names, got {self.labels}")
         if self.threads < 0:
             raise ValueError(f"threads: expected >= 0, got {self.threads}")
+        self._check_split_mode()
         method_named(self.distill.method).check_config(self)
+
+    def _check_split_mode(self) -> None:
+        """mode split reads the task's own train/dev/test split: one task read whole with all three parts."""
+        if self.evaluation.mode != "split":
+            if self.transfer.unlabeled:
+                raise ValueError(f"transfer.unlabeled: unlabeled texts come from the task's train split outside the "
+                                 f"labelled budget; expected 0 unless evaluation.mode is 'split', got "
+                                 f"{self.transfer.unlabeled}")
+            return
+        if self.tasks:
+            raise ValueError("evaluation.mode: mode split reads one task's hashed split; multi-task runs use mode folds")
+        task = self.task
+        if not task.whole_table:
+            raise ValueError("evaluation.mode: mode split needs a task read whole with its hashed train/dev/test split "
+                             "(a csv task with normalise or dedupe, and split: null, so that every example carries its "
+                             "part), got a task with none of normalise, dedupe, confidence_column, min_confidence")
+        if task.split is not None:
+            raise ValueError(f"task.split: mode split needs all three parts of the task (split: null), got "
+                             f"{task.split!r}")
+        empty = [name for name in ("train", "dev", "test") if task.split_fractions[name] <= 0]
+        if empty:
+            raise ValueError(f"task.split_fractions: mode split needs a share above 0 for train, dev and test, got "
+                             f"{task.split_fractions!r}")

@@ -9,6 +9,8 @@ reproduces the no-KD run" a testable statement. Padding is kdlib.text.padding's,
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -18,6 +20,7 @@ from kdlib.errors import CacheError
 from kdlib.text.padding import pad_sequences
 from kdlib.text.readers import Example
 from kdlib.text.tokenize import tokenize_texts
+from finetune.folds import UNLABELED_PREFIX
 
 ORIGINAL = "original"
 
@@ -46,18 +49,24 @@ class EncodedExamples:
 
 
 class TaskRows:
-    """A task transfer set read in the canonical order; augmented rows' hard labels hidden unless asked for."""
+    """A task transfer set read in the canonical order; augmented rows' hard labels hidden unless asked for, unlabeled
+    texts' always."""
 
     def __init__(self, transfer: TransferSet, example_order: list[str], pad_id: int, hard_labels: str = "original",
-                 batcher=None, retokenize=None):
+                 batcher=None, retokenize=None, unlabeled_order: Optional[list[str]] = None):
         """`batcher(indices, pad_id)` serves the batches (default: the set's own; multi-teacher KD: the combined
         sets' MultiTeacherSet.batch, over the same rows). `retokenize=(tokenizer, max_length)`: the rows' kept
-        text is encoded by that (the student's own) tokenizer, once, and replaces the teacher's token ids."""
+        text is encoded by that (the student's own) tokenizer, once, and replaces the teacher's token ids.
+        `unlabeled_order`: the ids of the fold's unlabeled texts (evaluation.mode split), whose rows (source id
+        UNLABELED_PREFIX + id) come after every training example's and never show a label, like augmented copies
+        but whatever `hard_labels` says."""
         self.transfer, self.pad_id = transfer, pad_id
         self.batcher = batcher or transfer.batch
         self.own_ids: dict[int, np.ndarray] = {}
         position = {eid: i for i, eid in enumerate(example_order)}
-        keys, augmented = [], []
+        first_unlabeled = len(position)
+        position.update({UNLABELED_PREFIX + uid: first_unlabeled + i for i, uid in enumerate(unlabeled_order or [])})
+        keys, augmented, unlabeled = [], [], []
         for index in range(len(transfer)):
             row = transfer.row(index)
             source = row["source_id"]
@@ -67,12 +76,15 @@ class TaskRows:
             is_original = row["augmentation"] == ORIGINAL
             keys.append((position[source], not is_original, row["id"], index))
             augmented.append(not is_original)
+            unlabeled.append(position[source] >= first_unlabeled)
         keys.sort()
         self.order = [k[-1] for k in keys]
         if retokenize is not None:
             self._encode(*retokenize)
         self.augmented = np.asarray([augmented[i] for i in self.order], dtype=bool)
+        self.unlabeled = np.asarray([unlabeled[i] for i in self.order], dtype=bool)
         self.hide_augmented_labels = hard_labels == "original"
+        self.hidden = (self.augmented | self.unlabeled) if self.hide_augmented_labels else self.unlabeled
 
     def _encode(self, tokenizer, max_length: int) -> None:
         rows = [self.transfer.row(i) for i in range(len(self.transfer))]
@@ -91,8 +103,8 @@ class TaskRows:
         if self.own_ids:  # the student's own token ids for the same texts (teacher outputs are per sequence)
             batch["input_ids"], batch["attention_mask"] = pad_sequences([self.own_ids[self.order[i]] for i in indices],
                                                                         self.pad_id)
-        if self.hide_augmented_labels and "labels" in batch:
-            hide = torch.from_numpy(self.augmented[list(indices)])
+        if "labels" in batch and self.hidden.any():
+            hide = torch.from_numpy(self.hidden[list(indices)])
             none = float("nan") if batch["labels"].is_floating_point() else IGNORE_INDEX  # regression: NaN, no target
             batch["labels"] = torch.where(hide, torch.full_like(batch["labels"], none), batch["labels"])
         return batch

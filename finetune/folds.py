@@ -5,10 +5,16 @@ every fold holds each class in proportion. Fold f's test set is fold f; its trai
 the other folds, from which a stratified `validation_fraction` is held out for the teacher's early
 stopping. Augmentation (step 2) only ever sees a fold's training examples, so no augmented copy of a
 test example can leak into training.
+
+evaluation.mode split makes one fold (index 0) from the task's own hashed split instead (`make_split_fold`): test
+is the `test` part as read, valid the `dev` part (or a stratified sample of `max_valid` of it), train a stratified,
+seeded budget of `labelled` examples of the `train` part; `unlabeled` further train-part texts, disjoint from the
+budget, are written beside them as unlabeled.jsonl (label null) for the transfer set alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -22,6 +28,9 @@ from kdlib.text.readers import Example, normalize_text
 from kdlib.tasks.readers import read_task
 
 SPLITS = ("train", "valid", "test")
+UNLABELED_FILE = "unlabeled.jsonl"  # mode split: the fold's unlabeled texts (label null)
+UNLABELED_PREFIX = "unlabeled:"  # a transfer-set row from an unlabeled text has source id UNLABELED_PREFIX + its id
+TRANSFER_INPUT_FILE = "transfer_input.jsonl"  # train.jsonl + the unlabeled texts: what the pipeline reads
 
 
 @dataclass
@@ -38,9 +47,10 @@ class Fold:
 
 
 def read_examples(task_config) -> list[Example]:
-    """All examples of the task, texts normalised as the pipeline normalises them."""
-    return [Example(id=ex.id, text=normalize_text(ex.text), label=ex.label,
-                    text_b=normalize_text(ex.text_b) if ex.text_b else None) for ex in read_task(task_config)]
+    """All examples of the task, texts normalised as the pipeline normalises them; a whole-table read's examples
+    keep their own class (ScoredExample: confidence and hashed `.split`)."""
+    return [dataclasses.replace(ex, text=normalize_text(ex.text),
+                                text_b=normalize_text(ex.text_b) if ex.text_b else None) for ex in read_task(task_config)]
 
 
 def class_counts(examples: list[Example]) -> dict[str, int]:
@@ -98,6 +108,72 @@ def make_folds(examples: list[Example], folds: int, validation_fraction: float, 
     return result
 
 
+def parts_of(examples: list[Example]) -> dict[str, list[Example]]:
+    """The examples by their hashed part (train, dev, test), file order kept; an example without one is refused."""
+    parts: dict[str, list[Example]] = {"train": [], "dev": [], "test": []}
+    for ex in examples:
+        part = getattr(ex, "split", None)
+        if part not in parts:
+            raise ValueError(f"example {ex.id}: expected a hashed part (train, dev or test), got {part!r}; mode split "
+                             "needs a task read whole with split: null")
+        parts[part].append(ex)
+    return parts
+
+
+def _quotas(counts: dict[str, int], total: int) -> dict[str, int]:
+    """`total` split over the classes in proportion to `counts` (largest remainder, ties to the sorted label), then
+    at least one per class while `total` allows it (taken from the largest quota)."""
+    labels = sorted(counts)
+    n = sum(counts.values())
+    if total >= n:
+        return dict(counts)
+    exact = {c: total * counts[c] / n for c in labels}
+    quota = {c: math.floor(exact[c]) for c in labels}
+    for c in sorted(labels, key=lambda c: (-(exact[c] - quota[c]), c))[:total - sum(quota.values())]:
+        quota[c] += 1
+    while total >= len(labels) and min(quota.values()) == 0:
+        low = min(labels, key=lambda c: (quota[c], c))
+        high = max(labels, key=lambda c: (quota[c], c))
+        quota[low], quota[high] = quota[low] + 1, quota[high] - 1
+    return quota
+
+
+def stratified_sample(examples: list[Example], size: int | None, rng: np.random.Generator,
+                      regression: bool = False) -> list[Example]:
+    """`size` of `examples` (all when None or more), each class in proportion (regression: a plain random draw),
+    drawn by `rng` per class in sorted label order; returned in file order."""
+    if size is None or size >= len(examples):
+        return list(examples)
+    if regression:
+        chosen = {examples[i].id for i in rng.permutation(len(examples))[:size]}
+    else:
+        chosen = set()
+        for label, take in sorted(_quotas(class_counts(examples), size).items()):
+            members = [ex.id for ex in examples if ex.label == label]
+            chosen.update(members[i] for i in rng.permutation(len(members))[:take])
+    return [ex for ex in examples if ex.id in chosen]
+
+
+def make_split_fold(examples: list[Example], labelled: int | None, max_valid: int | None, unlabeled: int, seed: int,
+                    regression: bool = False) -> tuple[Fold, list[Example]]:
+    """Fold 0 of mode split and its unlabeled texts, a pure function of the examples and the seed: test = the test
+    part, valid = the dev part (a stratified sample of `max_valid`), train = a stratified sample of `labelled` of
+    the train part; unlabeled = `unlabeled` of the rest of the train part (a seeded draw, disjoint from train; a
+    larger count extends a smaller one's draw). Each seed stream is its own, so changing one count moves nothing
+    else."""
+    parts = parts_of(examples)
+    train = stratified_sample(parts["train"], labelled, np.random.default_rng([seed, 1]), regression)
+    valid = stratified_sample(parts["dev"], max_valid, np.random.default_rng([seed, 2]), regression)
+    taken = {ex.id for ex in train}
+    rest = [ex for ex in parts["train"] if ex.id not in taken]
+    if unlabeled > len(rest):
+        raise ValueError(f"expected at most {len(rest)} unlabeled texts (the train part's {len(parts['train'])} "
+                         f"less the labelled {len(train)}), got {unlabeled}")
+    picked = set(rest[i].id for i in np.random.default_rng([seed, 3]).permutation(len(rest))[:unlabeled])
+    extra = [ex for ex in rest if ex.id in picked]
+    return Fold(0, train, valid, list(parts["test"])), extra
+
+
 def example_record(ex: Example) -> dict:
     return {"id": ex.id, "text": ex.text, "text_b": ex.text_b, "label": ex.label}
 
@@ -111,6 +187,31 @@ def write_fold(fold: Fold, folder: Path) -> dict[str, Path]:
                                         for ex in fold.split(name)))
         paths[name] = path
     return paths
+
+
+def write_unlabeled(examples: list[Example], folder: Path) -> Path:
+    """unlabeled.jsonl (id, text, text_b, label null) in `folder`: the texts the transfer set adds without labels."""
+    path = folder / UNLABELED_FILE
+    atomic_write_text(path, "".join(json.dumps(dict(example_record(ex), label=None), ensure_ascii=False) + "\n"
+                                    for ex in examples))
+    return path
+
+
+def read_unlabeled(path: Path) -> list[tuple[str, str, str | None]]:
+    """(id, text, text_b) of an unlabeled.jsonl written by `write_unlabeled`."""
+    return [(r["id"], r["text"], r.get("text_b")) for _, r in json_objects(path)]
+
+
+def write_transfer_input(train: list[Example], unlabeled: list[tuple[str, str, str | None]], placeholder: str,
+                         path: Path) -> Path:
+    """The pipeline's input when a fold has unlabeled texts: the training examples as they are, then each unlabeled
+    text with id UNLABELED_PREFIX + its id and `placeholder` as its label (the pipeline's task reader needs one;
+    finetune.data.TaskRows hides the label of every such row, whatever distill.hard_labels says)."""
+    records = [example_record(ex) for ex in train]
+    records += [{"id": UNLABELED_PREFIX + uid, "text": text, "text_b": text_b, "label": placeholder}
+                for uid, text, text_b in unlabeled]
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
 
 
 def read_split(path: Path) -> list[Example]:

@@ -7,7 +7,8 @@ must follow from its predictions.jsonl, and all runs of a fold must have scored 
 examples with the same labels; a comparison that is not like for like is refused rather than printed.
 
 Outputs (each written atomically; report.md last, so its presence means the report is complete):
-report.md, report.json (the same numbers unrounded), metrics.png, loss_<arm>.png per arm with a training
+report.md, report.json (the same numbers unrounded, with the paired difference kd − baseline per fold and seed),
+metrics.png, loss_<arm>.png per arm with a training
 log, predictions.csv, configs/<name>.<ext>. Files of an earlier report that this one does not produce are
 left in place (never deleted), but report.md links only to this report's files.
 """
@@ -185,7 +186,27 @@ def aggregate(records: list[dict]) -> dict:
                 per_fold.append({"fold": fold, "arm": arm, "seeds": sorted(r["seed"] for r in runs),
                                  "metrics": {m: summarize([r["metrics"][m] for r in runs]) for m in names}})
     return {"task_type": records[0]["task_type"], "metrics": names,
-            "reference_arm": TEACHER if teacher else None, "arms": summary, "per_fold": per_fold}
+            "reference_arm": TEACHER if teacher else None, "arms": summary, "per_fold": per_fold,
+            "paired_difference": paired_difference(records, names)}
+
+
+def paired_difference(records: list[dict], names: list[str], arm: str = KD, reference: str = BASELINE) -> Optional[dict]:
+    """`arm` − `reference` per (fold, seed) that both have (the same held-out examples, the same student seed and
+    initialisation): per metric the differences, their mean, sample std (ddof=1) and standard error std / sqrt(n)
+    (nan for one pair); None when no (fold, seed) has both arms."""
+    mine = {(r["fold"], r["seed"]): r for r in records if r["arm"] == arm}
+    theirs = {(r["fold"], r["seed"]): r for r in records if r["arm"] == reference}
+    keys = sorted(set(mine) & set(theirs))
+    if not keys:
+        return None
+    metrics = {}
+    for m in names:
+        diffs = [mine[k]["metrics"][m] - theirs[k]["metrics"][m] for k in keys]
+        summary = summarize(diffs)
+        se = summary["std"] / math.sqrt(summary["n"]) if summary["n"] > 1 else math.nan
+        metrics[m] = {**summary, "se": se, "differences": diffs}
+    return {"arm": arm, "reference": reference, "n": len(keys),
+            "pairs": [{"fold": f, "seed": s} for f, s in keys], "metrics": metrics}
 
 
 def read_predictions(folder: str | os.PathLike, record: dict) -> list[dict]:
@@ -296,6 +317,15 @@ def _markdown(title: str, result: dict, files: dict, appendix: str = "") -> str:
     if depth:
         lines += ["Layers executed per task model (AdaShare; mean ± std over folds × seeds, parameters min–max): "
                   + "; ".join(f"{arm} {_mean_std(d)}" for arm, d in depth.items()) + ".", ""]
+    paired = result.get("paired_difference")
+    if paired:
+        lines += [f"## Paired difference: {paired['arm']} − {paired['reference']}", "",
+                  f"Per (fold, seed) with both arms ({paired['n']} pairs: the same held-out examples and student seed): "
+                  "mean of the differences ± sample std, and its standard error std / √n (n/a for one pair).", ""]
+        lines += _table(["metric", "mean difference", "std", "standard error", "pairs"],
+                        [[m, _num(d["mean"], f"+.{DECIMALS}f"), _num(d["std"], f".{DECIMALS}f"),
+                          _num(d["se"], f".{DECIMALS}f"), str(d["n"])] for m, d in paired["metrics"].items()])
+        lines += [""]
     lines += ["## Per fold (mean ± std over seeds)", ""]
     lines += _table(["fold", "arm", "seeds"] + names,
                     [[str(row["fold"]), row["arm"], str(len(row["seeds"]))]

@@ -43,7 +43,7 @@ from kdlib.training.internals import run_model
 from kdlib.training.module import DistillModule
 from kdlib.training.sampler import DistributedBatchSampler
 from finetune.data import EncodedExamples, TaskRows, predict
-from finetune.folds import read_split
+from finetune.folds import UNLABELED_FILE, read_split, read_unlabeled
 from finetune.layout import TEACHER
 from finetune.methods import Method, method_named
 from finetune.models import load_classifier, save_classifier, student_from_teacher
@@ -131,18 +131,20 @@ def training_rows(cfg: RunConfig, tokenizer_folder: str, tokenizer):
     # the set was tokenized by the teacher's tokenizer; a student with its own encodes the kept text itself
     tokenizer_fp = tokenizer_fingerprint(resolve_model_path(cfg.teacher if cfg.tokenize_per_model else tokenizer_folder))
     retokenize = (tokenizer, cfg.max_length) if cfg.tokenize_per_model else None
+    unlabeled_file = Path(cfg.examples).with_name(UNLABELED_FILE)  # mode split: the fold's unlabeled texts
+    unlabeled = [uid for uid, _, _ in read_unlabeled(unlabeled_file)] if unlabeled_file.is_file() else None
     sets = [TransferSet(path, teacher_fingerprint=model_fingerprint(resolve_model_path(teacher)),
                         tokenizer_fingerprint=tokenizer_fp, verify="lazy")
             for path, teacher in zip([cfg.transfer_set] + cfg.more_transfer_sets, [cfg.teacher] + cfg.more_teachers)]
     first = sets[0]
     if len(sets) == 1:
         rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels,
-                        retokenize=retokenize)
+                        retokenize=retokenize, unlabeled_order=unlabeled)
         keys, pooling = transfer_set_offer(first.manifest)
         return rows, set(keys), pooling
     combined = MultiTeacherSet(sets, cfg.multi_teacher)  # checks the sets hold the same rows
     rows = TaskRows(first, [ex.id for ex in order], tokenizer.pad_token_id or 0, cfg.hard_labels, batcher=combined.batch,
-                    retokenize=retokenize)
+                    retokenize=retokenize, unlabeled_order=unlabeled)
     return rows, set(combined.batch_keys()), "mean"
 
 

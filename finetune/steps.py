@@ -1,6 +1,7 @@
 """The task stage's sub-steps, each a function a user can also run alone (`python -m finetune <step>`):
 
-  folds     stratified k-fold split files (folds/fold-K/{train,valid,test}.jsonl)
+  folds     stratified k-fold split files (folds/fold-K/{train,valid,test}.jsonl); evaluation.mode split: fold 0
+            from the task's hashed split, plus folds/fold-0/unlabeled.jsonl (transfer.unlabeled texts)
   teacher   fine-tune the teacher on each fold's training split, early stopping on its validation split
   transfer  the fold's task transfer set: `python -m data_pipeline` (a separate process: stages never
             import each other) on the training split, augmented, with the teacher's dense logits
@@ -29,7 +30,7 @@ from kdlib.runtime.process_group import dist_env
 from kdlib.runtime.outputs import check_output_folder, save_resolved
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_given_teacher
-from finetune.folds import make_folds, read_examples, write_fold
+from finetune.folds import make_folds, make_split_fold, read_examples, write_fold, write_unlabeled
 from finetune.layout import FOLDS_DIR, MULTITASK_DIR, TEACHER, Layout
 from finetune.run import RunConfig, train_run
 from finetune.runs import completed, student_run, teacher_folder, teacher_run, teacher_seeds
@@ -43,6 +44,14 @@ def folds_step(cfg: FinetuneConfig, labels: list[str]) -> None:
     """Write the split files (identical on every rerun: the split is a pure function of the data and split_seed)."""
     lay = Layout(cfg)
     examples = read_examples(cfg.task)
+    if cfg.evaluation.mode == "split":  # one fold from the task's hashed split, plus its unlabeled texts
+        e = cfg.evaluation
+        fold, unlabeled = make_split_fold(examples, e.labelled, e.max_valid, cfg.transfer.unlabeled, e.split_seed,
+                                          regression=cfg.task_type == "regression")
+        write_fold(fold, lay.fold_data(0))
+        write_unlabeled(unlabeled, lay.fold_data(0))
+        atomic_write_text(lay.root / FOLDS_DIR / "labels.json", json.dumps(labels) + "\n")
+        return
     for fold in make_folds(examples, cfg.evaluation.folds, cfg.evaluation.validation_fraction,
                            cfg.evaluation.split_seed, regression=cfg.task_type == "regression"):
         write_fold(fold, lay.fold_data(fold.index))

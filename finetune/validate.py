@@ -20,7 +20,7 @@ from kdlib.training.objective_plan import fail_objective, layer_offer
 from kdlib.training.providers import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
 from finetune.config import FinetuneConfig
-from finetune.folds import class_counts, read_examples
+from finetune.folds import class_counts, parts_of, read_examples
 from finetune.methods import method_named
 
 
@@ -78,6 +78,28 @@ def check_folds(cfg: FinetuneConfig, source: str, counts: dict[str, int]) -> Non
     if smallest < cfg.evaluation.folds:
         fail_field(source, "evaluation.folds", f"expected at most {smallest} folds: class {label!r} has only {smallest} "
                    f"examples, and every fold must hold each class; got {cfg.evaluation.folds}")
+
+
+def check_split(cfg: FinetuneConfig, source: str, examples) -> None:
+    """mode split: the task's three parts are there, and the labelled budget and the unlabeled texts fit its train
+    part (the budget holding every class of it)."""
+    parts = parts_of(examples)
+    empty = [name for name, members in parts.items() if not members]
+    if empty:
+        fail_field(source, "evaluation.mode", f"mode split needs examples in each part of the task's split; "
+                   f"{', '.join(empty)} has none (split_fractions {cfg.task.split_fractions})")
+    train, e = parts["train"], cfg.evaluation
+    budget = len(train) if e.labelled is None else e.labelled
+    if budget > len(train):
+        fail_field(source, "evaluation.labelled", f"expected at most {len(train)} (the examples of the task's train "
+                   f"part), got {e.labelled}")
+    classes = class_counts(train)
+    if cfg.task_type != "regression" and budget < len(classes):
+        fail_field(source, "evaluation.labelled", f"expected at least {len(classes)}, one example of each class of the "
+                   f"train part ({sorted(classes)}), got {e.labelled}")
+    if cfg.transfer.unlabeled > len(train) - budget:
+        fail_field(source, "transfer.unlabeled", f"expected at most {len(train) - budget} (the train part's "
+                   f"{len(train)} examples less the labelled {budget}), got {cfg.transfer.unlabeled}")
 
 
 def check_student(cfg: FinetuneConfig, source: str, teacher_folder, teacher_dict: dict) -> tuple[int, int, int]:
@@ -180,7 +202,10 @@ def validate(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> Setup:
         labels = check_regression(cfg, source, examples, teacher_dict, field_prefix)
     else:
         labels = check_labels(cfg, source, sorted(counts), teacher_dict, field_prefix)
-        check_folds(cfg, source, counts)
+        if cfg.evaluation.mode == "folds":
+            check_folds(cfg, source, counts)
+    if cfg.evaluation.mode == "split":
+        check_split(cfg, source, examples)
     if cfg.deploy.enabled and any(ex.text_b for ex in examples):
         fail_field(source, "deploy.enabled", "the int8 export reads one text per example; this task has text pairs "
                         "(text_b); set deploy.enabled: false")

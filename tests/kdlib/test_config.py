@@ -146,6 +146,7 @@ SHIPPED = {
     "finetune_multitask.yaml": FinetuneConfig,
     "finetune_pkd.yaml": FinetuneConfig,
     "finetune_theseus.yaml": FinetuneConfig,
+    "finetune_tweets.yaml": FinetuneConfig,
     "finetune_tinybert.yaml": FinetuneConfig,
     "demo_pipeline.yaml": PipelineConfig,
     "example_task_pipeline.yaml": PipelineConfig,
