@@ -21,14 +21,14 @@ from kdlib.runtime.jsonl import json_document
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (DeepSpeed WarmupDecayLR: linear warmup from lr/(warmup_steps+1), linear decay to 0)."""
+    """AdamW and its learning-rate schedule (DeepSpeed WarmupDecayLR: linear warmup from lr/(warmup_steps+1), then linear decay back to that floor)."""
 
     learning_rate: float = 5e-4  # peak learning rate, reached after warmup_steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to biases and LayerNorm weights)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment coefficients
     eps: float = 1e-8  # AdamW epsilon
     warmup_steps: int = 1  # optimizer steps of linear warmup (DeepSpeed needs >= 1)
-    decay_steps: Optional[int] = None  # the learning rate reaches 0 after this many steps (null: the run's steps)
+    decay_steps: Optional[int] = None  # the rate is back at its floor lr/(warmup_steps+1) here (null: the run's steps)
     layer_decay: float = 1.0  # layer-wise learning-rate decay: layer d of L trains at lr * layer_decay ** (L + 1 - d) (1: off)
     implementation: Literal["torch", "deepspeed"] = "torch"  # torch: torch.optim.AdamW passed in (no JIT build); deepspeed: the JSON optimizer (FusedAdam / CPUAdam, compiled at first use)
 
