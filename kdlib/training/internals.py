@@ -1,9 +1,11 @@
 """What losses read from a model: logits, hidden states, pooled embeddings, per-layer query/key/value.
 
-Q/K/V are captured by forward hooks on each self-attention block's `query`/`key`/`value` linear
-layers (BERT-family naming), so the attention implementation (eager or sdpa) does not matter and no
-attention map is materialised unless a loss asks for one. Attention scores and probabilities are
-recomputed from Q and K exactly as BERT does: QK^T / sqrt(d_head) (+ key mask before the softmax).
+Q/K/V are captured by forward hooks on each attention block's query/key/value projections (or its fused
+QKV projection, split in three), found through the per-architecture table in kdlib.training.architectures,
+so the attention implementation (eager or sdpa) does not matter and no attention map is materialised unless
+a loss asks for one. Attention scores and probabilities are recomputed from Q and K exactly as BERT does:
+QK^T / sqrt(d_head) (+ key mask before the softmax); with grouped-query attention each K/V head serves
+heads / kv_heads query heads, as in the model. Rotary (RoPE) architectures refuse recomputed attention maps.
 """
 
 from __future__ import annotations
@@ -16,29 +18,43 @@ import torch
 from torch import Tensor, nn
 
 from kdlib.losses.chunked import FactoredLogits, at_least_fp32
+from kdlib.training.architectures import Architecture, architecture_of
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules (with query/key/value linears), in layer order."""
-    blocks = [m for name, m in model.named_modules()
-              if name.endswith("attention.self") and all(hasattr(m, a) for a in ("query", "key", "value"))]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__}: no BERT-style self-attention blocks (attention.self.query/key/value); "
-                         "attention and relation losses support the BERT family")
-    return blocks
+    """The attention blocks (per kdlib.training.architectures), in layer order."""
+    return architecture_of(model)[1]
+
+
+class QKVStore(dict):
+    """`store[layer]` (1-based) -> {"query","key","value"} (B, T, D); K/V are narrower under grouped-query
+    attention. `architecture` is the table entry the blocks were found with (None when nothing was captured)."""
+
+    architecture: Optional[Architecture] = None
 
 
 @contextmanager
 def capture_qkv(model: nn.Module, enabled: bool = True):
     """Inside the block, `store[layer]` (1-based) holds {"query","key","value"} outputs (B, T, D) of the last forward."""
-    store: dict[int, dict[str, Tensor]] = {}
+    store = QKVStore()
     handles = []
     if enabled:
-        for layer, block in enumerate(attention_blocks(model), start=1):
-            for part in ("query", "key", "value"):
+        entry, blocks = architecture_of(model)
+        store.architecture = entry
+        for layer, block in enumerate(blocks, start=1):
+            if entry.fused:
+                def fused_hook(_module, _inputs, output, layer=layer):
+                    if output.shape[-1] % 3:
+                        raise ValueError(f"fused projection {entry.fused!r}: width {output.shape[-1]} is not 3 equal "
+                                         "query/key/value parts")
+                    q, k, v = output.split(output.shape[-1] // 3, dim=-1)
+                    store[layer] = {"query": q, "key": k, "value": v}
+                handles.append(block.get_submodule(entry.fused).register_forward_hook(fused_hook))
+                continue
+            for part, path in entry.parts.items():
                 def hook(_module, _inputs, output, layer=layer, part=part):
                     store.setdefault(layer, {})[part] = output
-                handles.append(getattr(block, part).register_forward_hook(hook))
+                handles.append(block.get_submodule(path).register_forward_hook(hook))
     try:
         yield store
     finally:
@@ -58,6 +74,23 @@ class AttentionViews:
     def __init__(self, qkv: dict[int, dict[str, Tensor]], heads: int, mask: Tensor):
         self.qkv, self.heads, self.mask = qkv, heads, mask
         self._scores: dict[int, Tensor] = {}
+        self.architecture: Optional[Architecture] = getattr(qkv, "architecture", None)
+
+    def kv_heads(self, layer: int) -> int:
+        """K/V heads of `layer`: `heads` unless grouped-query attention narrowed K/V (width / d_head)."""
+        d_head = self.query(layer).shape[-1] // self.heads
+        width = self.key(layer).shape[-1]
+        kv = width // d_head if d_head else 0
+        if not kv or kv * d_head != width or self.heads % kv:
+            raise ValueError(f"layer {layer}: key/value width {width} is not a whole number of {d_head}-wide heads "
+                             f"dividing the {self.heads} query heads")
+        return kv
+
+    def _per_head(self, x: Tensor, layer: int) -> Tensor:
+        """(B, T, D_kv) -> (B, H, T, d): K/V heads, each repeated over its group of query heads (GQA)."""
+        kv = self.kv_heads(layer)
+        heads = split_heads(x, kv)
+        return heads if kv == self.heads else heads.repeat_interleave(self.heads // kv, dim=1)
 
     def query(self, layer: int) -> Tensor:
         return self.qkv[layer]["query"]
@@ -70,12 +103,16 @@ class AttentionViews:
 
     def values(self, layer: int) -> Tensor:
         """(B, H, T, d) per-head values."""
-        return split_heads(self.value(layer), self.heads)
+        return self._per_head(self.value(layer), layer)
 
     def scores(self, layer: int) -> Tensor:
         """(B, H, T, T) pre-softmax scores QK^T / sqrt(d), without the additive mask (the losses mask)."""
+        if self.architecture is not None and self.architecture.rotary:
+            raise ValueError("attention scores/probabilities: this architecture rotates Q and K after the captured "
+                             "projections (RoPE), so maps recomputed from them are not the model's; use Q/K/V "
+                             "relations (minilmv2_relations) or hidden-state losses")
         if layer not in self._scores:
-            q, k = split_heads(self.query(layer), self.heads), split_heads(self.key(layer), self.heads)
+            q, k = split_heads(self.query(layer), self.heads), self._per_head(self.key(layer), layer)
             self._scores[layer] = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         return self._scores[layer]
 
@@ -83,6 +120,9 @@ class AttentionViews:
         """(B, H, T, T) attention probabilities, padded keys excluded as in the model."""
         keys = self.mask[:, None, None, :].bool()
         scores = self.scores(layer)
+        if self.architecture is not None and self.architecture.causal:
+            t = scores.shape[-1]
+            keys = keys & torch.ones(t, t, dtype=torch.bool, device=scores.device).tril()
         return torch.softmax(scores.masked_fill(~keys, torch.finfo(scores.dtype).min), dim=-1)
 
 
