@@ -106,6 +106,11 @@ def main(argv=None) -> None:
         print(f"done: {last['step']} steps, loss {last['loss']:.4f} "
               + " ".join(f"{n} {last[n]:.4f}" for n in distillation.names)
               + f"; student in {os.path.join(args.output_dir, 'export')}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank leaves together and closes gloo's threads itself: left to interpreter exit, a rank can
+        # abort with "terminate called without an active exception" after the work is done
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
