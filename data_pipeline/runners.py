@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from kdlib.errors import ConfigError, KDError
+from kdlib.errors import ConfigError, KDError, ReaderError
+from kdlib.runtime.jsonl import text_of
 
 DASK_RUNNER = "data_pipeline.dask_runner.ShardedDaskRunner"
 ADDRESS = re.compile(r"^(tcp|tls)://[A-Za-z0-9._-]+:(\d{1,5})$")
@@ -119,13 +120,13 @@ def check_scheduler_file(path: str) -> None:
         raise ConfigError(f"--scheduler-file: {path!r} {'is a folder' if file.is_dir() else 'does not exist'}; "
                           f"expected {what}")
     try:
-        data = file.read_bytes()
-        info = json.loads(data.decode("utf-8"))
+        text = text_of(file)  # a bad byte named by line, as every reader of ours names it
+    except ReaderError as err:
+        raise ConfigError(f"--scheduler-file: {err}; expected {what}") from None
     except OSError as err:
         raise ConfigError(f"--scheduler-file: {path!r}: {err.strerror}; expected {what}") from None
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"--scheduler-file: {path!r}: line {line}: not UTF-8 text; expected {what}") from None
+    try:
+        info = json.loads(text)
     except ValueError:
         info = None
     address = info.get("address") if isinstance(info, dict) else None
