@@ -17,11 +17,10 @@ import shutil
 import threading
 import time
 import traceback
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -41,7 +40,7 @@ from kdlib.cache.sampling import REFERENCE_STUDENT_SCALE
 from kdlib.cache.shards import SHARD_DIR, column_bytes_per_position
 from kdlib.cache.vectors import merge_fidelity
 from kdlib.config import config_hash, to_dict
-from kdlib.errors import CacheError, ConfigError, KDError, ModelLoadError, ReaderError
+from kdlib.errors import CacheError, ConfigError, KDError, ModelLoadError, ReaderError, field_named
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import atomic_write_text, replace_directory, staging_path
 from kdlib.runtime.models import check_model_folder, load_tokenizer, resolve_model_path
@@ -114,14 +113,9 @@ def preflight(cfg: PipelineConfig, source: str) -> dict:
             "tokenizer": tokenizer, "config_hash": content_hash(cfg)}
 
 
-@contextmanager
-def field_of(source: str, name: str) -> Iterator[None]:
-    """A loader's or reader's error (naming the folder, or the file and line) as one naming the config field that
-    pointed there too: the user edits the config, so the error starts from it."""
-    try:
-        yield
-    except (ModelLoadError, ReaderError) as err:
-        raise ConfigError(f"{source}: field '{name}': {err}") from None
+def field_of(source: str, name: str):
+    """A loader's or reader's error (naming the folder, or the file and line) as a ConfigError naming the field."""
+    return field_named(source, name, catch=(ModelLoadError, ReaderError), raise_as=ConfigError)
 
 
 def check_tokenizer(cfg: PipelineConfig, source: str, folder: Path, teacher_config: dict) -> dict:

@@ -1,6 +1,7 @@
 """Errors a user can cause: each names the file / field / line and what was expected."""
 
-from typing import NoReturn
+from contextlib import contextmanager
+from typing import Iterator, NoReturn, Optional
 
 
 class KDError(Exception):
@@ -35,3 +36,15 @@ class OutputError(KDError):
 def fail_field(source: str, field: str, message: str) -> NoReturn:
     """The validators' one error shape: ConfigError "<config file>: field '<dotted field>': <message>"."""
     raise ConfigError(f"{source}: field '{field}': {message}")
+
+
+@contextmanager
+def field_named(source: str, field: str, catch: tuple = (), raise_as: Optional[type] = None) -> Iterator[None]:
+    """An error about a file or folder a config field points at (a model folder, a reader's file and line)
+    re-raised naming that field of that config first: the user edits the config, so the error starts from it.
+    `catch`: the KDError kinds to name (default: all); `raise_as`: the class raised (default: the error's own, so a
+    FingerprintMismatch stays one)."""
+    try:
+        yield
+    except catch or (KDError,) as err:
+        raise (raise_as or type(err))(f"{source}: field '{field}': {err}") from None

@@ -8,17 +8,15 @@ ConfigError line (exit status 2) instead of a hung rendezvous or a traceback per
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from transformers import AutoConfig
 
 from kdlib.cache import MANIFEST, TransferSet
 from kdlib.runtime.process_group import DistEnv, dist_env
 from kdlib.training.deepspeed_engine import deepspeed_config
-from kdlib.errors import KDError, fail_field
+from kdlib.errors import KDError, fail_field, field_named
 from kdlib.runtime.fingerprints import model_fingerprint, tokenizer_fingerprint
 from kdlib.runtime.io import sha256_file
 from kdlib.runtime.models import check_model_folder, resolve_model_path
@@ -53,16 +51,6 @@ class Setup:
     place: DistEnv
 
 
-@contextmanager
-def named_field(source: str, field: str) -> Iterator[None]:
-    """A KDError about a file a field points at (a model folder, a transfer set) says which field of which config
-    pointed there; it keeps its class (FingerprintMismatch stays one)."""
-    try:
-        yield
-    except KDError as err:
-        raise type(err)(f"{source}: field '{field}': {err}") from None
-
-
 def _check_student_architecture(cfg: PretrainConfig, source: str, teacher_config) -> None:
     """student.config: another architecture is fine, but with the teacher's tokenizer its vocabulary must be the
     teacher's, and its head must be of the kind the teacher trains (a causal LM under a causal teacher)."""
@@ -85,7 +73,7 @@ def _check_student_architecture(cfg: PretrainConfig, source: str, teacher_config
 def validate(cfg: PretrainConfig, source: str) -> Setup:
     """All pre-flight checks; errors are ConfigError / FingerprintMismatch / CacheError naming what is wrong."""
     check_run_folder(cfg.output_dir, "python -m pretrain", resume=cfg.resume)
-    with named_field(source, "teacher.path"):
+    with field_named(source, "teacher.path"):
         folder = resolve_model_path(cfg.teacher.path)
         teacher_dict = check_model_folder(folder)
     check_against_teacher(source, teacher_dict, student=cfg.student)
@@ -113,7 +101,7 @@ def validate(cfg: PretrainConfig, source: str) -> Setup:
 
     teacher_fp, tokenizer_fp = model_fingerprint(folder), tokenizer_fingerprint(folder)
     # shard hashes are checked lazily, each the first time a process reads it: start-up reads no shard
-    with named_field(source, "transfer_set"):
+    with field_named(source, "transfer_set"):
         transfer = TransferSet(cfg.transfer_set, teacher_fingerprint=teacher_fp, tokenizer_fingerprint=tokenizer_fp,
                                verify="lazy")
     manifest = transfer.manifest
