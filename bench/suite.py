@@ -41,6 +41,8 @@ SUITE = (
           what="Beam pipeline rows/s against a bare teacher forward, cache bytes, top-k fidelity"),
     Bench("pipeline_runners", ("--max-documents", "2"), (f"{DEMO}/teacher_mlm",), timeout_s=420,
           what="the pipeline on DirectRunner and on 1 and 2 Dask workers, byte-identity, a worker's fixed costs"),
+    Bench("metrics_record", ("--records", "500", "--rounds", "3"),
+          what="a logged record with TensorBoard events beside metrics.jsonl against metrics.jsonl alone"),
     Bench("augment_throughput", ("--sentences", "500", "--repeats", "1"),
           what="batched augmentation against the serial reference on the same sentences"),
     Bench("pretrain_step", ("--rounds", "1", "--batch", "8", "--no-memory"),
