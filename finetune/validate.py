@@ -15,7 +15,7 @@ from kdlib.runtime.fingerprints import tokenizer_fingerprint
 from kdlib.runtime.models import check_model_folder, resolve_model_path
 from kdlib.tasks.readers import label_number
 from kdlib.schemas import check_against_teacher, shape_fields
-from kdlib.errors import ModelLoadError, ReaderError, fail_field
+from kdlib.errors import ConfigError, ModelLoadError, ReaderError, fail_field, field_named
 from kdlib.training.objective_plan import fail_objective, layer_offer
 from kdlib.training.providers import PROVIDERS, Offer
 from kdlib.training.module import plan_objectives
@@ -172,20 +172,16 @@ def plan_needs(cfg: FinetuneConfig, source: str, teacher_dict: dict, student: tu
 def model_folder(source: str, field_name: str, ref: str) -> tuple[Path, dict]:
     """The model folder `ref` of field `field_name` and its config.json; a missing folder, a file or a folder that
     is no model is named by its field, so the user knows which of the config's paths to fix."""
-    try:
+    with field_named(source, field_name, catch=(ModelLoadError,), raise_as=ConfigError):
         folder = resolve_model_path(ref)
         return folder, check_model_folder(folder)
-    except ModelLoadError as err:
-        fail_field(source, field_name, str(err))
 
 
 def task_examples(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> list:
     """The task's examples; a file that is missing, a folder, not UTF-8 or malformed is named by its field and,
     from the reader, its file and line."""
-    try:
+    with field_named(source, f"{field_prefix}task.path", catch=(ReaderError,), raise_as=ConfigError):
         return read_examples(cfg.task)
-    except ReaderError as err:
-        fail_field(source, f"{field_prefix}task.path", str(err))
 
 
 def validate(cfg: FinetuneConfig, source: str, field_prefix: str = "") -> Setup:
