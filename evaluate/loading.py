@@ -16,7 +16,8 @@ from typing import Any
 from safetensors import safe_open
 
 from kdlib.runtime.fingerprints import model_fingerprint
-from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
+from kdlib.runtime.models import (ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path,
+                                  task_folder, task_of)
 
 # Key prefixes of masked-LM heads in the architectures transformers ships (BERT and its relatives, RoBERTa
 # and XLM-R, DistilBERT, ALBERT, ELECTRA's generator). A causal LM's `lm_head.` is excluded by task_of.
@@ -73,10 +74,11 @@ def safetensors_keys(folder: Path) -> list[str]:
 
 
 def has_mlm_head(folder: Path, config: dict) -> bool:
-    """True when the folder's weights include a masked-LM head (and it is not a causal LM)."""
+    """True when the folder's weights (or its masked_lm/ subfolder's, for a general student) include a masked-LM head
+    (and it is not a causal LM)."""
     if task_of(config) in ("causal_lm", "sequence_classification"):
         return False
-    return any(key.startswith(MLM_HEAD_PREFIXES) for key in safetensors_keys(folder))
+    return any(key.startswith(MLM_HEAD_PREFIXES) for key in safetensors_keys(task_folder(folder, "masked_lm")))
 
 
 def find_model(name: str, ref: str) -> ModelEntry:

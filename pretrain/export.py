@@ -5,8 +5,9 @@ Weights come from the final checkpoint: for ZeRO 1-3 through DeepSpeed's own fp3
 the module itself. They load into the class the student was built as (`student_config`: the
 teacher's family, or MobileBERT for architecture=bottleneck). Projection weights (training-only)
 are stripped; the tokenizer files are copied from the teacher folder. The folder loads everywhere
-(kdlib.students.portable): the weights `AutoModel` builds beyond the student's (BERT's pooler, which a
-*ForMaskedLM leaves out) are added, copied from the teacher where it has them, and a student of a
+(kdlib.students.portable): a masked-LM student's encoder at the top and its whole masked-LM model in masked_lm/,
+the weights `AutoModel` builds beyond the student's (BERT's pooler, which a *ForMaskedLM leaves out) added,
+copied from the teacher where it has them, and a student of a
 sentence-transformers teacher carries that library's files, set to the evaluation's mean pooling.
 README.md is a model card: the student's shape, the teacher, the transfer set, the objectives, the held-out
 evaluation at step 0 and at the exported weights' step (metrics.jsonl's own numbers), and the command that
@@ -25,11 +26,10 @@ import torch
 
 from kdlib.config import to_dict
 from kdlib.runtime.metrics import read_metrics
-from kdlib.students.portable import Portable, add_portable
+from kdlib.students.portable import Portable, save_portable
 from kdlib.training.early_stop import EarlyStopping
 from kdlib.training.checkpoints import consolidated_fp32_state_dict
 from kdlib.runtime.io import atomic_directory
-from kdlib.runtime.models import copy_tokenizer_files
 from kdlib.training.export import student_state_dict
 from kdlib.students.shape import student_config
 from pretrain.student import student_class, student_task
@@ -47,10 +47,8 @@ def export_student(cfg, setup, checkpoint_folder: Path, module_state: dict | Non
     model.tie_weights()
     evaluations = evaluation_rows(cfg, step, trained_state=module_state is not None)
     with atomic_directory(folder, replace=True) as tmp:  # inside the run folder this run holds the lock of
-        model.save_pretrained(tmp, safe_serialization=True)
-        copy_tokenizer_files(setup.student_tokenizer_folder, tmp)
-        portable = add_portable(tmp, model, setup.teacher_folder, setup.teacher_config, init=cfg.student.init,
-                                seed=cfg.seed)
+        portable = save_portable(model, tmp, setup.student_tokenizer_folder, setup.teacher_folder,
+                                 setup.teacher_config, init=cfg.student.init, seed=cfg.seed)
         (tmp / "README.md").write_text(model_card(cfg, setup, step, model, portable, evaluations,
                                                   command_line(world_size=setup.place.world_size)))
     return folder
@@ -109,8 +107,7 @@ def _portable(cfg, portable: Portable) -> str:
     lines = [_loading(cfg)]
     if portable.added:
         lines.append(f"`AutoModel.from_pretrained(folder)` misses no weight: {', '.join(f'`{k}`' for k in portable.added)} "
-                     f"{portable.source}. It lists the masked-LM head as unexpected, and `AutoModelForMaskedLM` the "
-                     "pooler (as for bert-base-uncased).")
+                     f"{portable.source}.")
     if portable.sentence_transformers:
         length = f", inputs cut at {portable.max_seq_length} tokens" if portable.max_seq_length else ""
         left = (f" The teacher's {', '.join(portable.left_out)} {'is' if len(portable.left_out) == 1 else 'are'} left "
@@ -175,4 +172,6 @@ def _loading(cfg) -> str:
     if student_task(cfg.teacher) == "causal_lm":
         return ("Load with `transformers.AutoModelForCausalLM.from_pretrained(folder)` and the tokenizer with "
                 "`AutoTokenizer.from_pretrained(folder)`; `model.generate(...)` needs no project code.")
-    return "Load with `transformers.AutoModelForMaskedLM.from_pretrained(folder)` (or `AutoModel` for the encoder)."
+    return ("Load the encoder with `transformers.AutoModel.from_pretrained(folder)` and the masked-LM model with "
+            "`AutoModelForMaskedLM.from_pretrained(folder, subfolder=\"masked_lm\")`; neither reports a missing or an "
+            "unexpected weight (the masked-LM head lives in masked_lm/, which holds the whole model).")

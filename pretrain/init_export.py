@@ -16,9 +16,8 @@ from pathlib import Path
 
 from kdlib.errors import KDError
 from kdlib.runtime.io import atomic_directory, atomic_write_text
-from kdlib.runtime.models import copy_tokenizer_files
 from kdlib.runtime.outputs import check_output_folder, output_lock, read_stamp
-from kdlib.students.portable import add_portable
+from kdlib.students.portable import save_portable
 from pretrain.export import command_line
 from pretrain.student import build_student
 
@@ -51,10 +50,8 @@ def export_init(cfg, setup, folder: str | Path) -> Path:
         state = check_init_folder(str(folder), cfg)  # again under the lock: nobody swapped it in between
         model = build_student(cfg.teacher, setup.teacher_config, cfg.student, cfg.seed)
         with atomic_directory(folder, replace=state != "new") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            copy_tokenizer_files(setup.student_tokenizer_folder, tmp)
-            portable = add_portable(tmp, model, setup.teacher_folder, setup.teacher_config, init=cfg.student.init,
-                                    seed=cfg.seed)
+            portable = save_portable(model, tmp, setup.student_tokenizer_folder, setup.teacher_folder,
+                                     setup.teacher_config, init=cfg.student.init, seed=cfg.seed)
             added = (f"\n`AutoModel` misses no weight: {', '.join(portable.added)} {portable.source}.\n"
                      if portable.added else "")
             sentence = ("\n`SentenceTransformer(folder)` loads it (mean pooling, as the evaluation pools).\n"

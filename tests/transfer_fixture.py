@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from kdlib.cache import FORMAT_VERSION, Manifest, row_schema, rows_to_table, shard_name, write_manifest, write_shard
 from kdlib.runtime.process_group import free_port  # noqa: F401  (re-exported for the tests that import it from here)
@@ -251,16 +252,24 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def export_weights(folder: Path) -> dict:
+    """Every trained weight of a pretrain export: its masked_lm/ model (the encoder and the head) when it has one, else
+    the folder's own (a causal student). The top's extra pooler is the teacher's, never trained."""
+    head = folder / "masked_lm" / "model.safetensors"
+    return load_file(str(head if head.is_file() else folder / "model.safetensors"))
+
+
 def probe_export_in_clean_process(run_dir: Path, expect_class: str | None = None) -> float:
-    """Load run_dir/export with plain transformers in a process that cannot import this project, run it on the
-    trainer's probe batch and return the max |logit difference| to the probe (what the trained module gave)."""
+    """Load run_dir/export with plain transformers in a process that cannot import this project (the masked-LM model
+    from its masked_lm/, the encoder from the top), run it on the trainer's probe batch and return the max |logit
+    difference| to the probe (what the trained module gave)."""
     folder = run_dir / "export"
     script = (
         "import sys, torch\n"
         "from safetensors.torch import load_file\n"
         "from transformers import AutoModel, AutoModelForMaskedLM\n"
         f"probe = load_file({str(run_dir / 'probe_logits.safetensors')!r})\n"
-        f"m = AutoModelForMaskedLM.from_pretrained({str(folder)!r}).eval()\n"
+        f"m = AutoModelForMaskedLM.from_pretrained({str(folder)!r}, subfolder='masked_lm').eval()\n"
         f"AutoModel.from_pretrained({str(folder)!r})\n"
         + (f"assert type(m).__name__ == {expect_class!r}, type(m).__name__\n" if expect_class else "")
         + "with torch.no_grad():\n"

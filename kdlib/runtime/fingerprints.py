@@ -17,6 +17,7 @@ from kdlib.errors import ModelLoadError
 from kdlib.runtime.io import atomic_write_text, sha256_file
 
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+MASKED_LM = "masked_lm"  # a general student's subfolder: its whole masked-LM model beside the encoder (kdlib.students.portable)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -70,7 +71,8 @@ def _combine(folder: Path, files: list[Path]) -> str:
 
 
 def model_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 over the weight files and config.json of a model folder."""
+    """sha256 over the weight files and config.json of a model folder, and of its masked_lm/ subfolder when it has
+    one (the head a teacher's logits come from is part of what made them)."""
     folder = Path(folder)
     files = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern)})
     if not files:
@@ -78,6 +80,9 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
     config = folder / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{folder}: no config.json to fingerprint")
+    head = folder / MASKED_LM
+    if (head / "config.json").is_file():
+        files += sorted({p for pattern in WEIGHT_PATTERNS for p in head.glob(pattern)}) + [head / "config.json"]
     return _combine(folder, files + [config])
 
 

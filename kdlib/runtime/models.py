@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: we pass local_f
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from kdlib.errors import ModelLoadError, ReaderError  # noqa: E402
-from kdlib.runtime.fingerprints import TOKENIZER_FILES  # noqa: E402
+from kdlib.runtime.fingerprints import MASKED_LM, TOKENIZER_FILES  # noqa: E402
 from kdlib.runtime.jsonl import json_document, text_of  # noqa: E402
 
 ModelTask = Literal["base", "masked_lm", "causal_lm", "sequence_classification"]
@@ -119,6 +119,21 @@ def task_of(model_config: dict) -> ModelTask:
     return "base"
 
 
+def task_folder(folder: Path, task: ModelTask) -> Path:
+    """The folder `task`'s model loads from. A general student keeps its encoder at the top (what AutoModel and
+    SentenceTransformer load with nothing missing or unexpected) and its whole masked-LM model in masked_lm/
+    (kdlib.students.portable); any other folder holds one model."""
+    head = folder / MASKED_LM
+    return head if task == "masked_lm" and (head / "config.json").is_file() else folder
+
+
+def saved_task(folder: Path, model_config: dict) -> ModelTask:
+    """The head a model folder was saved with: its config.json's (`task_of`), or masked_lm for an encoder whose
+    masked_lm/ subfolder holds the head."""
+    task = task_of(model_config)
+    return "masked_lm" if task == "base" and task_folder(folder, "masked_lm") != folder else task
+
+
 def quiet_transformers() -> None:
     """Our own messages say what matters; transformers' load reports and bars only add noise."""
     from transformers.utils import logging as hf_logging  # ~1 s to import (module docstring)
@@ -144,7 +159,7 @@ def load_model(cfg: ModelConfig, *, allow_new_head: bool = False, dtype=None):
     A head whose weights are missing from the folder would be freshly random; that is refused
     unless `allow_new_head` (teacher preparation trains exactly such a head).
     """
-    folder = resolve_model_path(cfg.path)
+    folder = task_folder(resolve_model_path(cfg.path), cfg.task)
     check_model_folder(folder)
     quiet_transformers()
     kwargs = dict(

@@ -1,10 +1,18 @@
-"""A student folder that loads everywhere: with `transformers.AutoModel` (nothing missing, nothing random) and,
-when its teacher is a sentence-transformers model, with `SentenceTransformer(folder)`.
+"""A student folder that loads everywhere: with `transformers.AutoModel` and, when its teacher is a
+sentence-transformers model, with `SentenceTransformer(folder)`, with nothing missing, nothing unexpected and nothing
+random (transformers 5 prints a load report for any of those); and its masked-LM model with
+`AutoModelForMaskedLM.from_pretrained(folder, subfolder="masked_lm")`, just as clean.
 
-A task model leaves parts of its base model out: BertForMaskedLM builds BERT without the pooler, so
-`AutoModel.from_pretrained` on its folder reports `pooler.*` missing and draws them at random. `add_portable`
-writes, beside the student's own weights, whatever AutoModel builds for the student's config that the student
-lacks, from the first source that has it:
+`save_portable` writes a masked-LM student in two parts: its encoder at the top and its whole self (head included)
+in masked_lm/. One folder cannot serve both: AutoModel reports a head it does not build (`cls.predictions.*`, as for
+bert-base-uncased) and AutoModelForMaskedLM a pooler it does not build. So the encoder's weights are stored twice,
+the price of two clean loads. Our own loaders take masked_lm/ whenever they load a masked LM
+(kdlib.runtime.models.task_folder), and the model fingerprint covers it.
+A causal student (GPT-2, Llama) is saved whole at the top: AutoModelForCausalLM is how it is used.
+
+The encoder lacks what its task model leaves out: BertForMaskedLM builds BERT without the pooler, so AutoModel would
+report `pooler.*` missing and draw them at random. `add_portable` writes, beside the student's own weights,
+whatever AutoModel builds for the student's config that the student lacks, from the first source that has it:
 
 1. the teacher's weights (a bare encoder's `pooler.*` or a BERT checkpoint's `bert.pooler.*`), of the student's
    shape; for init=svd's narrower student, compressed into the basis its layers were (U^T W U and U^T b,
@@ -14,10 +22,6 @@ lacks, from the first source that has it:
    and holds every base-model weight of the teacher, equal;
 3. otherwise AutoModel's own initialisation under the run's seed: what loading would have drawn, but fixed,
    and named in the model card.
-
-The task head stays: AutoModel lists it as unexpected and AutoModelForMaskedLM the pooler (as for
-bert-base-uncased); neither misses a weight. A student whose base model the task model holds whole (GPT-2,
-Llama, DistilBERT, MobileBERT without a pooler dense) gets nothing added.
 
 The sentence-transformers files come when the teacher (or that encoder) has a modules.json: Transformer +
 mean Pooling over the student's width, which is exactly the evaluation's pooled embedding (the last hidden state
@@ -42,8 +46,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kdlib.errors import KDError
+from kdlib.runtime.fingerprints import MASKED_LM
 from kdlib.runtime.io import atomic_write_text
-from kdlib.runtime.models import resolve_model_path
+from kdlib.runtime.models import copy_tokenizer_files, head_of, resolve_model_path
 from kdlib.students.width import residual_basis
 
 TEACHER_REPORT = "teacher_report.json"  # python -m teacher: {"encoder": the folder its masked-LM teacher was made from}
@@ -124,13 +129,13 @@ def _compressed(value: Tensor, shape: torch.Size, teacher: dict[str, Tensor]) ->
     return basis.T @ value.double() @ basis if value.ndim == 2 else basis.T @ value.double()
 
 
-def base_model_extras(model, missing: dict[str, torch.Size], sources: list, *, init: str,
-                      seed: int) -> tuple[dict[str, Tensor], str]:
-    """{export name: tensor} for the `missing` base-model weights, and where they came from: the first of `sources`
-    ([(folder, base-model weights)], the teacher's first) that has them all (see the top), else a seeded init."""
+def base_model_extras(model, missing: dict[str, torch.Size], sources: list, *, init: str, seed: int,
+                      prefix: str) -> tuple[dict[str, Tensor], str]:
+    """{export name (`prefix` + base-model name): tensor} for the `missing` base-model weights, and where they came
+    from: the first of `sources` ([(folder, base-model weights)], the teacher's first) that has them all (see the
+    top), else a seeded init."""
     if not missing:
         return {}, ""
-    prefix = model.base_model_prefix + "."
     dtype = next(model.parameters()).dtype
     for n, (folder, state) in enumerate(sources):
         if not all(k in state for k in missing):
@@ -223,10 +228,32 @@ def sentence_files(folders: list[Path], model) -> tuple[dict[str, str], Portable
     return text, Portable(sentence_transformers=True, max_seq_length=settings.get("max_seq_length"), left_out=left_out)
 
 
+def splits_head(model) -> bool:
+    """A masked-LM student: saved as its encoder at the top and its whole self in masked_lm/ (see the top)."""
+    return head_of(type(model).__name__) == "masked_lm" and model.base_model is not model
+
+
+def save_portable(model, folder: Path, tokenizer_folder: Path, teacher_folder: Path, teacher_config, *, init: str,
+                  seed: int) -> Portable:
+    """Save `model` and its tokenizer files into `folder` (a staging folder) so that it loads everywhere (see the
+    top); returns what was added, for the model card."""
+    folder = Path(folder)
+    if splits_head(model):
+        architectures = model.config.architectures
+        model.save_pretrained(folder / MASKED_LM, safe_serialization=True)
+        copy_tokenizer_files(tokenizer_folder, folder / MASKED_LM)
+        model.base_model.save_pretrained(folder, safe_serialization=True)  # writes architectures [BertModel] ...
+        model.config.architectures = architectures  # ... into the config the two share: put it back
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    copy_tokenizer_files(tokenizer_folder, folder)
+    return add_portable(folder, model, teacher_folder, teacher_config, init=init, seed=seed)
+
+
 def add_portable(folder: Path, model, teacher_folder: Path, teacher_config, *, init: str, seed: int) -> Portable:
-    """After `model.save_pretrained(folder)` (a staging folder): add what AutoModel lacks and the
-    sentence-transformers files; returns what was written, for the model card. The teacher's weights are read
-    only when something is missing or the teacher names the encoder it was made from."""
+    """After `save_portable`'s save (the encoder of a masked-LM `model`, else `model` whole): add what AutoModel lacks
+    and the sentence-transformers files; returns what was written, for the model card. The teacher's weights are
+    read only when something is missing or the teacher names the encoder it was made from."""
     teacher_folder = Path(teacher_folder)
     missing = missing_base_weights(model)
     sources: list = []
@@ -236,7 +263,8 @@ def add_portable(folder: Path, model, teacher_folder: Path, teacher_config, *, i
         origin = teacher_origin(teacher_folder, sources[0][1], prefix)
         if origin is not None:
             sources.append(origin)
-    extras, source = base_model_extras(model, missing, sources, init=init, seed=seed)
+    prefix = "" if splits_head(model) else model.base_model_prefix + "."
+    extras, source = base_model_extras(model, missing, sources, init=init, seed=seed, prefix=prefix)
     add_weights(folder, extras)
     files, done = sentence_files([teacher_folder] + [f for f, _ in sources[1:]], model)
     for name, text in files.items():

@@ -14,13 +14,15 @@ from tqdm import tqdm
 from kdlib.config import from_dict
 from kdlib.runtime.cli import exit_code_of, stage_parser
 from kdlib.runtime.fingerprints import model_fingerprint, short, tokenizer_fingerprint
-from kdlib.runtime.models import ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path, task_of
+from kdlib.runtime.models import (ModelConfig, check_model_folder, load_model, load_tokenizer, resolve_model_path,
+                                  saved_task)
 from kdlib.text.readers import CorpusConfig, read_corpus
 
 
 def describe_model(ref: str) -> dict:
     folder = resolve_model_path(ref)
-    model = load_model(ModelConfig(path=ref, task=task_of(check_model_folder(folder))))  # with the head it was saved with
+    config = check_model_folder(folder)
+    model = load_model(ModelConfig(path=ref, task=saved_task(folder, config)))  # with the head it was saved with
     tokenizer = load_tokenizer(ref)
     c = model.config
     return {"folder": str(folder), "fingerprint": model_fingerprint(folder), "tokenizer_fingerprint": tokenizer_fingerprint(folder),

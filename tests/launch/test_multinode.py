@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
 from kdlib.cache import read_manifest
 from kdlib.runtime.digests import verify_digests
@@ -32,7 +31,7 @@ from tests.pipeline_fixture import corpus_config, run_pipeline
 from tests.finetune_fixture import base_config as finetune_config
 from tests.kdlib.training.test_elastic import ROUNDING, close
 from tests.tiny_models import make_tiny_bert
-from tests.transfer_fixture import REPO, base_config, build_transfer_set, stage_env, write_config
+from tests.transfer_fixture import REPO, base_config, build_transfer_set, export_weights, stage_env, write_config
 
 pytestmark = pytest.mark.slow  # starts a SLURM cluster and trains
 
@@ -59,7 +58,7 @@ def uninterrupted(paths, tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--config", str(config)],
                           cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(root / "run" / "export" / "model.safetensors"))
+    return export_weights(root / "run" / "export")
 
 
 def job_config(paths, out: Path, path: Path) -> Path:
@@ -113,7 +112,7 @@ def test_a_2_node_job_trains_exactly_as_2_local_processes(cluster, paths, uninte
     assert f"[launch] job {job} restart 0 ended with exit code 0" in text
     ranks = out / "slurm" / f"job-{job}" / "restart-0"
     assert sorted(p.name for p in ranks.iterdir()) == ["rank-0.out", "rank-1.out"]
-    assert same_weights(load_file(str(out / "export" / "model.safetensors")), uninterrupted)
+    assert same_weights(export_weights(out / "export"), uninterrupted)
 
 
 def test_usr1_checkpoints_requeues_under_the_same_id_and_ends_as_the_uninterrupted_run(cluster, paths, uninterrupted,
@@ -129,7 +128,7 @@ def test_usr1_checkpoints_requeues_under_the_same_id_and_ends_as_the_uninterrupt
     assert "resumed from" in (out / "slurm" / f"job-{job}" / "restart-1" / "rank-0.out").read_text()
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind", "train") == "train"] == \
         list(range(1, STEPS + 1))
-    assert same_weights(load_file(str(out / "export" / "model.safetensors")), uninterrupted)
+    assert same_weights(export_weights(out / "export"), uninterrupted)
 
 
 def test_a_lost_node_is_named_the_checkpoint_survives_and_the_job_resumes_when_the_node_is_back(
@@ -151,7 +150,7 @@ def test_a_lost_node_is_named_the_checkpoint_survives_and_the_job_resumes_when_t
     assert f"[launch] job {job} restart 1 resumes from: {out / 'checkpoints' / 'latest'} -> {latest.name}" in text
     assert f"[launch] job {job} restart 1 ended with exit code 0" in text
     assert f"resumed from {latest}" in (out / "slurm" / f"job-{job}" / "restart-1" / "rank-0.out").read_text()
-    assert same_weights(load_file(str(out / "export" / "model.safetensors")), uninterrupted)
+    assert same_weights(export_weights(out / "export"), uninterrupted)
 
 
 def test_a_job_continues_on_1_node_then_on_2_with_the_same_rows_at_every_step(cluster, paths, tmp_path):
@@ -182,7 +181,7 @@ def test_a_job_continues_on_1_node_then_on_2_with_the_same_rows_at_every_step(cl
     assert all(close(mine[s][p], theirs[s][p]) for s in mine for p in ("loss", "kd_topk", "mlm_ce")), \
         [(s, mine[s]["loss"], theirs[s]["loss"]) for s in mine if not close(mine[s]["loss"], theirs[s]["loss"])]
     assert all(mine[s]["epoch"] == theirs[s]["epoch"] for s in mine)
-    a, b = load_file(str(out / "export" / "model.safetensors")), load_file(str(ref / "export" / "model.safetensors"))
+    a, b = export_weights(out / "export"), export_weights(ref / "export")
     scale = max(t.abs().max().item() for t in b.values())
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= ROUNDING * scale
 
@@ -209,8 +208,8 @@ def test_finetune_runs_every_step_on_the_cluster_and_its_kd_arm_equals_2_local_p
                             "distill", "--config", str(config), "--", "--fold", "0", "--arm", "kd"],
                            cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr[-3000:]
-    assert same_weights(load_file(str(kd / "export" / "model.safetensors")),
-                        load_file(str(kd.with_name("kd-slurm") / "export" / "model.safetensors")))
+    assert same_weights(export_weights(kd / "export"),
+                        export_weights(kd.with_name("kd-slurm") / "export"))
 
 
 def shard_digests(transfer_set: Path) -> dict[str, str]:

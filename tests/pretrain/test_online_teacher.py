@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import json
 
-from safetensors.torch import load_file
 
 from kdlib.runtime.metrics import read_metrics
-from tests.transfer_fixture import base_config, build_transfer_set, run_pretrain, write_config
+from tests.transfer_fixture import base_config, build_transfer_set, export_weights, run_pretrain, write_config
 
 pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
 
@@ -35,6 +34,6 @@ def test_online_intermediate_losses_train_a_narrower_student(tmp_path):
     assert abs(train[0]["loss"] - sum(train[0][n] for n in ONLINE)) < 1e-5
     assert train[-1]["loss"] < train[0]["loss"]
     assert train[-1]["hidden_mse"] < train[0]["hidden_mse"]
-    weights = load_file(str(out / "export" / "model.safetensors"))
+    weights = export_weights(out / "export")
     assert not any("projection" in k for k in weights)
     assert json.loads((out / "export" / "config.json").read_text())["hidden_size"] == 16

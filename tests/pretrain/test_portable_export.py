@@ -1,6 +1,8 @@
-"""Students that load everywhere (issue 32, item 5): the export holds what `AutoModel` builds beyond a masked-LM
-student (BERT's pooler), copied from the teacher, or from the encoder the teacher was made from, or else
-initialised under the run's seed; a student of a sentence-transformers teacher carries that library's files, and
+"""Students that load everywhere (issue 32, item 5): the export's top is the encoder, which `AutoModel` and
+`SentenceTransformer` load with no load report (nothing missing or unexpected), and masked_lm/ the whole masked-LM
+model, which `AutoModelForMaskedLM(subfolder="masked_lm")` loads as cleanly; the encoder holds what `AutoModel`
+builds beyond a masked-LM student (BERT's pooler), copied from the teacher, or from the encoder the teacher was
+made from, or else initialised under the run's seed; a student of a sentence-transformers teacher carries that library's files, and
 `SentenceTransformer(export).encode` is the evaluation's mean pooling; the model card holds the held-out
 evaluation (metrics.jsonl's numbers) and the command.
 
@@ -12,8 +14,11 @@ teacher_report.json of `python -m teacher` (the demo's path: all-MiniLM-L6-v2 pl
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +34,7 @@ from kdlib.runtime.fingerprints import model_fingerprint
 from kdlib.runtime.metrics import read_metrics
 from kdlib.runtime.models import ModelConfig
 from kdlib.schemas import StudentConfig
-from kdlib.students.portable import TEACHER_REPORT, add_portable, base_part
+from kdlib.students.portable import TEACHER_REPORT, base_part, save_portable
 from kdlib.students.width import residual_basis
 from pretrain.config import PretrainConfig
 from pretrain.export import command_line
@@ -40,7 +45,8 @@ from pretrain.validate import validate
 from tests.tiny_models import make_tiny_bert
 from tests.transfer_fixture import base_config, build_transfer_set, free_port
 
-POOLER = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")
+POOLER = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")  # in a masked-LM teacher with a pooler
+EXPORTED = ("pooler.dense.weight", "pooler.dense.bias")  # the same in the export's encoder
 TEXTS = ["the government said on tuesday", "police in sydney were searching for a man after the fire in the city",
          "hi", "a storm hit the coast and thousands of people were left without power for days"]
 ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -89,26 +95,51 @@ def encoder_with_pooler(teacher: Path, folder: Path, seed: int) -> dict[str, tor
 
 def save_student(model, teacher: Path, out: Path, init: str, seed: int = 0):
     out.mkdir(parents=True)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(teacher / name, out / name)
-    return add_portable(out, model, teacher, AutoConfig.from_pretrained(str(teacher)), init=init, seed=seed)
+    return save_portable(model, out, teacher, teacher, AutoConfig.from_pretrained(str(teacher)), init=init, seed=seed)
 
 
-def loading_info(folder: Path, cls=AutoModel):
-    model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+@contextmanager
+def no_warnings():
+    """Fails when transformers, sentence-transformers or `warnings` report anything at WARNING or above inside (a
+    load report is a warning), with transformers' verbosity set to warning for the while (our loaders quiet it)."""
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger("transformers"), logging.getLogger("sentence_transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+    hf_logging.set_verbosity_warning()
+    loggers[1].setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    assert not records and not caught, [r.getMessage()[:300] for r in records] + [str(w.message) for w in caught]
+
+
+def loading_info(folder: Path, cls=AutoModel, **kwargs):
+    with no_warnings():
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     return model.eval(), info
 
 
 def assert_loads_whole(folder: Path) -> torch.nn.Module:
-    """AutoModel: nothing missing or mismatched, and only the masked-LM head unexpected; AutoModelForMaskedLM:
-    nothing missing, only the pooler unexpected. Returns the AutoModel."""
-    keys = set(load_file(str(folder / "model.safetensors")))
+    """AutoModel on the folder and AutoModelForMaskedLM on its masked_lm/: nothing missing, unexpected or mismatched,
+    and no warning; the two share every encoder weight. Returns the AutoModel."""
     base, info = loading_info(folder)
-    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["error_msgs"], info
-    assert set(info["unexpected_keys"]) == {k for k in keys if k.startswith("cls.")}, info
-    _, info = loading_info(folder, AutoModelForMaskedLM)
-    assert not info["missing_keys"] and not info["mismatched_keys"] and set(info["unexpected_keys"]) == set(POOLER)
+    assert not any(info.values()), info
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["BertModel"]
+    mlm, info = loading_info(folder, AutoModelForMaskedLM, subfolder="masked_lm")
+    assert not any(info.values()), info
+    theirs = mlm.base_model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in base.state_dict().items() if not k.startswith("pooler."))
     return base
 
 
@@ -117,13 +148,14 @@ def assert_encodes_as_the_evaluation_pools(folder: Path) -> None:
     tokens) of the same model, within float32 rounding: T tokens summed in float32 err by <= T eps |h|max."""
     from sentence_transformers import SentenceTransformer  # the interop under test; ~4 s to import
 
-    st = SentenceTransformer(str(folder), device="cpu")
+    with no_warnings():
+        st = SentenceTransformer(str(folder), device="cpu")
     got = torch.from_numpy(st.encode(TEXTS, batch_size=2)).double()  # batches of 2: other padding than below
     tokens = AutoTokenizer.from_pretrained(str(folder))(TEXTS, padding=True, return_tensors="pt")
-    model = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
-    want = pooled(model.base_model, tokens["input_ids"], tokens["attention_mask"])
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    want = pooled(model, tokens["input_ids"], tokens["attention_mask"])
     with torch.no_grad():
-        hidden = model.base_model(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
+        hidden = model(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
     tol = 4 * tokens["input_ids"].shape[1] * torch.finfo(torch.float32).eps * float(hidden.abs().max())
     assert got.shape == want.shape and float((got - want).abs().max()) <= tol, (float((got - want).abs().max()), tol)
     cls = hidden[:, 0].double()
@@ -143,17 +175,17 @@ def test_a_student_of_a_teacher_without_a_pooler_gets_a_seeded_one_and_no_senten
     torch.manual_seed(123)
     done = save_student(model, teacher, tmp_path / "a", "every_other", seed=7)
     assert torch.equal(torch.rand(3), before)  # the caller's random stream is untouched
-    assert done.added == sorted(POOLER) and "seed 7" in done.source and not done.sentence_transformers
+    assert done.added == sorted(EXPORTED) and "seed 7" in done.source and not done.sentence_transformers
     assert not (tmp_path / "a" / "modules.json").exists()
     base = assert_loads_whole(tmp_path / "a")
     again = save_student(model, teacher, tmp_path / "b", "every_other", seed=7)
     assert again.added == done.added
     first, second = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
-    assert all(torch.equal(first[k], second[k]) for k in POOLER)  # the same seed, the same pooler
-    assert torch.equal(base.pooler.dense.weight, first[POOLER[0]])
+    assert all(torch.equal(first[k], second[k]) for k in EXPORTED)  # the same seed, the same pooler
+    assert torch.equal(base.pooler.dense.weight, first[EXPORTED[0]])
     # what AutoModel's own init draws: normal(0, initializer_range) weights, zero bias
-    assert float(first[POOLER[1]].abs().max()) == 0.0
-    assert abs(float(first[POOLER[0]].std()) - config.initializer_range) < 0.3 * config.initializer_range
+    assert float(first[EXPORTED[1]].abs().max()) == 0.0
+    assert abs(float(first[EXPORTED[0]].std()) - config.initializer_range) < 0.3 * config.initializer_range
 
 
 def test_a_student_of_a_sentence_transformers_teacher_takes_its_pooler_and_encodes_as_the_evaluation(tmp_path):
@@ -167,7 +199,7 @@ def test_a_student_of_a_sentence_transformers_teacher_takes_its_pooler_and_encod
     assert done.left_out == ["Normalize (2_Normalize)", "cls pooling (1_Pooling: the student pools by mean)"]
     assert f"copied from `{teacher}`" == done.source
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert all(torch.equal(weights[k], pooler[k]) for k in POOLER)
+    assert all(torch.equal(weights[e], pooler[k]) for k, e in zip(POOLER, EXPORTED))
     assert_loads_whole(tmp_path / "out")
     assert_encodes_as_the_evaluation_pools(tmp_path / "out")
 
@@ -181,7 +213,7 @@ def test_the_encoder_a_teacher_was_made_from_lends_its_pooler_and_files(tmp_path
     done = save_student(model, teacher, tmp_path / "out", "every_other")
     assert "the encoder the teacher was made from" in done.source and done.sentence_transformers
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert all(torch.equal(weights[f"bert.{k}"], v) for k, v in pooler.items())
+    assert all(torch.equal(weights[k], v) for k, v in pooler.items())
     assert_loads_whole(tmp_path / "out")
     assert_encodes_as_the_evaluation_pools(tmp_path / "out")
 
@@ -193,12 +225,12 @@ def test_a_narrower_svd_student_gets_the_teachers_pooler_in_its_basis(tmp_path):
     shape = StudentConfig(num_layers=2, init="svd", hidden_size=16, num_attention_heads=2, intermediate_size=32)
     model = build_student(ModelConfig(path=str(teacher)), config, shape, 0)
     done = save_student(model, teacher, tmp_path / "out", "svd")
-    assert done.added == sorted(POOLER) and "compressed" in done.source
+    assert done.added == sorted(EXPORTED) and "compressed" in done.source
     basis = residual_basis(base_part(load_file(str(teacher / "model.safetensors")), "bert."), 16).numpy()
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     w, b = pooler[POOLER[0]].double().numpy(), pooler[POOLER[1]].double().numpy()
-    np.testing.assert_allclose(got[POOLER[0]].double().numpy(), basis.T @ w @ basis, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(got[POOLER[1]].double().numpy(), basis.T @ b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[EXPORTED[0]].double().numpy(), basis.T @ w @ basis, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[EXPORTED[1]].double().numpy(), basis.T @ b, rtol=0, atol=1e-6)
     assert_loads_whole(tmp_path / "out")
 
 
@@ -283,12 +315,12 @@ def test_a_student_of_a_sentence_transformers_teacher_loads_everywhere(fixture_p
     run_in_process(paths, out, monkeypatch, argv)
     folder = out / "export"
     weights = load_file(str(folder / "model.safetensors"))
-    assert all(torch.equal(weights[k], pooler[k]) for k in POOLER)  # the teacher's, copied
+    assert all(torch.equal(weights[e], pooler[k]) for k, e in zip(POOLER, EXPORTED))  # the teacher's, copied
     base = assert_loads_whole(folder)
     assert torch.equal(base.pooler.dense.weight, pooler[POOLER[0]])
     # the masked-LM logits are still the trained student's
     probe = load_file(str(out / "probe_logits.safetensors"))
-    mlm = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
+    mlm = AutoModelForMaskedLM.from_pretrained(str(folder), subfolder="masked_lm").eval()
     with torch.no_grad():
         logits = mlm(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     assert float((logits - probe["logits"]).abs().max()) <= 1e-5
@@ -314,7 +346,7 @@ def test_a_student_of_a_sentence_transformers_teacher_loads_everywhere(fixture_p
     cfg = from_dict(PretrainConfig, base_config(paths, tmp_path / "unused", **{"student.init": "every_other",
                                                                                  "eval_rows": 32}))
     init = export_init(cfg, validate(cfg, "test"), tmp_path / "init")
-    assert all(torch.equal(load_file(str(init / "model.safetensors"))[k], pooler[k]) for k in POOLER)
+    assert all(torch.equal(load_file(str(init / "model.safetensors"))[e], pooler[k]) for k, e in zip(POOLER, EXPORTED))
     assert_loads_whole(init)
     assert_encodes_as_the_evaluation_pools(init)
     assert "python -m pretrain --config 'my runs/st.yaml' --set steps=2" in (init / "README.md").read_text()
@@ -334,7 +366,7 @@ def test_the_demo_path_takes_pooler_and_files_from_the_encoder_the_teacher_was_m
                    ["/x/pretrain/__main__.py", "--config", "demo.yaml"])
     folder = out / "export"
     weights = load_file(str(folder / "model.safetensors"))
-    assert all(torch.equal(weights[f"bert.{k}"], v) for k, v in pooler.items())
+    assert all(torch.equal(weights[k], v) for k, v in pooler.items())
     assert_loads_whole(folder)
     assert (folder / "1_Pooling" / "config.json").is_file()
     assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdlib.runtime.metrics import read_metrics
-from tests.transfer_fixture import (REPO, base_config, build_transfer_set, free_port, probe_export_in_clean_process,
-                                    run_pretrain, stage_env, start_pretrain, wait_for_step, write_config)
+from tests.transfer_fixture import (REPO, base_config, build_transfer_set, export_weights, free_port,
+                                    probe_export_in_clean_process, run_pretrain, stage_env, start_pretrain,
+                                    wait_for_step, write_config)
 
 pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
 
@@ -80,7 +80,7 @@ def test_export_loads_without_project_code_and_matches_the_trainer(runs, stage):
     out, _ = runs(f"zero{stage}", **{"engine.zero_stage": stage}, steps=6)
     folder = out / "export"
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "README.md"} <= {p.name for p in folder.iterdir()}
-    assert not any(k.startswith("projections") for k in load_file(str(folder / "model.safetensors")))
+    assert not any(k.startswith("projections") for k in export_weights(folder))
     card = (folder / "README.md").read_text()
     assert "kd_topk" in card and "mlm_ce" in card and "| optimizer steps | 6 |" in card
     assert probe_export_in_clean_process(out) <= 1e-6
@@ -103,7 +103,7 @@ def test_kill_9_and_resume_is_bit_identical(runs, fixture_paths, tmp_path, stage
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert losses(out) == losses(reference)  # exact equality, every step (the resumed run's records win)
-    mine, theirs = load_file(str(out / "export" / "model.safetensors")), load_file(str(reference / "export" / "model.safetensors"))
+    mine, theirs = export_weights(out / "export"), export_weights(reference / "export")
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 

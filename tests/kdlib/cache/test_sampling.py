@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdlib.cache import TransferSet, read_manifest
 from kdlib.cache.sampling import compact, draw, estimate_fidelity, sparse_targets
@@ -23,7 +22,7 @@ from kdlib.schemas import TeacherOutputsConfig, check_against_teacher
 from kdlib.teachers.outputs import rows_from_outputs
 from pretrain.evaluate import teacher_top1
 from tests.data_pipeline.test_pipeline import corpus_config, run_pipeline
-from tests.transfer_fixture import base_config, build_transfer_set, run_pretrain, write_config
+from tests.transfer_fixture import base_config, build_transfer_set, export_weights, run_pretrain, write_config
 
 N, K = 16, 4  # draws per position; top-k of the combined (top-k + sampled tail) pipeline set
 
@@ -344,5 +343,5 @@ def test_a_pipeline_built_sampled_set_trains_and_resumes_bit_exactly(built, tmp_
     mine = {r["step"]: r for r in read_metrics(resumed / "metrics.jsonl")}
     assert sorted(mine) == [3, 4]
     assert all(mine[s]["kd_sparse"] == theirs[s]["kd_sparse"] and mine[s]["loss"] == theirs[s]["loss"] for s in mine)
-    a, b = load_file(str(resumed / "export" / "model.safetensors")), load_file(str(ref / "export" / "model.safetensors"))
+    a, b = export_weights(resumed / "export"), export_weights(ref / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

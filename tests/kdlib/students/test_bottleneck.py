@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdlib.config import from_dict
 from kdlib.errors import ConfigError
@@ -21,7 +20,8 @@ from pretrain.config import PretrainConfig
 from pretrain.student import build_student
 from pretrain.train import train
 from pretrain.validate import validate
-from tests.transfer_fixture import base_config, build_transfer_set, free_port, probe_export_in_clean_process
+from tests.transfer_fixture import (base_config, build_transfer_set, export_weights, free_port,
+                                    probe_export_in_clean_process)
 
 pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
 
@@ -147,7 +147,7 @@ def test_pretrain_trains_a_bottleneck_student_with_feature_map_and_attention_tra
     assert abs(records[0]["loss"] - sum(records[0][n] for n in ("kd_topk", "hidden_mse", "attention_kl"))) < 1e-5
 
     folder = out / "export"
-    weights = load_file(str(folder / "model.safetensors"))
+    weights = export_weights(folder)
     assert not any(k.startswith("projections") for k in weights)  # widths match: no projection was ever made
     assert json.loads((folder / "config.json").read_text())["model_type"] == "mobilebert"
     assert probe_export_in_clean_process(out, expect_class='MobileBertForMaskedLM') == 0.0  # the trained module's own logits, bit for bit

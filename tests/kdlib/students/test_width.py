@@ -144,7 +144,7 @@ def test_the_width_student_exports_and_reloads_with_plain_transformers(teacher, 
                             tokenizer_fingerprint="k", manifest_sha256="m", place=SimpleNamespace(world_size=1))
     module_state = {f"student.{k}": v for k, v in student.state_dict().items()}
     folder = export_student(cfg, setup, tmp_path / "none", module_state, tmp_path / "export", step=0)
-    loaded = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
+    loaded = AutoModelForMaskedLM.from_pretrained(str(folder), subfolder="masked_lm").eval()
     assert loaded.config.hidden_size == WIDTH and loaded.config.intermediate_size == 48
     ids, mask = held_out
     with torch.no_grad():

@@ -25,7 +25,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import kdlib.training.config as training_config
 from kdlib.config import from_dict
@@ -37,7 +36,7 @@ from kdlib.training.deepspeed_engine import EngineConfig, deepspeed_config
 from kdlib.training.loop import seed_new_rank, seed_rank
 from kdlib.training.state import check_world
 from pretrain.config import PretrainConfig
-from tests.transfer_fixture import REPO, base_config, build_transfer_set, stage_env, write_config
+from tests.transfer_fixture import REPO, base_config, build_transfer_set, export_weights, stage_env, write_config
 
 EPS32 = float(np.finfo(np.float32).eps)
 # A float32 sum in another order differs by a few eps32 of its terms' magnitude; through a few Adam steps the
@@ -178,7 +177,7 @@ def compare(out, ref, first: int, then: int) -> None:
     # the weights after the last update, on the model's scale: an element whose gradient is zero but for rounding
     # (an attention key bias, to which softmax is blind) moves by noise that Adam normalises, so not by
     # ROUNDING of its own (tiny) size
-    a, b = load_file(str(out / "export" / "model.safetensors")), load_file(str(ref / "export" / "model.safetensors"))
+    a, b = export_weights(out / "export"), export_weights(ref / "export")
     assert a.keys() == b.keys()
     scale = max(t.abs().max().item() for t in b.values())
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= ROUNDING * scale

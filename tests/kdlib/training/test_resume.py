@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
 
 from kdlib.runtime.metrics import read_metrics
-from tests.transfer_fixture import REPO, base_config, build_transfer_set, run_pretrain, stage_env, write_config
+from tests.transfer_fixture import (REPO, base_config, build_transfer_set, export_weights, run_pretrain, stage_env,
+                                    write_config)
 
 pytestmark = pytest.mark.slow  # every test here starts DeepSpeed, Beam or SLURM, or trains
 
@@ -58,7 +58,7 @@ def test_emd_layer_weights_are_learned_and_survive_a_resume_bit_exactly(referenc
     theirs = {r["step"]: r for r in read_metrics(ref / "metrics.jsonl")}
     assert sorted(mine) == [3, 4]
     assert all(mine[s]["bert_emd"] == theirs[s]["bert_emd"] and mine[s]["loss"] == theirs[s]["loss"] for s in mine)
-    a, b = load_file(str(resumed / "export" / "model.safetensors")), load_file(str(ref / "export" / "model.safetensors"))
+    a, b = export_weights(resumed / "export"), export_weights(ref / "export")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 

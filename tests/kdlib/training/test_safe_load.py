@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdlib.errors import KDError
 from kdlib.runtime.digests import verify_digests, write_digests
 from kdlib.runtime.metrics import read_metrics
 from kdlib.training.safe_load import (ALLOWED_GLOBALS, allowed_globals, load_weights_only,
                                       safe_checkpoint_engine_class, weights_only_loads)
-from tests.transfer_fixture import REPO, base_config, build_transfer_set, stage_env, write_config
+from tests.transfer_fixture import REPO, base_config, build_transfer_set, export_weights, stage_env, write_config
 
 
 class _Payload:
@@ -130,7 +129,7 @@ def test_a_resume_through_the_safe_engine_is_bit_exact(reference, tmp_path):
     mine = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
     theirs = {r["step"]: r["loss"] for r in read_metrics(ref / "metrics.jsonl")}
     assert sorted(mine) == [3, 4] and all(mine[s] == theirs[s] for s in mine)  # exact floats
-    a, b = load_file(str(run / "export" / "model.safetensors")), load_file(str(ref / "export" / "model.safetensors"))
+    a, b = export_weights(run / "export"), export_weights(ref / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
