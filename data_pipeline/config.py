@@ -10,7 +10,7 @@ from kdlib.text.masking import MaskingConfig
 from kdlib.runtime.models import ModelConfig
 from kdlib.text.readers import CorpusConfig
 from kdlib.tasks.readers import TaskConfig
-from kdlib.schemas import TeacherOutputsConfig
+from kdlib.schemas import Architecture, TeacherOutputsConfig
 
 
 @dataclass
@@ -39,6 +39,7 @@ class PipelineConfig:
     seed: int = 0  # masking seed (augmentation has its own in augment.seed)
     overwrite: bool = False  # replace an output_dir that was built by another teacher, tokenizer or config
     cache_root: Optional[str] = None  # a store folder: the set is built under its content key there and output_dir becomes a link to it
+    architectures: dict[str, Architecture] = field(default_factory=dict)  # more rows of the Q/K/V table by model_type (kdlib.training.architectures), for qkv_layers of a family it lacks
 
     @property
     def swap_model(self) -> ModelConfig:

@@ -59,6 +59,7 @@ NON_CONTENT_FIELDS = ("output_dir", "overwrite", "torch_threads", "cache_root")
 def content_hash(cfg: PipelineConfig) -> str:
     """Hash of the config fields that determine the rows (not the output path or thread count)."""
     unset_additions = (("augment_model",) if cfg.augment_model is None else ()) + (
+        ("architectures",) if not cfg.architectures else ()) + (
         ("task_type",) if cfg.task_type == "classification" else ()) + (
         ("keep_text",) if not cfg.keep_text else ()) + (
         ("char_offsets",) if not cfg.char_offsets else ())  # sets built before these options keep their hash

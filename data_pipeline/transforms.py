@@ -18,6 +18,7 @@ from kdlib.cache.sampling import position_samples, sampled_fidelity_sums
 from kdlib.cache.vectors import fidelity_sums, merge_sums, vector_names
 from kdlib.runtime.models import load_model, load_tokenizer
 from kdlib.teachers.outputs import rows_from_outputs, teacher_forward, teacher_vectors, topk_reconstruction
+from kdlib.training.architectures import use_architectures
 from kdlib.text.augment import (PosVocabulary, augment_batch, default_tagger, is_eligible, make_mlm_candidates_fn,
                                 tag_sentences, tokenize)
 from kdlib.text.masking import MaskTokens, mask_tokens, word_starts
@@ -187,6 +188,7 @@ class TeacherShard(beam.DoFn):
     def setup(self):
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
+        use_architectures(self.cfg.architectures)  # in this worker's process, before the teacher is hooked
         self.model = load_model(self.cfg.teacher)
         self.pad_id = load_tokenizer(self.cfg.teacher.path).pad_token_id or 0
         self.vocab_size = self.model.config.vocab_size

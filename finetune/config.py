@@ -19,7 +19,7 @@ from kdlib.teachers.multi_teacher import MultiTeacherConfig
 from kdlib.losses.objectives import ObjectiveConfig, validate_objectives
 from kdlib.tasks.readers import TaskConfig
 from kdlib.losses.schedules import ScheduleConfig
-from kdlib.schemas import StudentConfig
+from kdlib.schemas import Architecture, StudentConfig
 from kdlib.tasks.sampling import TaskSamplingConfig
 from kdlib.students.theseus import TheseusConfig
 from finetune.methods import method_named
@@ -277,6 +277,7 @@ class FinetuneConfig:
     deploy: DeployStepConfig = field(default_factory=DeployStepConfig)  # int8 artefacts of the KD students
     threads: int = 0  # torch CPU threads (0: torch's default)
     progress_bar: bool = True  # tqdm bars (quiet when stderr is not a terminal)
+    architectures: dict[str, Architecture] = field(default_factory=dict)  # more rows of the Q/K/V table by model_type (kdlib.training.architectures)
 
     def __post_init__(self) -> None:
         if (self.task is None) == (not self.tasks):

@@ -26,7 +26,7 @@ def loop_fields(cfg: FinetuneConfig, out: Path, steps: int, seed: int, eval_ever
     """The training-loop fields every task run shares (a LoopConfig's)."""
     return dict(output_dir=str(out), steps=steps, seed=seed, eval_every=eval_every,
                 checkpoint_every=checkpoint_every(eval_every), keep_checkpoints=1, threads=cfg.threads,
-                progress_bar=cfg.progress_bar, log_every=1)
+                progress_bar=cfg.progress_bar, log_every=1, architectures=dict(cfg.architectures))
 
 
 def _fold_fields(cfg: FinetuneConfig, fold: int, labels: list[str]) -> dict:

@@ -49,6 +49,8 @@ def pipeline_config(cfg: FinetuneConfig, fold: int, labels: list[str], teacher: 
               "seed": cfg.evaluation.split_seed, "keep_text": t.tokenize_per_model}
     if t.augment_model is not None:
         config["augment_model"] = {"path": t.augment_model, "task": "masked_lm"}
+    if cfg.architectures:
+        config["architectures"] = to_dict(cfg.architectures)
     return config
 
 

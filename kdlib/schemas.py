@@ -1,4 +1,5 @@
-"""Config pieces shared by several stages: what to cache from a teacher, and the student's shape.
+"""Config pieces shared by several stages: what to cache from a teacher, the student's shape, and where an
+architecture keeps its attention projections.
 
 Some checks need the teacher's config.json (k must not exceed its vocabulary; the student cannot
 take more layers than the teacher has). `check_against_teacher` runs them before any work and
@@ -47,6 +48,36 @@ class TeacherOutputsConfig:
             raise ValueError(f"topk_encoding: expected fp16 or q8, got {self.topk_encoding!r}")
         if self.fidelity_positions < 0:
             raise ValueError(f"fidelity_positions: expected >= 0, got {self.fidelity_positions}")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one model family keeps its attention projections: a row of kdlib.training.architectures' table, which
+    a config extends under `architectures: {<model_type>: {block: ..., query: ..., key: ..., value: ...}}`."""
+
+    block: str  # suffix of the attention block's module name ("attention.self", "self_attn", "attn")
+    query: str = ""  # attribute paths of the projections inside the block
+    key: str = ""
+    value: str = ""
+    fused: str = ""  # one projection giving [Q; K; V] on its last dim (equal widths), instead of query/key/value
+    rotary: bool = False  # Q/K are rotated after the projection (RoPE): recomputed attention maps are refused
+    causal: bool = False  # a decoder: recomputed probabilities also exclude later keys
+
+    def __post_init__(self):
+        if not self.block.strip():
+            raise ValueError("block: expected the attention block's module name suffix, e.g. attention.self")
+        separate = all((self.query, self.key, self.value))
+        if self.fused and any((self.query, self.key, self.value)):
+            raise ValueError(f"fused: expected either fused or query, key and value, got fused={self.fused!r} and "
+                             f"query/key/value={self.query!r}/{self.key!r}/{self.value!r}")
+        if not separate and not self.fused:
+            missing = [n for n in ("query", "key", "value") if not getattr(self, n)]
+            raise ValueError(f"{missing[0]}: expected the projection's attribute path inside the block (or `fused` "
+                             f"for one [Q; K; V] projection), got none")
+
+    @property
+    def parts(self) -> dict[str, str]:
+        return {"query": self.query, "key": self.key, "value": self.value}
 
 
 @dataclass

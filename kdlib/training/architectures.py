@@ -10,38 +10,24 @@ two, are fine). Keys and values may be narrower than queries (grouped-query atte
 their width is what the projection gives, and AttentionViews repeats each K/V head over its query heads as the
 model does.
 
-Another architecture: `register_architecture("my_type", block="attn", query="wq", key="wk", value="wv")` (or
-`fused="wqkv"`) before the model runs. A model whose type has no entry still works when it has BERT-style
-blocks (`...attention.self` with `query`/`key`/`value`), the rule this table replaced.
+Another architecture, in a stage's config (pretrain, finetune, data_pipeline; the rows join the table in every
+process before a model runs):
+
+    architectures:
+      my_type: {block: attn, query: wq, key: wk, value: wv}   # or {block: attn, fused: wqkv}
+
+or from Python, `register_architecture("my_type", block="attn", query="wq", key="wk", value="wv")`. A model whose
+type has no entry still works when it has BERT-style blocks (`...attention.self` with `query`/`key`/`value`), the
+rule this table replaced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Architecture:
-    block: str  # suffix of the attention block's module name ("attention.self", "self_attn", "attn")
-    query: str = ""  # attribute paths of the projections inside the block
-    key: str = ""
-    value: str = ""
-    fused: str = ""  # one projection giving [Q; K; V] on its last dim (equal widths), instead of query/key/value
-    rotary: bool = False  # Q/K are rotated after the projection (RoPE): recomputed attention maps are refused
-    causal: bool = False  # a decoder: recomputed probabilities also exclude later keys
-
-    def __post_init__(self):
-        separate = all((self.query, self.key, self.value))
-        if not self.block or separate == bool(self.fused) or (not separate and any((self.query, self.key, self.value))):
-            raise ValueError(f"architecture entry {self}: give `block` and either query, key and value, or `fused`")
-
-    @property
-    def parts(self) -> dict[str, str]:
-        return {"query": self.query, "key": self.key, "value": self.value}
-
+from kdlib.schemas import Architecture
 
 _BERT = Architecture("attention.self", "query", "key", "value")
 _DECODER = Architecture("self_attn", "q_proj", "k_proj", "v_proj", rotary=True, causal=True)
@@ -66,6 +52,11 @@ def register_architecture(model_type: str, *, block: str, query: str = "", key: 
     entry = Architecture(block, query, key, value, fused, rotary, causal)
     ARCHITECTURES[model_type] = entry
     return entry
+
+
+def use_architectures(entries: dict[str, Architecture]) -> None:
+    """Add a config's `architectures` rows to the table (replacing a row of the same model_type)."""
+    ARCHITECTURES.update(entries)
 
 
 def _matches(name: str, block: str) -> bool:
@@ -97,5 +88,6 @@ def architecture_of(model: nn.Module) -> tuple[Architecture, list[nn.Module]]:
              (f"fused={entry.fused!r})" if entry.fused else f"query/key/value={entry.query}/{entry.key}/{entry.value})")
              + " matches no module") if entry else "it has no entry and no BERT-style attention.self.query/key/value"
     raise ValueError(f"{type(model).__name__} (model_type={model_type!r}): no attention blocks found: {found}; add one "
-                     f"with kdlib.training.architectures.register_architecture({model_type!r}, block=..., query=..., "
+                     f"in the config (architectures: {{{model_type}: {{block: ..., query: ..., key: ..., value: ...}}}}) "
+                     f"or with kdlib.training.architectures.register_architecture({model_type!r}, block=..., query=..., "
                      "key=..., value=...) or fused=...")

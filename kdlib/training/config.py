@@ -11,10 +11,11 @@ the global batch does change with it, which the trainer refuses separately (kdli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from kdlib.config import config_hash, to_dict
+from kdlib.schemas import Architecture
 from kdlib.training.early_stop import EarlyStoppingConfig
 
 # Fields that do not change what a step computes: a checkpoint may be resumed with other values.
@@ -40,6 +41,7 @@ class LoopConfig:
     resume: bool = True  # continue from <output_dir>/checkpoints/latest when it exists
     prefetch: int = 2  # optimizer steps of batches decoded ahead on a background thread (0: load inline)
     early_stopping: Optional[EarlyStoppingConfig] = None  # stop on a held-out metric; the best weights are exported
+    architectures: dict[str, Architecture] = field(default_factory=dict)  # more rows of the Q/K/V table by model_type (kdlib.training.architectures)
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "checkpoint_every"):
@@ -63,6 +65,8 @@ def math_hash(config) -> str:
     for name in ("early_stopping", "progressive", "adashare", "policy"):  # absent and unset hash alike: older checkpoints stay resumable
         if data.get(name, 0) is None:
             del data[name]
+    if data.get("architectures") == {}:  # no rows added: hashes as before the option existed
+        del data["architectures"]
     for shape in (data.get("student"), data.get("student_shape")):  # the plain BERT shape hashes as before
         if isinstance(shape, dict) and shape.get("architecture") == "bert" and shape.get("bottleneck") is None:
             shape.pop("architecture", None)

@@ -37,6 +37,7 @@ from kdlib.errors import KDError, OutputError
 from kdlib.runtime.outputs import check_output_folder, output_lock, save_resolved
 from kdlib.runtime.plots import loss_curve
 from kdlib.training import state as ckpt
+from kdlib.training.architectures import use_architectures
 from kdlib.training.config import math_hash, reads_total_steps
 from kdlib.training.early_stop import EarlyStopping
 from kdlib.training.preempt import REQUEUE_EXIT_CODE, StopFlag, requeue_message
@@ -353,6 +354,7 @@ def run(config, stage: str, build_job: Callable[[Session], Job]) -> int:
     finish; returns the exit code (0, or 75 after a preemption signal). Whatever fails, in building (a model that
     does not load, a transfer set of another teacher) or in training, the process group is closed and the output
     folder's lock released before the error propagates."""
+    use_architectures(getattr(config, "architectures", {}))  # before any model is built or hooked
     session = start(config, stage)
     try:
         job = build_job(session)

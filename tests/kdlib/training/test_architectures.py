@@ -1,5 +1,8 @@
 """The per-architecture attention table: Q/K/V captured from each listed model type equal a hand recomputation
-from the block's input, a user-registered naming works, and an unknown architecture fails in one line."""
+from the block's input, a user-registered naming works, a row given in a stage's config works (and leaves the
+hashes of configs without rows as they were), and an unknown architecture fails in one line."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +168,67 @@ def test_an_unknown_architecture_fails_in_one_line_saying_how_to_add_it():
         Architecture("attn", query="q", fused="qkv")  # both forms at once
     with pytest.raises(ValueError):
         Architecture("attn", query="q")  # neither complete
+
+
+# ---------------------------------------------------------------- rows added in a stage's config
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+MPNET_ROW = "architectures:\n  mpnet: {block: attention.attn, query: q, key: k, value: v}\n"
+
+
+def test_a_config_row_makes_a_family_the_table_lacks_capturable(tmp_path):
+    """MPNet keeps Q/K/V as attention.attn.{q,k,v}: no row and no BERT-style block, so capture fails; the row read
+    from a pretrain config's `architectures` (as loop.run applies it) makes the captured Q/K/V equal the
+    projections of each block's input."""
+    from kdlib.config import load_config
+    from kdlib.training.architectures import use_architectures
+    from pretrain.config import PretrainConfig
+
+    torch.manual_seed(0)
+    model = T.AutoModel.from_config(T.MPNetConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                  num_attention_heads=HEADS, intermediate_size=64)).eval()
+    with pytest.raises(ValueError, match="model_type='mpnet'.*architectures: \\{mpnet: "):
+        attention_blocks(model)
+    path = tmp_path / "p.yaml"
+    path.write_text((CONFIGS / "pretrain_demo.yaml").read_text() + MPNET_ROW)
+    cfg = load_config(str(path), PretrainConfig)
+    assert cfg.architectures == {"mpnet": Architecture("attention.attn", "q", "k", "v")}
+    try:
+        use_architectures(cfg.architectures)
+        entry, blocks = architecture_of(model)
+        assert entry == cfg.architectures["mpnet"] and len(blocks) == LAYERS
+        ids = torch.randint(3, VOCAB, (2, 7))
+        seen, handles = _block_inputs(blocks)
+        try:
+            with torch.no_grad(), capture_qkv(model) as store:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            for h in handles:
+                h.remove()
+        for layer, block in enumerate(blocks, start=1):
+            want = _by_hand(block, entry, seen[layer])
+            for part in ("query", "key", "value"):
+                torch.testing.assert_close(store[layer][part], want[part], rtol=0, atol=1e-6)
+    finally:
+        ARCHITECTURES.pop("mpnet", None)
+
+
+def test_config_rows_change_the_hash_only_when_given_and_a_bad_row_names_its_field(tmp_path):
+    """No rows hash as before the field existed (values pinned from the commit before it), so older runs and sets
+    stay resumable and found; a row with no projections is a ConfigError naming architectures.<type>.<field>."""
+    from data_pipeline.config import PipelineConfig
+    from data_pipeline.pipeline import content_hash
+    from kdlib.config import load_config
+    from kdlib.errors import ConfigError
+    from pretrain.config import PretrainConfig
+
+    pretrain = load_config(str(CONFIGS / "pretrain_demo.yaml"), PretrainConfig)
+    pipeline = load_config(str(CONFIGS / "demo_pipeline.yaml"), PipelineConfig)
+    assert pretrain.math_hash() == "040e53c4e498a8e72da855e7eabb0f8940cbaf65a561bd749da89a66531bc285"
+    assert content_hash(pipeline) == "499e052c594289b79c659edd9048a4fd0c252e0bc6289fe27a4ac0d58bc7c072"
+    path = tmp_path / "p.yaml"
+    path.write_text((CONFIGS / "pretrain_demo.yaml").read_text() + MPNET_ROW)
+    assert load_config(str(path), PretrainConfig).math_hash() != pretrain.math_hash()
+    path.write_text((CONFIGS / "pretrain_demo.yaml").read_text() + "architectures:\n  mpnet: {block: attention.attn, query: q}\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: field 'architectures.mpnet.key': expected the projection's attribute path"):
+        load_config(str(path), PretrainConfig)
