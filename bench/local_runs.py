@@ -1,4 +1,5 @@
-"""Training runs a benchmark starts: `python -m launch local --nproc 2` on this machine, offline, logged."""
+"""Training runs a benchmark starts (`python -m launch local --nproc 2`, or a stage such as `python -m finetune`) on
+this machine, offline, logged."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ def env() -> dict:
 def launch_local(args: list[str], log: Path, what: str) -> float:
     """Run `python -m launch local --nproc 2 <args>`, its output kept in `log`; seconds taken, or SystemExit
     naming `what` and the log when it fails."""
+    return run_logged(["-m", "launch", "local", "--nproc", "2", *args], log, what)
+
+
+def run_logged(args: list[str], log: Path, what: str) -> float:
+    """Run `python <args>` from the repository root (a stage: `-m finetune ...`), its output kept in `log`; seconds
+    taken, or SystemExit naming `what` and the log when it fails."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", *args], cwd=REPO, env=env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

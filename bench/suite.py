@@ -72,6 +72,12 @@ SUITE = (
           what="general-distillation recipes on one budget, scored against the teacher"),
     Bench("finetune_speed", ("--repeats", "2", "--threads", "1", "--batches", "1,32"), (f"{DEMO}/finetune",),
           what="the demo's task student against its teacher, inference speed"),
+    Bench("task_methods", ("--methods", "soft_kd,tinybert", "--labelled", "60", "--unlabeled", "60", "--steps", "6",
+                           "--seeds", "0", "--set", "teacher.steps=8", "--set", "teacher.eval_every=4",
+                           "--set", "task.split_fractions={train: 0.97, dev: 0.02, test: 0.01}",
+                           "--set", "evaluation.max_valid=100", "--set", "evaluation.speed_repeats=1",
+                           "--out", "runs/bench/make_bench/task_methods"), (f"{DEMO}/pretrain/export",), timeout_s=600,
+          what="task-distillation methods on one budget (here 2 of configs/task_methods/, a tiny budget)"),
 )
 
 

@@ -172,6 +172,9 @@ SHIPPED = {
     **{f"recipes/{name}.yaml": PretrainConfig for name in ("distilbert", "tinybert", "minilm", "minilmv2", "bert_emd",
                                                            "pooled", "sentence", "shape_width_svd",
                                                            "shape_bottleneck")},
+    **{f"task_methods/{name}.yaml": FinetuneConfig for name in (
+        "soft_kd", "logit_mse", "prob_shift", "dynamic_temperature", "temperature_schedule", "weight_schedule", "pkd",
+        "tinybert", "theseus", "dml", "rkd", "fsp", "nst", "multi_teacher", "bam")},
 }
 
 
