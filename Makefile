@@ -16,7 +16,7 @@ bench: setup
 	$(PY) -m bench
 
 test: setup
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # The developers' subset: every test not marked slow (no DeepSpeed, Beam, SLURM or training), under 3 minutes.
 test-fast: setup
