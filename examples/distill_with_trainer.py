@@ -107,10 +107,14 @@ def main(argv=None) -> None:
               + " ".join(f"{n} {last[n]:.4f}" for n in distillation.names)
               + f"; student in {os.path.join(args.output_dir, 'export')}", flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # every rank leaves together and closes gloo's threads itself: left to interpreter exit, a rank can
-        # abort with "terminate called without an active exception" after the work is done
+        # Every rank leaves together, once everything is written, and skips the interpreter's teardown: on CPU
+        # (gloo, under accelerate launch) a rank could abort there with "terminate called without an active
+        # exception" after the work was done, both when left to exit and after destroy_process_group (2 of
+        # ~10 fresh-clone runs), failing the launch although the student was saved.
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
