@@ -74,7 +74,7 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 over the weight files and config.json of a model folder, and of its masked_lm/ subfolder when it has
     one (the head a teacher's logits come from is part of what made them)."""
     folder = Path(folder)
-    files = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern)})
+    files = _weight_files(folder)
     if not files:
         raise ModelLoadError(f"{folder}: no safetensors weight files to fingerprint")
     config = folder / "config.json"
@@ -82,8 +82,12 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
         raise ModelLoadError(f"{folder}: no config.json to fingerprint")
     head = folder / MASKED_LM
     if (head / "config.json").is_file():
-        files += sorted({p for pattern in WEIGHT_PATTERNS for p in head.glob(pattern)}) + [head / "config.json"]
+        files += _weight_files(head) + [head / "config.json"]
     return _combine(folder, files + [config])
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern)})
 
 
 def tokenizer_fingerprint(folder: str | os.PathLike) -> str:

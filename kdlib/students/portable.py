@@ -263,8 +263,8 @@ def add_portable(folder: Path, model, teacher_folder: Path, teacher_config, *, i
         origin = teacher_origin(teacher_folder, sources[0][1], prefix)
         if origin is not None:
             sources.append(origin)
-    prefix = "" if splits_head(model) else model.base_model_prefix + "."
-    extras, source = base_model_extras(model, missing, sources, init=init, seed=seed, prefix=prefix)
+    named = "" if splits_head(model) else model.base_model_prefix + "."  # the folder holds the encoder, or the task model
+    extras, source = base_model_extras(model, missing, sources, init=init, seed=seed, prefix=named)
     add_weights(folder, extras)
     files, done = sentence_files([teacher_folder] + [f for f, _ in sources[1:]], model)
     for name, text in files.items():
